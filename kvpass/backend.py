@@ -1,0 +1,43 @@
+"""The ``torch.compile`` backend: ``torch.compile(fn, backend="kvpass", options={...})``.
+
+Found through the ``torch_dynamo_backends`` entry point, so no ``import kvpass`` is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from kvpass.options import Options, parse_options
+from kvpass.passes import run_pass
+from kvpass.report import Report
+
+log = logging.getLogger("kvpass")
+
+_reports = threading.local()  # set by kvpass.explain to collect what each compiled graph did
+
+
+def _collector() -> list[Report] | None:
+    return getattr(_reports, "active", None)
+
+
+def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
+                   options: dict[str, Any] | Options | None = None):
+    """Rewrite every attention site of a Dynamo graph into kvpass's split attention, then compile the
+    graph with Inductor (``options={"inductor": False}`` runs it eagerly)."""
+    opts = parse_options(options, mode)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+    report = run_pass(gm, opts, needs_grad)
+    log.info("%s", report)
+    if (collected := _collector()) is not None:
+        collected.append(report)
+    if opts.dryrun or not opts.inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)

@@ -1,0 +1,124 @@
+"""Helpers for tests and benchmarks: tiny random-weight decoders of several families, greedy runs."""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def tiny_model(family: str = "llama", **overrides):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    kw = {**TINY, **overrides}
+    if family == "llama":
+        cfg = tf.LlamaConfig(**kw)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**kw)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(head_dim=16, **kw)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(sliding_window=None, **kw)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(head_dim=16, **kw)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=kw["vocab_size"], n_embd=kw["hidden_size"], n_layer=kw["num_hidden_layers"],
+                            n_head=kw["num_attention_heads"], n_positions=kw["max_position_embeddings"],
+                            bos_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    # random weights give near-uniform logits; scale the embeddings so that greedy choices are clear
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4.0)
+    return model
+
+
+class GptFastAttention(torch.nn.Module):
+    """gpt-fast style: preallocated cache buffers written with `cache[:, :, pos] = k`, a bool mask."""
+
+    def __init__(self, dim: int, n_head: int, n_kv: int, max_len: int):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, dim // n_head
+        self.wq = torch.nn.Linear(dim, dim, bias=False)
+        self.wkv = torch.nn.Linear(dim, 2 * n_kv * self.hd, bias=False)
+        self.wo = torch.nn.Linear(dim, dim, bias=False)
+        self.register_buffer("k_cache", torch.zeros(1, n_kv, max_len, self.hd), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, n_kv, max_len, self.hd), persistent=False)
+
+    def forward(self, x, input_pos, mask):
+        B, T, _ = x.shape  # x: [B, T, dim]; input_pos: [T]; mask: [1, 1, T, max_len] bool
+        q = self.wq(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k, v = self.wkv(x).view(B, T, 2 * self.n_kv, self.hd).transpose(1, 2).split(self.n_kv, dim=1)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        rep = self.n_head // self.n_kv
+        keys = self.k_cache.repeat_interleave(rep, dim=1)
+        values = self.v_cache.repeat_interleave(rep, dim=1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GptFast(torch.nn.Module):
+    """A two-layer gpt-fast style decoder (no positional encoding: enough to exercise the cache)."""
+
+    def __init__(self, vocab: int = 256, dim: int = 64, n_head: int = 4, n_kv: int = 2, max_len: int = 512):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList(GptFastAttention(dim, n_head, n_kv, max_len) for _ in range(2))
+        self.out = torch.nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)), persistent=False)
+
+    def forward(self, idx, input_pos):  # idx: [B, T]; input_pos: [T]
+        mask = self.causal[None, None, input_pos]
+        x = self.emb(idx) * 4.0
+        for layer in self.layers:
+            x = x + layer(x, input_pos, mask)
+        return self.out(x)
+
+
+def gptfast_greedy(step, prompt, new_tokens):
+    """Greedy decode with a gpt-fast style forward `step(idx, input_pos)`; returns (ids, logits)."""
+    T = prompt.shape[1]
+    logits = step(prompt, torch.arange(T))[:, -1]
+    ids, all_logits = [logits.argmax(-1)], [logits]
+    for t in range(T, T + new_tokens - 1):
+        logits = step(ids[-1][:, None], torch.tensor([t]))[:, -1]
+        ids.append(logits.argmax(-1))
+        all_logits.append(logits)
+    return torch.stack(ids, 1), torch.stack(all_logits, 1)
+
+
+class NanoGPTBlock(torch.nn.Module):
+    """nanoGPT style causal self-attention with no KV cache (prefill/training only)."""
+
+    def __init__(self, dim: int = 64, n_head: int = 4):
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = torch.nn.Linear(dim, 3 * dim)
+        self.c_proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def greedy(model, ids, new_tokens, **gen_kwargs):
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen_kwargs)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def compile_kvpass(model, **options):
+    import kvpass.backend
+
+    options.setdefault("inductor", False)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=options)
+    return model

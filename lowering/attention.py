@@ -1,0 +1,68 @@
+"""Partial attentions that return (out, lse), and their exact merge.
+
+A partial attention over a key set K returns ``out = softmax(q·K)·V`` and ``lse = log Σ_K exp(q·k)``
+(scaled scores).  Two partials over disjoint sets merge exactly into attention over the union:
+``out = (e^{lse_a} out_a + e^{lse_b} out_b) / (e^{lse_a} + e^{lse_b})`` — computed in a shifted form so
+that neither exponent overflows and an empty set (lse = -inf) contributes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA-native attention with its log-sum-exp, fp32 accumulation.
+
+    q: [B, H, Tq, D]; k, v: [B, Hkv, N, D] with H % Hkv == 0 (query head h reads kv head h // (H/Hkv));
+    allowed: bool, broadcastable to [B, Hkv, 1, Tq, N] or [Tq, N] (False = masked), or None.
+    Returns out [B, H, Tq, D] float32 and lse [B, H, Tq] float32 (-inf, out = 0 for rows with no key).
+    """
+    B, H, Tq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf = q.float().reshape(B, Hkv, G, Tq, D)
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qf, k.float()) * scale  # [B, Hkv, G, Tq, N]
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Tq]
+    # rows with no allowed key: lse = -inf; exp(s - 0) = 0 there, so out = 0
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
+    out = torch.einsum("bhgtn,bhnd->bhgtd", p, v.float())
+    return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
+
+
+def static_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the static KV (sinks + window ring), causal by absolute position.
+
+    q: [B, H, Tq, D]; k, v: [B, Hkv, S+W, D] (ring slots in any order); k_pos: [S+W] int64 absolute
+    position of each slot, -1 for an empty slot; q_pos: [Tq] int64 absolute positions of the queries.
+    Query t sees slot j iff 0 <= k_pos[j] <= q_pos[t].  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
+    """
+    allowed = (k_pos >= 0)[None, :] & (k_pos[None, :] <= q_pos[:, None])  # [Tq, S+W]
+    return dense_attention_with_lse(q, k, v, scale, allowed)
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LSE merge of two partial attentions over disjoint key sets.
+
+    out_*: [..., D] float32; lse_*: [...] float32.  Returns (out [..., D], lse [...]), both float32.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # both empty: keep exponents finite
+    wa = torch.exp(lse_a - m)
+    wb = torch.exp(lse_b - m)
+    denom = wa + wb
+    out = (wa.unsqueeze(-1) * out_a + wb.unsqueeze(-1) * out_b) / denom.clamp_min(1e-30).unsqueeze(-1)
+    return out, m + torch.log(denom)

@@ -1,0 +1,7 @@
+"""State that outlives one call: the per-(sequence, site) KV store and the registry that maps the
+model's cache tensors to it."""
+
+from kvpass.runtime.registry import REGISTRY, Registry
+from kvpass.runtime.store import HostKV, LayerKV
+
+__all__ = ["REGISTRY", "HostKV", "LayerKV", "Registry"]

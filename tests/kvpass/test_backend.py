@@ -1,0 +1,212 @@
+"""The backend end to end on tiny random-weight Llama models: transparency, static-only equals
+StreamingLLM, bounded device memory, reporting and errors."""
+
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, StaticCache
+
+import kvpass
+from kvpass.passes import UnsupportedSite
+from kvpass.testing import NanoGPTBlock, compile_kvpass, greedy, tiny_model
+
+
+def test_backend_is_registered_by_entry_point():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "kvpass" and ep.value == "kvpass.backend:kvpass_backend" for ep in eps)
+    assert "kvpass" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_exact_estimator_is_transparent(cache, batch):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (batch, 150), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        kw = {"cache": StaticCache(config=model.config, max_cache_len=200)} if cache == "static" else {}
+        return greedy(model, ids, 24, **kw)
+
+    ref_ids, ref_logits = run()
+    compile_kvpass(model, window_size=16, sink_size=4, estimator="exact")
+    ids_k, logits_k = run()
+    assert torch.equal(ids_k, ref_ids)
+    assert (logits_k - ref_logits).abs().max() <= 1e-4
+    stats = kvpass.runtime_stats()
+    assert stats["tokens_offloaded"] == 2 * (150 + 23 - 20) * batch // batch  # per layer: all but 4+16
+    # a second sequence through the same compiled model starts fresh stores
+    ids_k2, _ = run()
+    assert torch.equal(ids_k2, ref_ids)
+
+
+def _sink_window_sdpa(S, W):
+    """Reference: dense SDPA, but a single decode query sees only the first S and last W keys."""
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        L = k.shape[-2]
+        if q.shape[-2] == 1 and L > S + W:
+            j = torch.arange(L)
+            attn_mask = ((j < S) | (j >= L - W)).view(1, 1, 1, L)
+        return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    return sdpa
+
+
+def test_static_only_equals_streaming_llm(monkeypatch):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 120), generator=torch.Generator().manual_seed(2))
+    S, W = 4, 8
+    with monkeypatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", _sink_window_sdpa(S, W))
+        ref_ids, ref_logits = greedy(model, ids, 16)
+    compile_kvpass(model, window_size=W, sink_size=S, estimator="none")
+    ids_k, logits_k = greedy(model, ids, 16)
+    assert (logits_k - ref_logits).abs().max() <= 1e-4
+    assert torch.equal(ids_k, ref_ids)
+    # and it is not dense attention: the reference differs from the unmasked model
+    dense_ids, dense_logits = greedy(tiny_model("llama"), ids, 16)
+    assert (dense_logits - ref_logits).abs().max() > 1e-3
+
+
+def _cache_storage_bytes(cache: DynamicCache) -> int:
+    seen, total = set(), 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("prompt_len", [512, 2048])
+def test_device_kv_is_bounded_and_host_holds_each_token_once(prompt_len):
+    model = tiny_model("llama")
+    cfg = model.config
+    S, W, new = 4, 64, 16
+    compile_kvpass(model, sink_size=S, window_size=W)
+    ids = torch.randint(1, 256, (1, prompt_len), generator=torch.Generator().manual_seed(3))
+    cache = DynamicCache(config=cfg)
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache, pad_token_id=0)
+    tokens = prompt_len + new - 1  # the last generated token is never fed back
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, fp32, one layer
+    dense_bytes = cfg.num_hidden_layers * tokens * per_token
+    assert cache.get_seq_length() == tokens  # the model's bookkeeping is intact
+    assert _cache_storage_bytes(cache) <= 0.25 * dense_bytes
+    stats = kvpass.runtime_stats()
+    assert stats["device_kv_bytes"] == cfg.num_hidden_layers * (S + W) * per_token  # not a function of context
+    assert stats["tokens_offloaded"] == cfg.num_hidden_layers * (tokens - S - W)
+    assert stats["host_kv_bytes"] == stats["tokens_offloaded"] * per_token
+    # placeholders are poisoned: reading the cache outside kvpass gives NaN, never plausible numbers
+    assert torch.isnan(cache.layers[0].keys).all()
+
+
+def test_explain_reports_sites_and_changes_nothing():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 40))
+    report = kvpass.explain(model, ids)
+    assert [s.name for s in report.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(s.rewritten and s.phase == "prefill" for s in report.sites)
+    assert "2/2 attention sites rewritten" in str(report)
+    assert kvpass.runtime_stats()["stores"] == 0
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    report = kvpass.explain(model, ids[:, :1], cache=cache, options={"dense_layers": [1]})
+    assert [(s.phase, s.rewritten) for s in report.sites] == [("decode", True), ("-", False)]
+    assert report.sites[1].reason == "listed in dense_layers"
+
+
+def test_dense_layers_keep_their_cache_and_stay_exact():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 100))
+    ref_ids, ref_logits = greedy(model, ids, 10)
+    compile_kvpass(model, window_size=8, dense_layers=[0])
+    cache = DynamicCache(config=model.config)
+    ids_k, logits_k = greedy(model, ids, 10, cache=cache)
+    assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
+    assert cache.layers[0].keys.stride(2) != 0 and cache.layers[1].keys.stride(2) == 0
+
+
+def test_cache_less_module_stays_dense_and_error_mode_names_the_site():
+    block = NanoGPTBlock()
+    x = torch.randn(1, 10, 64)
+    report = kvpass.explain(block, x)
+    assert len(report.sites) == 1 and not report.sites[0].rewritten
+    assert "no KV-cache update" in report.sites[0].reason
+    ref = block(x)
+    out = torch.compile(block, backend="kvpass", options={"inductor": False})(x)
+    torch.testing.assert_close(out, ref)
+    torch._dynamo.reset()
+    strict = torch.compile(block, backend="kvpass", options={"on_unmatched": "error"})
+    with pytest.raises(Exception, match=r"attention site 0 \(attention\[0\]\).*no KV-cache update"), \
+            torch.no_grad():
+        strict(x)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"window": 3}, r"unknown option\(s\) \['window'\]; valid options are"),
+    ({"estimator": "magic"}, "estimator must be one of"),
+    ({"estimator": "sample"}, "needs the LSH index"),
+    ({"window_size": 0}, "window_size must be an int >= 1"),
+    ({"on_unmatched": "ignore"}, "on_unmatched must be"),
+    ({"dense_layers": 3}, "dense_layers must be a list"),
+])
+def test_bad_options_raise(bad, match):
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="kvpass", options=bad)
+    with pytest.raises(Exception, match=match):
+        compiled(torch.randint(1, 256, (1, 8)))
+
+
+def test_mode_is_accepted():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 8))
+    with torch.no_grad():
+        out = torch.compile(model, backend="kvpass", mode="reduce-overhead")(ids)  # rewritten + Inductor
+        torch.testing.assert_close(out.logits, model(ids).logits)
+
+
+def test_graphs_that_need_gradients_stay_dense():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 8))
+    from kvpass import backend
+
+    backend._reports.active = reports = []
+    try:
+        out = torch.compile(model, backend="kvpass", options={"inductor": False})(ids)  # grad mode on
+    finally:
+        backend._reports.active = None
+    out.logits.sum().backward()  # gradients flow: the graph is the original one
+    assert not any(s.rewritten for s in reports[0].sites)
+    assert "autograd is on" in reports[0].sites[0].reason
+
+
+def test_reset_mid_sequence_is_a_clear_error():
+    model = compile_kvpass(tiny_model("llama"), window_size=8)
+    ids = torch.randint(1, 256, (1, 30))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        kvpass.reset()
+        with pytest.raises(Exception, match="no live store owns"):
+            model(ids[:, :1], cache=cache)
+
+
+def test_padding_mask_is_refused_not_silently_wrong():
+    """A left-padded batch: at prefill the site stays dense (the model keeps its cache), and decode
+    steps over that real cache stay dense too — outputs equal the eager model's."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ref_ids, ref_logits = greedy(model, ids, 8, attention_mask=mask)
+    compile_kvpass(model, window_size=8)
+    ids_k, logits_k = greedy(model, ids, 8, attention_mask=mask)
+    assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
+    assert kvpass.runtime_stats()["stores"] == 0  # nothing was offloaded
