@@ -1,0 +1,19 @@
+"""Real text for prompts and evaluation, from files that installed packages ship (never written for
+kvpass): the Python Language Reference topics that CPython's ``pydoc_data`` carries."""
+
+from __future__ import annotations
+
+
+def reference_text(topics: tuple[str, ...] = ("assignment", "compound", "datamodel")) -> str:
+    """Chapters of the Python Language Reference, as plain text (~100k words in all topics)."""
+    from pydoc_data.topics import topics as all_topics
+
+    return "\n\n".join(all_topics[t].strip() for t in topics if t in all_topics)
+
+
+def long_document_prompt(tokenizer, n_tokens: int, question: str) -> str:
+    """A chat prompt: a document of about ``n_tokens`` tokens of real text, then ``question``."""
+    ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"][:n_tokens]
+    doc = tokenizer.decode(ids)
+    messages = [{"role": "user", "content": f"{doc}\n\n{question}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
