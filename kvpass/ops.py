@@ -14,13 +14,14 @@ import logging
 import torch
 
 from kvpass.cpu_ops import host_attention as _host_kernel
-from kvpass.lowering import merge_partials, static_attention as _static_ref
+from kvpass.lowering import merge_partials
+from kvpass.lowering import static_attention as _static_ref
 from kvpass.runtime import REGISTRY, LayerKV
 
 log = logging.getLogger("kvpass")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config(config: str) -> dict:
     return json.loads(config)
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import networkx as nx
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 
 from kvpass import ops
 from kvpass.options import Options
@@ -246,7 +246,7 @@ def _decide(flow: nx.DiGraph, site: Site, opts: Options) -> None:
         return _dense(site, "no KV-cache update feeds this attention (prefill-only or cache-less module)")
     if upd_k.kind != upd_v.kind or (upd_k.positions is not upd_v.positions and upd_k.kind == "static"):
         return _dense(site, "K and V are updated differently")
-    kv_val, new_val = _val(upd_k.new), _val(upd_k.new)
+    kv_val = _val(upd_k.new)
     if kv_val is None or kv_val.dim() != 4 or qv.shape[1] % kv_val.shape[1] != 0:
         return _dense(site, "cache update is not [B, Hkv, T, D] with H % Hkv == 0")
     if not (k_chain or a.get("enable_gqa", False)) and kv_val.shape[1] != qv.shape[1]:
@@ -327,8 +327,8 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], opts: Options) -> None:
                 for upd in (k, v):
                     ph = g.call_function(ops.placeholder, (handle, upd.past, upd.new))
                     chain = site.chains[0] if upd is k else site.chains[1]
-                    upd.node.replace_all_uses_with(ph, delete_user_cb=lambda u, c=chain: u not in c
-                                                   and u is not site.sdpa)
+                    upd.node.replace_all_uses_with(ph, delete_user_cb=lambda u, c=chain, s=site.sdpa: u not in c
+                                                   and u is not s)
             else:
                 handle = g.call_function(ops.append_static, (k.past, v.past, k.new, v.new, k.positions, name, cfg))
             if site.report.phase == "decode":

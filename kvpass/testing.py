@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
 
 
 def tiny_model(family: str = "llama", **overrides):
@@ -117,7 +117,6 @@ def greedy(model, ids, new_tokens, **gen_kwargs):
 
 
 def compile_kvpass(model, **options):
-    import kvpass.backend
 
     options.setdefault("inductor", False)
     model.forward = torch.compile(model.forward, backend="kvpass", options=options)

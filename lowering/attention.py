@@ -21,7 +21,7 @@ def dense_attention_with_lse(
     Returns out [B, H, Tq, D] float32 and lse [B, H, Tq] float32 (-inf, out = 0 for rows with no key).
     """
     B, H, Tq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
     qf = q.float().reshape(B, Hkv, G, Tq, D)
     s = torch.einsum("bhgtd,bhnd->bhgtn", qf, k.float()) * scale  # [B, Hkv, G, Tq, N]

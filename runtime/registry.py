@@ -14,7 +14,6 @@ import threading
 import weakref
 
 import torch
-
 from kvpass.runtime.store import LayerKV
 
 

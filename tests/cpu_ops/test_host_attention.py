@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvpass.cpu_ops import host_attention
 from kvpass.lowering import dense_attention_with_lse
 

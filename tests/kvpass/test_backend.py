@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 import kvpass
-from kvpass.passes import UnsupportedSite
 from kvpass.testing import NanoGPTBlock, compile_kvpass, greedy, tiny_model
 
 
@@ -68,7 +67,7 @@ def test_static_only_equals_streaming_llm(monkeypatch):
     assert (logits_k - ref_logits).abs().max() <= 1e-4
     assert torch.equal(ids_k, ref_ids)
     # and it is not dense attention: the reference differs from the unmasked model
-    dense_ids, dense_logits = greedy(tiny_model("llama"), ids, 16)
+    _, dense_logits = greedy(tiny_model("llama"), ids, 16)
     assert (dense_logits - ref_logits).abs().max() > 1e-3
 
 

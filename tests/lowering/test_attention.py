@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvpass.lowering import dense_attention_with_lse, merge_partials, static_attention
 
 

@@ -3,7 +3,6 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvpass.runtime import LayerKV
 
 
@@ -43,5 +42,5 @@ def test_every_token_stored_exactly_once(S, W, chunks, block):
 def test_host_store_keeps_its_dtype_and_bf16():
     store = LayerKV(1, 1, 8, dtype=torch.bfloat16, device="cpu", sink_size=1, window_size=2)
     store.append(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
-    ks, vs = store.host.views()
+    ks, _ = store.host.views()
     assert ks[0].dtype == torch.bfloat16 and ks[0].shape[2] == 7
