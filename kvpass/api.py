@@ -24,15 +24,12 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
     opts = dict(options or {})
     opts["dryrun"] = True
     parse_options(opts)  # fail early on bad options
-    collected: list[Report] = []
-    _backend._reports.active = collected
     try:
         torch._dynamo.reset()
         compiled = torch.compile(fn, backend=_backend.kvpass_backend, options=opts)
-        with torch.no_grad():
+        with _backend.collect_reports() as collected, torch.no_grad():
             compiled(*args, **kwargs)
     finally:
-        _backend._reports.active = None
         torch._dynamo.reset()
     merged = Report(graphs=len(collected))
     for r in collected:

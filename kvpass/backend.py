@@ -5,8 +5,10 @@ Found through the ``torch_dynamo_backends`` entry point, so no ``import kvpass``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +25,18 @@ _reports = threading.local()  # set by kvpass.explain to collect what each compi
 
 def _collector() -> list[Report] | None:
     return getattr(_reports, "active", None)
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list[Report]]:
+    """Within the block, every graph the kvpass backend compiles (on this thread) appends its Report
+    to the yielded list."""
+    reports: list[Report] = []
+    _reports.active = reports
+    try:
+        yield reports
+    finally:
+        _reports.active = None
 
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None = None,

@@ -30,13 +30,13 @@ class _StepClock:
 def _generate(model, ids, new_tokens):
     from transformers import LogitsProcessorList
 
+    from kvpass.testing import greedy
+
     clock = _StepClock()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True,
-                             logits_processor=LogitsProcessorList([clock]))
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1), clock, time.perf_counter() - t0
+        seq, logits = greedy(model, ids, new_tokens, logits_processor=LogitsProcessorList([clock]))
+    return seq[:, ids.shape[1]:], logits, clock, time.perf_counter() - t0
 
 
 def _mib(n: int) -> str:
@@ -67,11 +67,10 @@ def cmd_generate(args) -> int:
     print(f"running kvpass {options} (first steps include compilation) ...", flush=True)
     fwd = model.forward
     model.forward = torch.compile(fwd, backend="kvpass", options=options)
-    backend._reports.active = reports = []
     try:
-        new, logits, clock, seconds = _generate(model, ids, args.new_tokens)
+        with backend.collect_reports() as reports:
+            new, logits, clock, seconds = _generate(model, ids, args.new_tokens)
     finally:
-        backend._reports.active = None
         model.forward = fwd
     stats = kvpass.runtime_stats()
 

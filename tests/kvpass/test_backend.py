@@ -176,11 +176,8 @@ def test_graphs_that_need_gradients_stay_dense():
     ids = torch.randint(1, 256, (1, 8))
     from kvpass import backend
 
-    backend._reports.active = reports = []
-    try:
+    with backend.collect_reports() as reports:
         out = torch.compile(model, backend="kvpass", options={"inductor": False})(ids)  # grad mode on
-    finally:
-        backend._reports.active = None
     out.logits.sum().backward()  # gradients flow: the graph is the original one
     assert not any(s.rewritten for s in reports[0].sites)
     assert "autograd is on" in reports[0].sites[0].reason

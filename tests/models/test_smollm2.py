@@ -26,11 +26,10 @@ def test_exact_split_generates_the_dense_tokens(smollm2):
     fwd = model.forward
     model.forward = torch.compile(fwd, backend="kvpass",
                                   options={"estimator": "exact", "inductor": False, "window_size": 64})
-    backend._reports.active = reports = []
     try:
-        ids_k, logits_k = greedy(model, ids, 64)
+        with backend.collect_reports() as reports:
+            ids_k, logits_k = greedy(model, ids, 64)
     finally:
-        backend._reports.active = None
         model.forward = fwd
     assert torch.equal(ids_k, ref_ids)
     per_step = (logits_k - ref_logits).abs().amax(dim=(0, 2))
