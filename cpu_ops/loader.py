@@ -35,7 +35,8 @@ def _cpu_signature() -> str:
 
 
 def _source_signature() -> str:
-    h = hashlib.sha1()
+    """Hash of the sources and of the torch build they compile against (its ABI and headers)."""
+    h = hashlib.sha1(torch.__version__.encode())
     for src in _SOURCES:
         h.update(src.read_bytes())
     return h.hexdigest()[:8]

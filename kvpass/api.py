@@ -46,6 +46,7 @@ def runtime_stats() -> dict[str, int]:
         "host_kv_bytes": sum(s.host_bytes for s in stores),
         "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
         "tokens_offloaded": sum(s.tokens_offloaded for s in stores),
+        "masked_steps": sum(s.masked_steps for s in stores),
     }
 
 

@@ -14,6 +14,8 @@ import logging
 import torch
 
 from kvpass.cpu_ops import host_attention as _host_kernel
+from kvpass.lowering import dense_attention_with_lse as _dense_ref
+from kvpass.lowering import mask_bias as _mask_bias
 from kvpass.lowering import merge_partials
 from kvpass.lowering import static_attention as _static_ref
 from kvpass.runtime import REGISTRY, LayerKV
@@ -99,19 +101,37 @@ def _store(handle: torch.Tensor, site: str) -> LayerKV:
     return store
 
 
-def _check_mask(mask: torch.Tensor, q_pos: torch.Tensor, site: str) -> None:
-    """kvpass honours only causal masks: key slot j visible to query t iff j <= q_pos[t]."""
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    if mask.dtype != torch.bool and not bool(torch.all((mask == 0) | torch.isneginf(mask))):
-        raise RuntimeError(f"kvpass: site {site}: the attention mask carries additive biases; kvpass "
-                           f"cannot honour them. Keep this layer dense with options={{'dense_layers': [...]}}.")
-    n = allowed.shape[-1]
-    causal = torch.arange(n, device=mask.device)[None, :] <= q_pos[:, None].to(mask.device)  # [T, n]
-    if not bool(torch.all(allowed == causal)):
-        raise RuntimeError(
-            f"kvpass: site {site}: the attention mask is not plain causal over the cache (padding, a "
-            f"sliding window or a custom pattern). kvpass cannot honour it; run this batch without "
-            f"padding or keep the layer dense with options={{'dense_layers': [...]}}.")
+def _mask_is_causal(mask: torch.Tensor, store: LayerKV, site: str) -> bool:
+    """True when the model's mask over its cache ([.., Tq, L] bool or additive) says exactly "key
+    position j visible to query t iff j <= q_pos[t]" — the split's own rule, so the fast path applies.
+    Anything else (left padding, a sliding window, additive biases) is honoured exactly, slower."""
+    q_pos = store.last_positions
+    if mask.shape[-1] < store.length or mask.shape[-2] != q_pos.shape[0]:
+        raise RuntimeError(f"kvpass: site {site}: attention mask of shape {tuple(mask.shape)} does not cover "
+                           f"the {q_pos.shape[0]} queries x {store.length} cached tokens that kvpass holds")
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask == 0
+        if not bool(torch.all(allowed | torch.isneginf(mask))):
+            return False
+    causal = torch.arange(mask.shape[-1], device=mask.device)[None, :] <= q_pos[:, None].to(mask.device)
+    return bool(torch.all(allowed == causal))
+
+
+_WARNED: set[str] = set()
+
+
+def _masked_path(mask: torch.Tensor | None, store: LayerKV, site: str) -> bool:
+    """Whether this step must apply the model's mask itself (and say so once per site)."""
+    if mask is None or _mask_is_causal(mask, store, site):
+        return False
+    if site not in _WARNED:
+        _WARNED.add(site)
+        log.warning("kvpass: site %s: the attention mask is not plain causal (padding, a sliding window or "
+                    "a bias); kvpass applies it exactly with a slower torch path for the offloaded part",
+                    site)
+    return True
 
 
 @torch.library.custom_op("kvpass::static_attention", mutates_args=())
@@ -120,16 +140,18 @@ def static_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tenso
     """Attention of the newest query block over the store's sinks + window (on the model's device).
 
     q: [B, H, Tq, D] (the Tq tokens just appended); mask: the model's mask over its own cache
-    ([.., Tq, L] bool or additive), checked to be causal, or None.  Returns out [B, H, Tq, D] fp32,
-    lse [B, H, Tq] fp32.
+    ([.., Tq, L] bool or additive, indexed by absolute position), or None (= causal).  Returns
+    out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
     """
     store = _store(handle, site)
     q_pos = store.last_positions
     if q.shape[2] != q_pos.shape[0]:
         raise RuntimeError(f"kvpass: site {site}: {q.shape[2]} queries but {q_pos.shape[0]} new keys")
-    if mask is not None:
-        _check_mask(mask, q_pos, site)
-    return _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale)
+    bias = None
+    if _masked_path(mask, store, site):
+        store.masked_steps += 1
+        bias = _mask_bias(mask.to(store.device), store.num_kv_heads)
+    return _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale, bias)
 
 
 @static_attention_op.register_fake
@@ -138,12 +160,14 @@ def _(q, handle, mask, scale, site):
 
 
 @torch.library.custom_op("kvpass::host_attention", mutates_args=())
-def host_attention_op(q: torch.Tensor, handle: torch.Tensor, scale: float, estimator: str,
-                      cpu_threads: int, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+def host_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      estimator: str, cpu_threads: int, site: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the query block over the store's offloaded (host) tokens, computed by the CPU.
 
     q: [B, H, Tq, D] on the model's device (copied to the host as fp32: B*H*Tq*D floats, the only data
     that crosses).  estimator "exact": every offloaded key.  cpu_threads <= 0: torch's setting.
+    mask: as for static_attention; offloaded token i sits at absolute position sink_size + i.  A mask
+    that is not plain causal is applied exactly by a plain-torch path (slower; logged once per site).
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 on q's device (-inf where nothing is offloaded).
     """
     store = _store(handle, site)
@@ -153,12 +177,17 @@ def host_attention_op(q: torch.Tensor, handle: torch.Tensor, scale: float, estim
     qh = q.detach().to("cpu", torch.float32)
     if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
         torch.set_num_threads(cpu_threads)
-    out, lse = _host_kernel(qh, ks, vs, scale)
+    if _masked_path(mask, store, site) and ks:
+        S, n = store.sink_size, store.host.length
+        bias = _mask_bias(mask.to("cpu"), store.num_kv_heads)[..., S:S + n]
+        out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias)
+    else:
+        out, lse = _host_kernel(qh, ks, vs, scale)
     return out.to(q.device), lse.to(q.device)
 
 
 @host_attention_op.register_fake
-def _(q, handle, scale, estimator, cpu_threads, site):
+def _(q, handle, mask, scale, estimator, cpu_threads, site):
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -196,6 +225,6 @@ def split_attention(q, handle, mask, scale: float, estimator: str, cpu_threads: 
     out_s, lse_s = torch.ops.kvpass.static_attention(q, handle, mask, scale, site)
     if estimator == "none":
         return out_s.to(q.dtype)
-    out_d, lse_d = torch.ops.kvpass.host_attention(q, handle, scale, estimator, cpu_threads, site)
+    out_d, lse_d = torch.ops.kvpass.host_attention(q, handle, mask, scale, estimator, cpu_threads, site)
     out, _ = merge_partials(out_s, lse_s, out_d, lse_d)
     return out.to(q.dtype)

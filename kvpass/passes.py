@@ -267,9 +267,7 @@ def _decide(flow: nx.DiGraph, site: Site, opts: Options) -> None:
             return _must_stay_dense(site, "the concatenated cache is read by something besides attention")
         if past_len == 0:  # sympy: the past length is the constant 0 → a prefill
             rep.phase = "prefill"
-            if site.mask is not None:
-                return _dense(site, "prefill with an attention mask (padding?): the model keeps this cache")
-            site.offload = rep.rewritten = True
+            site.offload = rep.rewritten = True  # the model's own SDPA (and mask) runs on the real KV
             rep.reason = "prefill: dense SDPA; prompt KV offloaded"
             return None
         rep.phase = "decode"
@@ -278,12 +276,10 @@ def _decide(flow: nx.DiGraph, site: Site, opts: Options) -> None:
                                           "kvpass will not guess the intended mask")
         if site.mask is None and q_len != 1:
             return _must_stay_dense(site, "a multi-token block with no mask attends non-causally")
-        if site.mask is not None and not site.placeholder_past:
-            return _dense(site, "attention mask over a cache the model still holds (padding?)")
         if q_len is not None and q_len > opts.window_size:
             return _must_stay_dense(site, f"query block of {q_len} > window_size={opts.window_size}")
         site.offload = rep.rewritten = True
-        rep.reason = "split: sinks+window on device, rest on host" + (" (mask checked at run time)"
+        rep.reason = "split: sinks+window on device, rest on host" + (" (model's mask applied at run time)"
                                                                      if site.mask is not None else "")
         return None
 
@@ -298,7 +294,7 @@ def _decide(flow: nx.DiGraph, site: Site, opts: Options) -> None:
         rep.phase, rep.rewritten = "dense", False
         rep.reason = "no explicit mask over a preallocated cache: kept dense (KV still offloaded)"
         return None
-    rep.reason = "split: sinks+window on device, rest on host (mask checked at run time)"
+    rep.reason = "split: sinks+window on device, rest on host (model's mask applied at run time)"
     return None
 
 

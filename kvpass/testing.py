@@ -8,6 +8,15 @@ TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hid
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
 
 
+def cache_kwarg() -> str:
+    """The keyword transformers' models take the KV cache by: `cache` (5.2x) or `past_key_values` (5.17)."""
+    import inspect
+
+    import transformers as tf
+
+    return "cache" if "cache" in inspect.signature(tf.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 def tiny_model(family: str = "llama", **overrides):
     import transformers as tf
 

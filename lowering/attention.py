@@ -12,12 +12,14 @@ import torch
 
 
 def dense_attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA-native attention with its log-sum-exp, fp32 accumulation.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, N, D] with H % Hkv == 0 (query head h reads kv head h // (H/Hkv));
-    allowed: bool, broadcastable to [B, Hkv, 1, Tq, N] or [Tq, N] (False = masked), or None.
+    allowed: bool, broadcastable to [B, Hkv, G, Tq, N] or [Tq, N] (False = masked), or None;
+    bias: float additive scores, broadcastable to [B, Hkv, G, Tq, N] (see ``mask_bias``), or None.
     Returns out [B, H, Tq, D] float32 and lse [B, H, Tq] float32 (-inf, out = 0 for rows with no key).
     """
     B, H, Tq, D = q.shape
@@ -25,6 +27,8 @@ def dense_attention_with_lse(
     G = H // Hkv
     qf = q.float().reshape(B, Hkv, G, Tq, D)
     s = torch.einsum("bhgtd,bhnd->bhgtn", qf, k.float()) * scale  # [B, Hkv, G, Tq, N]
+    if bias is not None:
+        s = s + bias
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Tq]
@@ -34,6 +38,25 @@ def dense_attention_with_lse(
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
 
 
+def mask_bias(mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A model's attention mask as additive fp32 scores laid out for GQA-native attention.
+
+    mask: bool (True = attend) or float (added to the scores), shaped [Tq, L], [Bm, Tq, L] or
+    [Bm, Hm, Tq, L] with Hm 1 or H.  Returns [Bm, Hkv, G, Tq, L] (Hm = H) or [Bm, 1, 1, Tq, L] (Hm = 1).
+    """
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.dtype == torch.bool:
+        bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
+    else:
+        bias = m.float()
+    Bm, Hm, Tq, L = bias.shape
+    if Hm == 1:
+        return bias[:, :, None]
+    return bias.reshape(Bm, num_kv_heads, Hm // num_kv_heads, Tq, L)
+
+
 def static_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,15 +64,22 @@ def static_attention(
     k_pos: torch.Tensor,
     q_pos: torch.Tensor,
     scale: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the static KV (sinks + window ring), causal by absolute position.
+    """Attention over the static KV (sinks + window ring).
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, S+W, D] (ring slots in any order); k_pos: [S+W] int64 absolute
     position of each slot, -1 for an empty slot; q_pos: [Tq] int64 absolute positions of the queries.
-    Query t sees slot j iff 0 <= k_pos[j] <= q_pos[t].  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
+    Without ``bias``, causal by absolute position: query t sees slot j iff 0 <= k_pos[j] <= q_pos[t].
+    With ``bias`` (``mask_bias`` of the model's mask, indexed by absolute position: [.., Tq, L]) the
+    model's mask decides instead: slot j gets bias[..., k_pos[j]].
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
     """
-    allowed = (k_pos >= 0)[None, :] & (k_pos[None, :] <= q_pos[:, None])  # [Tq, S+W]
-    return dense_attention_with_lse(q, k, v, scale, allowed)
+    if bias is None:
+        allowed = (k_pos >= 0)[None, :] & (k_pos[None, :] <= q_pos[:, None])  # [Tq, S+W]
+        return dense_attention_with_lse(q, k, v, scale, allowed)
+    cols = bias.index_select(-1, k_pos.clamp(min=0))  # [.., Tq, S+W]
+    return dense_attention_with_lse(q, k, v, scale, (k_pos >= 0)[None, :], bias=cols)
 
 
 def merge_partials(

@@ -89,6 +89,7 @@ class LayerKV:
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.length = 0          # tokens appended so far
+        self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
         self.last_positions = torch.empty(0, dtype=torch.long, device=device)  # of the last append
 
     def _ring_slot(self, p: int) -> int:

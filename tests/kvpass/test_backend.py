@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 import kvpass
-from kvpass.testing import NanoGPTBlock, compile_kvpass, greedy, tiny_model
+from kvpass.testing import NanoGPTBlock, cache_kwarg, compile_kvpass, greedy, tiny_model
+
+CACHE = cache_kwarg()
 
 
 def test_backend_is_registered_by_entry_point():
@@ -25,7 +27,7 @@ def test_exact_estimator_is_transparent(cache, batch):
     ids = torch.randint(1, 256, (batch, 150), generator=torch.Generator().manual_seed(1))
 
     def run():
-        kw = {"cache": StaticCache(config=model.config, max_cache_len=200)} if cache == "static" else {}
+        kw = {CACHE: StaticCache(config=model.config, max_cache_len=200)} if cache == "static" else {}
         return greedy(model, ids, 24, **kw)
 
     ref_ids, ref_logits = run()
@@ -90,7 +92,7 @@ def test_device_kv_is_bounded_and_host_holds_each_token_once(prompt_len):
     compile_kvpass(model, sink_size=S, window_size=W)
     ids = torch.randint(1, 256, (1, prompt_len), generator=torch.Generator().manual_seed(3))
     cache = DynamicCache(config=cfg)
-    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache, pad_token_id=0)
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **{CACHE: cache}, pad_token_id=0)
     tokens = prompt_len + new - 1  # the last generated token is never fed back
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     per_token = 2 * cfg.num_key_value_heads * head_dim * 4  # K and V, fp32, one layer
@@ -115,8 +117,8 @@ def test_explain_reports_sites_and_changes_nothing():
     assert kvpass.runtime_stats()["stores"] == 0
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, cache=cache)
-    report = kvpass.explain(model, ids[:, :1], cache=cache, options={"dense_layers": [1]})
+        model(ids, **{CACHE: cache})
+    report = kvpass.explain(model, ids[:, :1], **{CACHE: cache}, options={"dense_layers": [1]})
     assert [(s.phase, s.rewritten) for s in report.sites] == [("decode", True), ("-", False)]
     assert report.sites[1].reason == "listed in dense_layers"
 
@@ -127,7 +129,7 @@ def test_dense_layers_keep_their_cache_and_stay_exact():
     ref_ids, ref_logits = greedy(model, ids, 10)
     compile_kvpass(model, window_size=8, dense_layers=[0])
     cache = DynamicCache(config=model.config)
-    ids_k, logits_k = greedy(model, ids, 10, cache=cache)
+    ids_k, logits_k = greedy(model, ids, 10, **{CACHE: cache})
     assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
     assert cache.layers[0].keys.stride(2) != 0 and cache.layers[1].keys.stride(2) == 0
 
@@ -188,21 +190,57 @@ def test_reset_mid_sequence_is_a_clear_error():
     ids = torch.randint(1, 256, (1, 30))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, cache=cache)
+        model(ids, **{CACHE: cache})
         kvpass.reset()
         with pytest.raises(Exception, match="no live store owns"):
-            model(ids[:, :1], cache=cache)
+            model(ids[:, :1], **{CACHE: cache})
 
 
-def test_padding_mask_is_refused_not_silently_wrong():
-    """A left-padded batch: at prefill the site stays dense (the model keeps its cache), and decode
-    steps over that real cache stay dense too — outputs equal the eager model's."""
+def test_padded_batch_is_offloaded_and_exact():
+    """A left-padded batch: the mask is not plain causal, so kvpass applies it exactly (slower path,
+    counted in runtime_stats) — the outputs equal the eager model's, and the KV is still offloaded."""
     model = tiny_model("llama")
-    ids = torch.randint(3, 256, (2, 40))
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     ref_ids, ref_logits = greedy(model, ids, 8, attention_mask=mask)
     compile_kvpass(model, window_size=8)
     ids_k, logits_k = greedy(model, ids, 8, attention_mask=mask)
     assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
-    assert kvpass.runtime_stats()["stores"] == 0  # nothing was offloaded
+    stats = kvpass.runtime_stats()
+    assert stats["tokens_offloaded"] == 2 * (40 + 7 - 4 - 8)
+    assert stats["masked_steps"] == 2 * 7  # every decode step of both layers took the masked path
+
+
+def _causal_4d(q_len: int, past: int) -> torch.Tensor:
+    """The explicit [1, 1, Tq, L] bool causal mask that transformers 5.17 builds under torch.compile."""
+    L = past + q_len
+    return (torch.arange(L)[None, :] <= torch.arange(past, L)[:, None])[None, None]
+
+
+def test_explicit_causal_masks_take_the_fast_path():
+    """transformers 5.17 passes an explicit causal bool mask at prefill and decode (5.24 passes None):
+    kvpass must rewrite those sites too, and its run-time check must find the mask plain causal."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        cache, out, tok = DynamicCache(config=model.config), [], ids
+        with torch.no_grad():
+            for step in range(6):
+                past = cache.get_seq_length()
+                logits = model(tok, attention_mask=_causal_4d(tok.shape[1], past), **{CACHE: cache},
+                               position_ids=torch.arange(past, past + tok.shape[1])[None]).logits[:, -1]
+                out.append(logits)
+                tok = logits.argmax(-1, keepdim=True)
+        return torch.stack(out, 1)
+
+    ref = run()
+    with kvpass.backend.collect_reports() as reports:
+        compile_kvpass(model, window_size=8)
+        got = run()
+    assert (got - ref).abs().max() <= 1e-4
+    sites = [s for r in reports for s in r.sites]
+    assert sites and all(s.rewritten for s in sites), [s.reason for s in sites]
+    stats = kvpass.runtime_stats()
+    assert stats["masked_steps"] == 0 and stats["tokens_offloaded"] == 2 * (60 + 5 - 4 - 8)

@@ -39,3 +39,35 @@ def test_exact_split_generates_the_dense_tokens(smollm2):
     assert all(r.rewritten == 30 for r in reports)
     stats = kvpass.runtime_stats()
     assert stats["tokens_offloaded"] == 30 * (ids.shape[1] + 63 - 4 - 64)
+
+
+@pytest.mark.slow
+def test_static_cache_split_generates_the_dense_tokens(smollm2):
+    """The same model with a preallocated StaticCache: the model keeps its buffers, kvpass mirrors them
+    and splits every decode step under the model's own mask."""
+    from transformers import StaticCache
+
+    from kvpass import backend
+    from kvpass.testing import cache_kwarg
+
+    model, tok = smollm2
+    ids = tok(long_document_prompt(tok, 1000, "Which section comes first?"), return_tensors="pt")["input_ids"]
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 16)
+        return greedy(model, ids, 16, **{cache_kwarg(): cache})
+
+    ref_ids, ref_logits = run()
+    fwd = model.forward
+    model.forward = torch.compile(fwd, backend="kvpass", options={"inductor": False, "window_size": 64})
+    try:
+        with backend.collect_reports() as reports:
+            ids_k, logits_k = run()
+    finally:
+        model.forward = fwd
+    assert torch.equal(ids_k, ref_ids)
+    assert (logits_k - ref_logits).abs().max() <= 1e-3
+    decode = [r for r in reports if r.sites and all(s.phase == "decode" for s in r.sites)]
+    assert decode and all(r.rewritten == 30 for r in decode)
+    stats = kvpass.runtime_stats()
+    assert stats["masked_steps"] == 0 and stats["tokens_offloaded"] == 30 * (ids.shape[1] + 15 - 4 - 64)
