@@ -4,6 +4,15 @@
 registers the ``kvpass_cpu::*`` ops.  Nothing here knows about FX or the KV store.
 """
 
-from kvpass.cpu_ops.loader import host_attention, load
+from kvpass.cpu_ops.loader import (
+    ESTIMATOR_IDS,
+    host_attention,
+    load,
+    log_retrieval_probability,
+    lsh_attention,
+    lsh_build_segment,
+    simd_level,
+)
 
-__all__ = ["host_attention", "load"]
+__all__ = ["ESTIMATOR_IDS", "host_attention", "load", "log_retrieval_probability", "lsh_attention",
+           "lsh_build_segment", "simd_level"]

@@ -20,8 +20,9 @@ _loaded = False
 
 
 def _cpu_signature() -> str:
-    """Hash of the CPU's feature flags: the build uses -march=native, so a cache shared between
-    machines (an NFS home, a container image) must never hand one CPU's binary to another."""
+    """Hash of the CPU's feature flags.  The kernels pick their SIMD level at run time, but the build
+    cache stays per CPU kind anyway: a cache shared between machines (an NFS home, a container image)
+    then never depends on that dispatch being right."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -71,7 +72,7 @@ def load() -> None:
             cpp_extension.load(
                 name=name,
                 sources=[str(s) for s in _SOURCES],
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-march=native", "-ffp-contract=fast"],
+                extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=False,
@@ -95,3 +96,46 @@ def host_attention(
     """
     load()
     return torch.ops.kvpass_cpu.host_attention(q, k_blocks, v_blocks, scale)
+
+
+ESTIMATOR_IDS = {"sample": 1, "topk": 2, "oracle": 3}
+
+
+def lsh_build_segment(codes: torch.Tensor, lsh_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket tables of one index segment.  codes: [B, Hkv, n, L] int (n <= 32768, values < 2**lsh_k).
+
+    Returns (ids uint8 [B, Hkv, L, nbytes]: segment-local token ids in bucket order, bit-packed at
+    bit_length(n - 1) bits + 4 bytes of padding; starts int16 [B, Hkv, L, 2**lsh_k]: first slot of
+    each bucket, as uint16)."""
+    load()
+    return torch.ops.kvpass_cpu.lsh_build_segment(codes, lsh_k)
+
+
+def lsh_attention(q: torch.Tensor, q_codes: torch.Tensor, mu: torch.Tensor, k_blocks: list[torch.Tensor],
+                  v_blocks: list[torch.Tensor], block_size: int, n_keys: int, seg_ids: list[torch.Tensor],
+                  seg_starts: list[torch.Tensor], seg_meta: torch.Tensor, tail_codes: torch.Tensor,
+                  tail_base: int, tail_len: int, *, lsh_k: int, threshold: int, estimator: str, budget: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused retrieve → score → softmax → V over the host keys for one query block (see lsh_attention.cpp).
+
+    q: [B, H, Tq, D] fp32; q_codes: [B, H, Tq, L] int32; mu: [B, Hkv, D] fp32 (the index's centre);
+    host keys in blocks of ``block_size`` tokens; seg_meta: int64 [num_segments, 2] = (base, n);
+    tail_codes: int16 [B, Hkv, L, cap], the codes of keys [tail_base, tail_base + tail_len).
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 and n_read [B, H, Tq] int32 (keys scored)."""
+    load()
+    return torch.ops.kvpass_cpu.lsh_attention(q, q_codes, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
+                                              seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
+                                              threshold, ESTIMATOR_IDS[estimator], budget, scale)
+
+
+def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:
+    """log P[key retrieved] as the kernel defines it (float64, exact, no table): collide in >= threshold of
+    lsh_l tables, each with p = (1 - θ/π)**lsh_k; clamped at -69, never NaN."""
+    load()
+    return torch.ops.kvpass_cpu.log_retrieval_probability(cos_theta, lsh_k, lsh_l, threshold)
+
+
+def simd_level() -> str:
+    """The SIMD level the kernels dispatch to on this CPU: "avx512", "avx2" or "scalar"."""
+    load()
+    return torch.ops.kvpass_cpu.simd_level()

@@ -37,9 +37,16 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
     return merged
 
 
-def runtime_stats() -> dict[str, int]:
-    """Bytes and tokens held by live kvpass stores (all sequences, all sites)."""
+def runtime_stats() -> dict[str, float]:
+    """Bytes and tokens held by live kvpass stores (all sequences, all sites).  ``keys_read_fraction``:
+    keys the CPU scored at the last decode step, over the offloaded keys, averaged over the stores."""
     stores = REGISTRY.stores()
+    read = [s.last_keys_read / s.tokens_offloaded for s in stores if s.tokens_offloaded]
+    seen, projection = set(), 0
+    for s in stores:  # one projection per site, shared by its sequences
+        if s.batch and s.site not in seen:
+            seen.add(s.site)
+            projection += s.index.projection_bytes
     return {
         "stores": len(stores),
         "device_kv_bytes": sum(s.device_bytes for s in stores),
@@ -47,6 +54,9 @@ def runtime_stats() -> dict[str, int]:
         "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
         "tokens_offloaded": sum(s.tokens_offloaded for s in stores),
         "masked_steps": sum(s.masked_steps for s in stores),
+        "index_bytes": sum(s.index_bytes for s in stores),
+        "projection_bytes": projection,
+        "keys_read_fraction": sum(read) / len(read) if read else 0.0,
     }
 
 

@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from kvpass.cpu_ops import host_attention as _host_kernel
+from kvpass.kvstore import KVStore
 from kvpass.lowering import dense_attention_with_lse as _dense_ref
 from kvpass.lowering import mask_bias as _mask_bias
 from kvpass.lowering import merge_partials
 from kvpass.lowering import static_attention as _static_ref
-from kvpass.runtime import REGISTRY, LayerKV
+from kvpass.runtime import REGISTRY
 
 log = logging.getLogger("kvpass")
 
@@ -28,14 +28,13 @@ def _config(config: str) -> dict:
     return json.loads(config)
 
 
-def _new_store(site: str, k: torch.Tensor, config: str) -> LayerKV:
+def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
     cfg = _config(config)
     REGISTRY.sweep(site)
-    store = LayerKV(k.shape[0], k.shape[1], k.shape[3], dtype=k.dtype, device=k.device,
-                    sink_size=cfg["sink_size"], window_size=cfg["window_size"],
-                    host_block_size=cfg["host_block_size"])
-    store.site = site
-    return store
+    return KVStore(k.shape[1], k.shape[3], batch=k.shape[0], dtype=k.dtype, device=k.device, site=site,
+                   sink_size=cfg["sink_size"], window_size=cfg["window_size"],
+                   host_block_size=cfg["host_block_size"], lsh_k=cfg["lsh_k"], lsh_l=cfg["lsh_l"],
+                   lsh_threshold=cfg["lsh_threshold"], seed=cfg["seed"], budget=cfg["budget"])
 
 
 @torch.library.custom_op("kvpass::append_kv", mutates_args=())
@@ -94,14 +93,14 @@ def _(past_k, past_v, k, v, positions, past_len, site, config):
     return k.new_empty(k.shape[0], k.shape[1], 1, k.shape[3])
 
 
-def _store(handle: torch.Tensor, site: str) -> LayerKV:
+def _store(handle: torch.Tensor, site: str) -> KVStore:
     store = REGISTRY.by_handle(handle)
     if store is None:
         raise RuntimeError(f"kvpass: site {site}: no live store for this handle (kvpass.reset() mid-step?)")
     return store
 
 
-def _mask_is_causal(mask: torch.Tensor, store: LayerKV, site: str) -> bool:
+def _mask_is_causal(mask: torch.Tensor, store: KVStore, site: str) -> bool:
     """True when the model's mask over its cache ([.., Tq, L] bool or additive) says exactly "key
     position j visible to query t iff j <= q_pos[t]" — the split's own rule, so the fast path applies.
     Anything else (left padding, a sliding window, additive biases) is honoured exactly, slower."""
@@ -122,7 +121,7 @@ def _mask_is_causal(mask: torch.Tensor, store: LayerKV, site: str) -> bool:
 _WARNED: set[str] = set()
 
 
-def _masked_path(mask: torch.Tensor | None, store: LayerKV, site: str) -> bool:
+def _masked_path(mask: torch.Tensor | None, store: KVStore, site: str) -> bool:
     """Whether this step must apply the model's mask itself (and say so once per site)."""
     if mask is None or _mask_is_causal(mask, store, site):
         return False
@@ -165,25 +164,23 @@ def host_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor 
     """Attention of the query block over the store's offloaded (host) tokens, computed by the CPU.
 
     q: [B, H, Tq, D] on the model's device (copied to the host as fp32: B*H*Tq*D floats, the only data
-    that crosses).  estimator "exact": every offloaded key.  cpu_threads <= 0: torch's setting.
+    that crosses).  estimator: "sample" | "topk" | "oracle" | "exact" (see KVStore.attend_host; the
+    budget is the store's).  cpu_threads <= 0: torch's setting.
     mask: as for static_attention; offloaded token i sits at absolute position sink_size + i.  A mask
     that is not plain causal is applied exactly by a plain-torch path (slower; logged once per site).
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 on q's device (-inf where nothing is offloaded).
     """
     store = _store(handle, site)
-    if estimator != "exact":
-        raise ValueError(f"kvpass: estimator {estimator!r} is not implemented in the CPU kernel")
-    ks, vs = store.host.views()
-    qh = q.detach().to("cpu", torch.float32)
     if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
         torch.set_num_threads(cpu_threads)
-    if _masked_path(mask, store, site) and ks:
+    if _masked_path(mask, store, site) and store.tokens_offloaded:
+        ks, vs = store.host.views()
         S, n = store.sink_size, store.host.length
         bias = _mask_bias(mask.to("cpu"), store.num_kv_heads)[..., S:S + n]
+        qh = q.detach().to("cpu", torch.float32)
         out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias)
-    else:
-        out, lse = _host_kernel(qh, ks, vs, scale)
-    return out.to(q.device), lse.to(q.device)
+        return out.to(q.device), lse.to(q.device)
+    return store.attend_host(q, estimator=estimator, scale=scale)
 
 
 @host_attention_op.register_fake

@@ -7,15 +7,21 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ESTIMATORS = ("exact", "none")
-PLANNED_ESTIMATORS = ("sample", "topk", "oracle")  # the LSH index is a later milestone
+ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
 
 
 @dataclass(frozen=True)
 class Options:
     sink_size: int = 4              # first tokens kept on the device (attention sinks)
     window_size: int = 64           # most recent tokens kept on the device
-    estimator: str = "exact"        # how the offloaded part is attended: "exact" | "none" (static only)
+    estimator: str = "sample"       # offloaded part: "sample" (LSH importance sampling) | "topk" (best
+                                    # `budget` of the LSH candidates) | "oracle" (best `budget` of all)
+                                    # | "exact" (all: equals dense) | "none" (static part only)
+    budget: float | int = 0.02      # topk/oracle: a fraction of the offloaded keys (float) or a count (int)
+    lsh_k: int = 10                 # SimHash bits per table
+    lsh_l: int = 150                # SimHash tables
+    lsh_threshold: int = 2          # collisions (of lsh_l tables) that retrieve a key
+    seed: int = 0                   # seeds the SimHash projections (one per site and kv head)
     dense_layers: tuple[int, ...] = ()  # layer indices left dense (the model keeps their cache)
     cpu_threads: int | None = None  # OpenMP threads of the CPU kernel (None: torch's setting)
     on_unmatched: str = "fallback"  # a site kvpass cannot rewrite: "fallback" (dense, reported) | "error"
@@ -27,7 +33,9 @@ class Options:
     def key(self) -> str:
         """A stable string naming the runtime-relevant knobs (passed to the custom ops)."""
         return json.dumps({"sink_size": self.sink_size, "window_size": self.window_size,
-                           "host_block_size": self.host_block_size}, sort_keys=True)
+                           "host_block_size": self.host_block_size, "lsh_k": self.lsh_k, "lsh_l": self.lsh_l,
+                           "lsh_threshold": self.lsh_threshold, "seed": self.seed, "budget": self.budget},
+                          sort_keys=True)
 
 
 _FIELDS = {f.name for f in dataclasses.fields(Options)} - {"extra"}
@@ -54,9 +62,17 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
         val = getattr(opts, name)
         if not isinstance(val, int) or isinstance(val, bool) or val < (0 if name == "sink_size" else 1):
             raise ValueError(f"kvpass: {name} must be an int >= {0 if name == 'sink_size' else 1}, got {val!r}")
-    if opts.estimator in PLANNED_ESTIMATORS:
-        raise ValueError(f"kvpass: estimator={opts.estimator!r} needs the LSH index, which is not built yet; "
-                         f"available: {list(ESTIMATORS)}")
+    for name, lo, hi in (("lsh_k", 1, 16), ("lsh_l", 1, 65535), ("seed", 0, 2**62)):
+        val = getattr(opts, name)
+        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+            raise ValueError(f"kvpass: {name} must be an int in [{lo}, {hi}], got {val!r}")
+    if not isinstance(opts.lsh_threshold, int) or not 1 <= opts.lsh_threshold <= opts.lsh_l:
+        raise ValueError(f"kvpass: lsh_threshold must be an int in [1, lsh_l={opts.lsh_l}], got "
+                         f"{opts.lsh_threshold!r}")
+    b = opts.budget
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):
+        raise ValueError(f"kvpass: budget must be a fraction in (0, 1] (float) or a token count (int > 0), "
+                         f"got {b!r}")
     if opts.estimator not in ESTIMATORS:
         raise ValueError(f"kvpass: estimator must be one of {list(ESTIMATORS)}, got {opts.estimator!r}")
     if opts.on_unmatched not in ("fallback", "error"):

@@ -14,7 +14,7 @@ import threading
 import weakref
 
 import torch
-from kvpass.runtime.store import LayerKV
+from kvpass.runtime.store import KVStore
 
 
 def _storage_refs(t: torch.Tensor) -> int:
@@ -24,10 +24,10 @@ def _storage_refs(t: torch.Tensor) -> int:
 class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_handle: dict[int, LayerKV] = {}
-        self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, LayerKV]] = {}
+        self._by_handle: dict[int, KVStore] = {}
+        self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, KVStore]] = {}
 
-    def new_handle(self, store: LayerKV) -> torch.Tensor:
+    def new_handle(self, store: KVStore) -> torch.Tensor:
         """A fresh handle for `store` (its previous handle is forgotten).  [B, Hkv, 1, D], NaN-filled:
         anything that reads a placeholder's values instead of going through kvpass gets NaN, not a
         plausible wrong number."""
@@ -42,21 +42,21 @@ class Registry:
             self._by_handle[h.data_ptr()] = store
         return h
 
-    def by_handle(self, t: torch.Tensor) -> LayerKV | None:
+    def by_handle(self, t: torch.Tensor) -> KVStore | None:
         with self._lock:
             store = self._by_handle.get(t.data_ptr())
         if store is not None and store.handle.data_ptr() != t.data_ptr():
             return None
         return store
 
-    def by_buffer(self, site: str, buf: torch.Tensor) -> LayerKV | None:
+    def by_buffer(self, site: str, buf: torch.Tensor) -> KVStore | None:
         with self._lock:
             entry = self._by_buffer.get((site, buf.data_ptr()))
         if entry is None or entry[0]() is None:
             return None
         return entry[1]
 
-    def bind_buffer(self, site: str, buf: torch.Tensor, store: LayerKV) -> None:
+    def bind_buffer(self, site: str, buf: torch.Tensor, store: KVStore) -> None:
         store.buffer = weakref.ref(buf)
         with self._lock:
             self._by_buffer[(site, buf.data_ptr())] = (weakref.ref(buf), store)
@@ -77,7 +77,7 @@ class Registry:
                 self._by_handle.pop(store.handle.data_ptr(), None)
         return len(dead) + len(dead_buf)
 
-    def stores(self) -> list[LayerKV]:
+    def stores(self) -> list[KVStore]:
         with self._lock:
             return list(self._by_handle.values())
 

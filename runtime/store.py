@@ -6,7 +6,11 @@ Shapes: B batch, Hkv kv heads, D head_dim, S sink_size, W window_size.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from kvpass.cpu_ops import ESTIMATOR_IDS, host_attention, lsh_attention
+from kvpass.runtime.lsh import LSHIndex
 
 
 class HostKV:
@@ -62,41 +66,80 @@ class HostKV:
         return sum(t.nbytes for t in self.k_blocks) + sum(t.nbytes for t in self.v_blocks)
 
 
-class LayerKV:
-    """The KV of one sequence at one attention site.
+class KVStore:
+    """The KV of one sequence batch at one attention site: static part on the device, the rest on the
+    host with a SimHash index.  Usable without the compiler (serving-engine integration):
+
+        store = KVStore(num_kv_heads=8, head_dim=128, sink_size=4, window_size=64, dtype=torch.bfloat16)
+        store.append(k, v)                              # k, v: [B, Hkv, T, D]
+        out = store.attend(q, estimator="sample")       # q: [B, H, Tq, D], the newest Tq tokens' queries
+
+    (``attend``, which also runs the static part and the merge, is added by ``kvpass.KVStore``; this
+    room only holds state and the CPU half.)
 
     Token at absolute position p lives in exactly one place:
       p < S                      → sink slot p                      (device)
       p >= max(S, length - W)    → ring slot S + (p - S) % W        (device)
-      otherwise                  → host store, index p - S          (host)
+      otherwise                  → host store, index p - S          (host; indexed by LSH)
     static_k/static_v: [B, Hkv, S+W, D]; static_pos: [S+W] int64 (-1 = empty slot).
+    The batch size is taken from the first append (or ``batch=``).
     """
 
-    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, sink_size: int, window_size: int, host_block_size: int = 4096):
+    def __init__(self, num_kv_heads: int, head_dim: int, *, sink_size: int = 4, window_size: int = 64,
+                 lsh_k: int = 10, lsh_l: int = 150, lsh_threshold: int = 2, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 host_block_size: int = 4096, batch: int | None = None, site: str = "kvstore",
+                 budget: float = 0.02):
         if window_size < 1:
             raise ValueError(f"kvpass: window_size must be >= 1, got {window_size}")
-        S, W = sink_size, window_size
-        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        if sink_size < 0:
+            raise ValueError(f"kvpass: sink_size must be >= 0, got {sink_size}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"kvpass: KV dtype {dtype} is not supported (float32, bfloat16, float16)")
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.sink_size, self.window_size = S, W
-        self.static_k = torch.zeros(batch, num_kv_heads, S + W, head_dim, dtype=dtype, device=device)
-        self.static_v = torch.zeros_like(self.static_k)
-        self.static_pos = torch.full((S + W,), -1, dtype=torch.long, device=device)
-        self.host = HostKV(batch, num_kv_heads, head_dim, dtype, host_block_size,
-                           pin=self.device.type == "cuda")
-        self.site = ""           # the attention site this store serves (set by the caller)
+        self.sink_size, self.window_size = sink_size, window_size
+        self.lsh = {"lsh_k": lsh_k, "lsh_l": lsh_l, "threshold": lsh_threshold, "seed": seed}
+        LSHIndex(1, 1, 1, **self.lsh)  # validate the LSH knobs now, not at the first offload
+        self.host_block_size, self.budget = host_block_size, budget
+        self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
-        self.length = 0          # tokens appended so far
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
-        self.last_positions = torch.empty(0, dtype=torch.long, device=device)  # of the last append
+        self.last_keys_read = 0.0  # mean keys scored per query row at the last host attention
+        self.batch = 0
+        self.reset()
+        if batch is not None:
+            self._allocate(batch)
+
+    def reset(self) -> None:
+        """Forget every token (a new sequence); keeps the configuration."""
+        self.length = 0
+        self.last_positions = torch.empty(0, dtype=torch.long, device=self.device)
+        self.masked_steps, self.last_keys_read = 0, 0.0
+        if self.batch:
+            self._allocate(self.batch)
+
+    def _allocate(self, batch: int) -> None:
+        S, W, Hkv, D = self.sink_size, self.window_size, self.num_kv_heads, self.head_dim
+        self.batch = batch
+        self.static_k = torch.zeros(batch, Hkv, S + W, D, dtype=self.dtype, device=self.device)
+        self.static_v = torch.zeros_like(self.static_k)
+        self.static_pos = torch.full((S + W,), -1, dtype=torch.long, device=self.device)
+        self.host = HostKV(batch, Hkv, D, self.dtype, self.host_block_size, pin=self.device.type == "cuda")
+        self.index = LSHIndex(batch, Hkv, D, site=self.site, **self.lsh)
 
     def _ring_slot(self, p: int) -> int:
         return self.sink_size + (p - self.sink_size) % self.window_size
 
+    def _to_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.host.append(k, v)
+        self.index.add(k, lambda: torch.cat(self.host.views()[0], 2))
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append T tokens at positions [length, length+T).  k, v: [B, Hkv, T, D]."""
+        if not self.batch:
+            self._allocate(k.shape[0])
         S, W, L, T = self.sink_size, self.window_size, self.length, k.shape[2]
         if tuple(k.shape) != (self.batch, self.num_kv_heads, T, self.head_dim) or k.shape != v.shape:
             raise ValueError(f"kvpass: append of k {tuple(k.shape)} / v {tuple(v.shape)} to a store of "
@@ -114,10 +157,10 @@ class LayerKV:
         old_to = min(host_to, L)  # part still in the ring
         if old_to > host_from:
             slots = torch.tensor([self._ring_slot(p) for p in range(host_from, old_to)], device=self.device)
-            self.host.append(self.static_k.index_select(2, slots), self.static_v.index_select(2, slots))
+            self._to_host(self.static_k.index_select(2, slots), self.static_v.index_select(2, slots))
         new_from = max(host_from, L)
         if host_to > new_from:
-            self.host.append(k[:, :, new_from - L:host_to - L], v[:, :, new_from - L:host_to - L])
+            self._to_host(k[:, :, new_from - L:host_to - L], v[:, :, new_from - L:host_to - L])
         # the newest tokens enter the ring
         ring_from = max(S, L, host_to)
         if end > ring_from:
@@ -130,14 +173,80 @@ class LayerKV:
         self.length = end
         self.last_positions = torch.arange(L, end, device=self.device)
 
+    # ------------------------------------------------------------ attention
+
+    def resolve_budget(self, budget: float | None) -> int:
+        """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys."""
+        budget = self.budget if budget is None else budget
+        n = self.host.length
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+            raise ValueError(f"kvpass: budget must be a positive token count or a fraction in (0, 1], got "
+                             f"{budget!r}")
+        if isinstance(budget, float):
+            if budget > 1:
+                raise ValueError(f"kvpass: a float budget is a fraction in (0, 1], got {budget}; pass an int "
+                                 f"for a token count")
+            return max(1, round(budget * n))
+        return min(budget, n)
+
+    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
+        [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there)."""
+        scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        qh = q.detach().to("cpu", torch.float32)
+        ks, vs = self.host.views()
+        n = self.host.length
+        idx = self.index
+        if estimator == "exact" or n == 0 or (estimator == "sample" and not idx.built):
+            out, lse = host_attention(qh, ks, vs, scale)  # every key (below min_keys, sampling reads all)
+            self.last_keys_read = float(n)
+        elif estimator in ESTIMATOR_IDS:
+            if estimator == "topk" and not idx.built:
+                estimator = "oracle"  # too few keys for an index: the best `budget` of all of them
+            B, H, Tq, _ = q.shape
+            q_codes = idx.query_codes(q).cpu() if idx.built else torch.zeros(B, H, Tq, idx.lsh_l, dtype=torch.int32)
+            mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
+            meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
+            out, lse, n_read = lsh_attention(
+                qh, q_codes, mu, self.host.k_blocks, self.host.v_blocks,
+                self.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len,
+                lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator,
+                budget=self.resolve_budget(budget), scale=scale)
+            self.last_keys_read = float(n_read.float().mean())
+        else:
+            raise ValueError(f"kvpass: unknown estimator {estimator!r}; expected one of "
+                             f"['sample', 'topk', 'oracle', 'exact', 'none']")
+        return out.to(q.device), lse.to(q.device)
+
+    # ------------------------------------------------------------ accounting
+
+    def stats(self) -> dict[str, float]:
+        """Bytes and tokens: device (sinks + window) and host KV, index, projection; keys read."""
+        n = self.host.length if self.batch else 0
+        return {
+            "tokens": self.length,
+            "tokens_offloaded": n,
+            "device_kv_bytes": self.device_bytes,
+            "host_kv_bytes": self.host_bytes,
+            "index_bytes": self.index_bytes,
+            "projection_bytes": self.index.projection_bytes if self.batch else 0,
+            "keys_read_last": self.last_keys_read,
+            "keys_read_fraction_last": self.last_keys_read / n if n else 0.0,
+        }
+
     @property
     def device_bytes(self) -> int:
-        return self.static_k.nbytes + self.static_v.nbytes
+        return self.static_k.nbytes + self.static_v.nbytes if self.batch else 0
 
     @property
     def host_bytes(self) -> int:
-        return self.host.nbytes
+        return self.host.nbytes if self.batch else 0
+
+    @property
+    def index_bytes(self) -> int:
+        return self.index.index_bytes if self.batch else 0
 
     @property
     def tokens_offloaded(self) -> int:
-        return self.host.length
+        return self.host.length if self.batch else 0

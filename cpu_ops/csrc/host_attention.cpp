@@ -1,8 +1,8 @@
 // kvpass CPU attention kernel: one decode query block against KV that lives in host memory.
 //
 // Registration (TORCH_LIBRARY) sits at the bottom, apart from the inner loop.  The inner loop is plain
-// C++ that the compiler vectorises for the machine it is built on (the loader builds on first use, on
-// the machine that runs it, and keys the build cache by the CPU's feature flags).
+// C++ that the compiler vectorises; the per-head function is compiled for AVX-512, AVX2+FMA and
+// baseline x86-64, and the one the CPU supports is picked at run time (GCC target_clones).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,7 +22,7 @@ constexpr int64_t kTile = 128;  // keys scored per online-softmax step
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 template <typename T>
-inline void to_float_row(const T* src, float* dst, int64_t d) {
+inline __attribute__((always_inline)) void to_float_row(const T* src, float* dst, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
@@ -36,7 +36,7 @@ struct RowState {
 // Folds keys [0, n) of one block (one batch row, one kv head) into the running state.
 // k, v point at token 0 of the block; tokens are `k_stride` / `v_stride` elements apart.
 template <typename T>
-void fold_block(const float* q, int64_t rows, int64_t d, const T* k, int64_t k_stride, const T* v,
+inline __attribute__((always_inline)) void fold_block(const float* q, int64_t rows, int64_t d, const T* k, int64_t k_stride, const T* v,
                 int64_t v_stride, int64_t n, float scale, RowState& st) {
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
     const int64_t nt = std::min(kTile, n - j0);
@@ -48,6 +48,7 @@ void fold_block(const float* q, int64_t rows, int64_t d, const T* k, int64_t k_s
       for (int64_t j = 0; j < nt; ++j) {
         const float* kj = st.kf.data() + j * d;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < d; ++i) dot += qr[i] * kj[i];
         sr[j] = dot * scale;
         tile_max = std::max(tile_max, sr[j]);
@@ -102,45 +103,66 @@ void check_inputs(const at::Tensor& q, const at::TensorList& kb, const at::Tenso
   }
 }
 
+struct Exact {
+  const float* q;  // [B, H, Tq, D]
+  float *out, *lse;
+  int64_t H, Tq, D, G;
+  float scale;
+};
+
+// One (batch row, kv head): its G*Tq query rows over every block.  Compiled per SIMD level (the
+// OpenMP loop stays outside: an outlined parallel body would not inherit a clone's target).
 template <typename T>
-void run(const at::Tensor& qc, const at::TensorList& kb, const at::TensorList& vb, double scale,
-         at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = qc.size(0), H = qc.size(1), Tq = qc.size(2), D = qc.size(3);
-  const int64_t Hkv = kb.empty() ? H : kb[0].size(1);
-  const int64_t G = H / Hkv;
-  const int64_t rows = G * Tq;  // q[b, hk*G : (hk+1)*G] is contiguous: G*Tq rows of D
-  const float* qp = qc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      RowState st(rows, D);
-      const float* q = qp + (b * H + hk * G) * Tq * D;
-      for (size_t i = 0; i < kb.size(); ++i) {
-        const auto& k = kb[i];
-        const auto& v = vb[i];
-        const int64_t n = k.size(2);
-        if (n == 0) continue;
-        const T* kp = k.data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
-        const T* vp = v.data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
-        fold_block<T>(q, rows, D, kp, k.stride(2), vp, v.stride(2), n, sc, st);
-      }
-      float* o = op + (b * H + hk * G) * Tq * D;
-      float* ls = lp + (b * H + hk * G) * Tq;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (st.l[r] > 0.f) {
-          const float inv = 1.f / st.l[r];
-          for (int64_t i = 0; i < D; ++i) o[r * D + i] = st.acc[r * D + i] * inv;
-          ls[r] = st.m[r] + std::log(st.l[r]);
-        } else {  // no keys: an empty set contributes nothing to the LSE merge
-          for (int64_t i = 0; i < D; ++i) o[r * D + i] = 0.f;
-          ls[r] = kNegInf;
-        }
-      }
+inline __attribute__((always_inline)) void head(const Exact& E, const at::TensorList& kb,
+                                                const at::TensorList& vb, int64_t b, int64_t hk) {
+  const int64_t rows = E.G * E.Tq, D = E.D;  // q[b, hk*G : (hk+1)*G] is contiguous: G*Tq rows of D
+  RowState st(rows, D);
+  const float* q = E.q + (b * E.H + hk * E.G) * E.Tq * D;
+  for (size_t i = 0; i < kb.size(); ++i) {
+    const auto& k = kb[i];
+    const auto& v = vb[i];
+    const int64_t n = k.size(2);
+    if (n == 0) continue;
+    const T* kp = k.data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
+    const T* vp = v.data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
+    fold_block<T>(q, rows, D, kp, k.stride(2), vp, v.stride(2), n, E.scale, st);
+  }
+  float* o = E.out + (b * E.H + hk * E.G) * E.Tq * D;
+  float* ls = E.lse + (b * E.H + hk * E.G) * E.Tq;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (st.l[r] > 0.f) {
+      const float inv = 1.f / st.l[r];
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = st.acc[r * D + i] * inv;
+      ls[r] = st.m[r] + std::log(st.l[r]);
+    } else {  // no keys: an empty set contributes nothing to the LSE merge
+      for (int64_t i = 0; i < D; ++i) o[r * D + i] = 0.f;
+      ls[r] = kNegInf;
     }
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVPASS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVPASS_CLONES
+#endif
+using HeadFn = void (*)(const Exact&, const at::TensorList&, const at::TensorList&, int64_t, int64_t);
+KVPASS_CLONES void head_f32(const Exact& E, const at::TensorList& k, const at::TensorList& v, int64_t b,
+                            int64_t h) { head<float>(E, k, v, b, h); }
+KVPASS_CLONES void head_bf16(const Exact& E, const at::TensorList& k, const at::TensorList& v, int64_t b,
+                             int64_t h) { head<c10::BFloat16>(E, k, v, b, h); }
+KVPASS_CLONES void head_f16(const Exact& E, const at::TensorList& k, const at::TensorList& v, int64_t b,
+                            int64_t h) { head<c10::Half>(E, k, v, b, h); }
+
+void run(HeadFn fn, const at::Tensor& qc, const at::TensorList& kb, const at::TensorList& vb, double scale,
+         at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = qc.size(0), H = qc.size(1);
+  const int64_t Hkv = kb.empty() ? H : kb[0].size(1);
+  const Exact E{qc.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), H, qc.size(2), qc.size(3),
+                H / Hkv, static_cast<float>(scale)};
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hk = 0; hk < Hkv; ++hk) fn(E, kb, vb, b, hk);
 }
 
 // out[b,h,t] = softmax_j(q[b,h,t]·k[b,h/G,j]·scale) · v[b,h/G,j] over the keys of every block,
@@ -153,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> host_attention(const at::Tensor& q, at::Tenso
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   const auto dtype = k_blocks.empty() ? at::kFloat : k_blocks[0].scalar_type();
   switch (dtype) {
-    case at::kFloat: run<float>(qc, k_blocks, v_blocks, scale, out, lse); break;
-    case at::kBFloat16: run<c10::BFloat16>(qc, k_blocks, v_blocks, scale, out, lse); break;
-    case at::kHalf: run<c10::Half>(qc, k_blocks, v_blocks, scale, out, lse); break;
+    case at::kFloat: run(&head_f32, qc, k_blocks, v_blocks, scale, out, lse); break;
+    case at::kBFloat16: run(&head_bf16, qc, k_blocks, v_blocks, scale, out, lse); break;
+    case at::kHalf: run(&head_f16, qc, k_blocks, v_blocks, scale, out, lse); break;
     default: TORCH_CHECK(false, "kvpass_cpu.host_attention: KV dtype ", dtype,
                          " is not supported (float32, bfloat16, float16)");
   }

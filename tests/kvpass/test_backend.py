@@ -153,7 +153,9 @@ def test_cache_less_module_stays_dense_and_error_mode_names_the_site():
 @pytest.mark.parametrize("bad, match", [
     ({"window": 3}, r"unknown option\(s\) \['window'\]; valid options are"),
     ({"estimator": "magic"}, "estimator must be one of"),
-    ({"estimator": "sample"}, "needs the LSH index"),
+    ({"budget": 1.5}, "budget must be a fraction"),
+    ({"lsh_k": 20}, "lsh_k must be an int in"),
+    ({"lsh_threshold": 0}, "lsh_threshold must be"),
     ({"window_size": 0}, "window_size must be an int >= 1"),
     ({"on_unmatched": "ignore"}, "on_unmatched must be"),
     ({"dense_layers": 3}, "dense_layers must be a list"),

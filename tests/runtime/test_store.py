@@ -3,10 +3,10 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvpass.runtime import LayerKV
+from kvpass.runtime import KVStore
 
 
-def _contents(store: LayerKV):
+def _contents(store: KVStore):
     """(positions, k) of every token the store holds, sorted by position."""
     ks, _ = store.host.views()
     host_k = torch.cat(ks, 2) if ks else torch.empty(store.batch, store.num_kv_heads, 0, store.head_dim)
@@ -24,7 +24,7 @@ def _contents(store: LayerKV):
        block=st.sampled_from([1, 3, 16, 4096]))
 def test_every_token_stored_exactly_once(S, W, chunks, block):
     torch.manual_seed(0)
-    store = LayerKV(2, 3, 4, dtype=torch.float32, device="cpu", sink_size=S, window_size=W, host_block_size=block)
+    store = KVStore(3, 4, batch=2, dtype=torch.float32, device="cpu", sink_size=S, window_size=W, host_block_size=block)
     full = torch.randn(2, 3, sum(chunks), 4)
     t = 0
     for n in chunks:
@@ -40,7 +40,7 @@ def test_every_token_stored_exactly_once(S, W, chunks, block):
 
 
 def test_host_store_keeps_its_dtype_and_bf16():
-    store = LayerKV(1, 1, 8, dtype=torch.bfloat16, device="cpu", sink_size=1, window_size=2)
+    store = KVStore(1, 8, batch=1, dtype=torch.bfloat16, device="cpu", sink_size=1, window_size=2)
     store.append(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
     ks, _ = store.host.views()
     assert ks[0].dtype == torch.bfloat16 and ks[0].shape[2] == 7

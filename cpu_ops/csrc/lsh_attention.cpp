@@ -1,0 +1,458 @@
+// kvpass LSH kernels: bucket tables of the SimHash index, and one fused retrieve → gather → score →
+// online softmax → V pass per query row, for the "sample", "topk" and "oracle" estimators.
+//
+// Index layout (one per (batch row, kv head)); the Python side (runtime/lsh.py) owns the tensors:
+//   sealed segment s = tokens [base, base + n) of the host store, for each of the L tables a CSR
+//     bucket table: starts[l][c] = first slot of bucket c (uint16, the end is starts[l][c+1] or n) and
+//     ids[l] = the segment-local token ids ordered by bucket, bit-packed at w = bit_length(n - 1) bits
+//     (n <= 32768, so w <= 15: the ids take w/8 <= 1.875 bytes per token per table, half of an int32).
+//   tail = the newest tokens not yet sealed: codes[l][j] (uint16), scanned (bounded by the seal size).
+// Retrieval visits the query's bucket in every table of every segment and counts collisions per key;
+// keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
+//
+// SIMD: the hot functions are compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline, and the
+// loader picks one at run time (GCC target_clones / ifunc): never assumed at build time.
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KVPASS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVPASS_CLONES
+#endif
+#define KVPASS_INLINE inline __attribute__((always_inline))
+
+namespace kvpass_cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kMaxSegment = 32768;
+
+enum Estimator : int64_t { kSample = 1, kTopK = 2, kOracle = 3 };
+
+// ---------------------------------------------------------------- bit-packed ids
+
+KVPASS_INLINE uint32_t unpack_id(const uint8_t* bytes, int64_t i, int w) {
+  const int64_t bit = i * w;
+  uint32_t word;
+  std::memcpy(&word, bytes + (bit >> 3), 4);  // rows carry 4 bytes of padding
+  return (word >> (bit & 7)) & ((1u << w) - 1u);
+}
+
+int id_width(int64_t n) {
+  int w = 1;
+  while ((int64_t(1) << w) < n) ++w;
+  return w;
+}
+
+int64_t packed_bytes(int64_t n, int w) { return (n * w + 7) / 8 + 4; }
+
+// ---------------------------------------------------------------- log P(retrieved | cos θ)
+
+// P(collide in >= T of L tables), one table colliding with p = (1 - θ/π)^K, as log P over a grid
+// of cos θ in [-1, 1].  Double precision; the small-p end sums the upper tail directly (the
+// complement 1 - Σ_{t<T} would cancel).  Cached per (K, L, T).
+constexpr int kTable = 16384;
+
+double log_retrieval_probability(double cos_theta, int64_t K, int64_t L, int64_t T) {
+  cos_theta = std::min(1.0, std::max(-1.0, cos_theta));
+  const double p = std::pow(1.0 - std::acos(cos_theta) / M_PI, double(K));
+  if (p <= 0.0) return -69.0;  // never collides: clamp (e^-69 ≈ 1e-30), never -inf or NaN
+  if (p >= 1.0) return 0.0;
+  auto log_term = [&](int64_t t) {  // log C(L,t) p^t (1-p)^(L-t)
+    return std::lgamma(L + 1.0) - std::lgamma(t + 1.0) - std::lgamma(L - t + 1.0) + t * std::log(p) +
+           (L - t) * std::log1p(-p);
+  };
+  double below = 0.0;  // P[fewer than T collisions]
+  for (int64_t t = 0; t < T; ++t) below += std::exp(log_term(t));
+  if (below < 0.5) return std::log1p(-below);
+  double tail = 0.0;  // P small: sum the tail terms themselves
+  for (int64_t t = T; t <= L; ++t) {
+    const double x = std::exp(log_term(t));
+    tail += x;
+    if (x < tail * 1e-17) break;
+  }
+  return std::max(-69.0, std::log(tail));
+}
+
+const std::vector<float>& logp_table(int64_t K, int64_t L, int64_t T) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<float>> cache;
+  std::lock_guard<std::mutex> g(mu);
+  auto& tab = cache[{K, L, T}];
+  if (tab.empty()) {
+    tab.resize(kTable + 1);
+    for (int i = 0; i <= kTable; ++i)
+      tab[i] = float(log_retrieval_probability(-1.0 + 2.0 * i / kTable, K, L, T));
+  }
+  return tab;
+}
+
+KVPASS_INLINE float lookup_logp(const float* tab, float c) {
+  c = std::min(1.f, std::max(-1.f, c));
+  const float x = (c + 1.f) * 0.5f * kTable;
+  const int i = std::min(kTable - 1, int(x));
+  const float f = x - float(i);
+  return tab[i] + f * (tab[i + 1] - tab[i]);
+}
+
+// ---------------------------------------------------------------- building a segment
+
+std::tuple<at::Tensor, at::Tensor> build_segment(const at::Tensor& codes_in, int64_t K) {
+  TORCH_CHECK(codes_in.dim() == 4, "kvpass_cpu.lsh_build_segment: codes must be [B, Hkv, n, L], got ",
+              codes_in.sizes());
+  TORCH_CHECK(K >= 1 && K <= 16, "kvpass_cpu.lsh_build_segment: lsh_k must be in [1, 16], got ", K);
+  const auto codes = codes_in.to(at::kInt).contiguous();
+  const int64_t B = codes.size(0), Hkv = codes.size(1), n = codes.size(2), L = codes.size(3);
+  TORCH_CHECK(n >= 1 && n <= kMaxSegment, "kvpass_cpu.lsh_build_segment: a segment holds 1..", kMaxSegment,
+              " tokens, got ", n);
+  const int w = id_width(n);
+  const int64_t nb = packed_bytes(n, w), buckets = int64_t(1) << K;
+  auto ids = at::zeros({B, Hkv, L, nb}, codes.options().dtype(at::kByte));
+  auto starts = at::empty({B, Hkv, L, buckets}, codes.options().dtype(at::kShort));
+  const int32_t* cp = codes.data_ptr<int32_t>();
+  uint8_t* ip = ids.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(starts.data_ptr<int16_t>());
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+    for (int64_t l = 0; l < L; ++l) {
+      std::vector<uint32_t> fill(buckets + 1, 0);
+      const int32_t* c = cp + bh * n * L + l;
+      for (int64_t j = 0; j < n; ++j) fill[(c[j * L] & (buckets - 1)) + 1]++;
+      for (int64_t b = 0; b < buckets; ++b) fill[b + 1] += fill[b];
+      uint16_t* st = sp + (bh * L + l) * buckets;
+      for (int64_t b = 0; b < buckets; ++b) st[b] = uint16_t(fill[b]);
+      uint8_t* out = ip + (bh * L + l) * nb;
+      for (int64_t j = 0; j < n; ++j) {  // stable: ids ascend within a bucket
+        const int64_t slot = fill[c[j * L] & (buckets - 1)]++;
+        const int64_t bit = slot * w;
+        uint32_t word;
+        std::memcpy(&word, out + (bit >> 3), 4);
+        word |= uint32_t(j) << (bit & 7);
+        std::memcpy(out + (bit >> 3), &word, 4);
+      }
+    }
+  }
+  return {ids, starts};
+}
+
+// ---------------------------------------------------------------- the fused attention pass
+
+struct Segment {
+  const uint8_t* ids;      // [B, Hkv, L, nb]
+  const uint16_t* starts;  // [B, Hkv, L, 2^K]
+  int64_t base, n, nb;
+  int w;
+};
+
+struct Problem {
+  int64_t B, H, Hkv, G, Tq, D, L, K, T, n_keys, block_size, budget, estimator, tail_base, tail_len, tail_cap;
+  float scale;
+  const float* q;        // [B, H, Tq, D]
+  const int32_t* qcode;  // [B, H, Tq, L]
+  const float* mu;       // [B, Hkv, D]
+  const uint16_t* tail;  // [B, Hkv, L, tail_cap]
+  const float* logp;     // kTable + 1
+  std::vector<Segment> segs;
+  std::vector<const void*> kb, vb;  // per host block, at (b=0, hk=0, token 0)
+  int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
+  float* out;       // [B, H, Tq, D]
+  float* lse;       // [B, H, Tq]
+  int32_t* n_read;  // [B, H, Tq]
+};
+
+struct Scratch {
+  std::vector<uint16_t> count;  // per key, collisions of the current row (cleared through `touched`)
+  std::vector<uint16_t> tail_count;
+  std::vector<int32_t> touched, cand;
+  std::vector<float> score, kf, acc;
+  std::vector<int32_t> order;
+};
+
+template <typename T>
+KVPASS_INLINE float load(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// Row (b, h, t): candidates, scores, softmax, V.  Templated on the KV dtype; inlined into the
+// per-dtype entry points below, which are the functions compiled per SIMD level.
+template <typename T>
+KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
+  const int64_t hk = h / P.G, D = P.D, L = P.L;
+  const int64_t r = (b * P.H + h) * P.Tq + t;
+  const float* q = P.q + r * D;
+  const int32_t* qc = P.qcode + r * L;
+  const int64_t bh = b * P.Hkv + hk;
+  s.cand.clear();
+  if (P.estimator == kOracle) {
+    s.cand.resize(P.n_keys);
+    std::iota(s.cand.begin(), s.cand.end(), 0);
+  } else {
+    const uint16_t thr = uint16_t(P.T);
+    const int64_t buckets = int64_t(1) << P.K;
+    for (const Segment& g : P.segs) {
+      for (int64_t l = 0; l < L; ++l) {
+        const uint16_t* st = g.starts + (bh * L + l) * buckets;
+        const int64_t c = qc[l] & (buckets - 1);
+        const int64_t lo = st[c], hi = c + 1 < buckets ? st[c + 1] : g.n;
+        const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
+        for (int64_t i = lo; i < hi; ++i) {
+          const int32_t key = int32_t(g.base + unpack_id(ids, i, g.w));
+          const uint16_t cnt = ++s.count[key];
+          if (cnt == 1) s.touched.push_back(key);
+          if (cnt == thr) s.cand.push_back(key);
+        }
+      }
+    }
+    for (int32_t key : s.touched) s.count[key] = 0;
+    s.touched.clear();
+    if (P.tail_len > 0) {
+      uint16_t* tc = s.tail_count.data();
+      std::fill(tc, tc + P.tail_len, 0);
+      for (int64_t l = 0; l < L; ++l) {
+        const uint16_t* codes = P.tail + (bh * L + l) * P.tail_cap;
+        const uint16_t want = uint16_t(qc[l]);
+#pragma omp simd
+        for (int64_t j = 0; j < P.tail_len; ++j) tc[j] += codes[j] == want;
+      }
+      for (int64_t j = 0; j < P.tail_len; ++j)
+        if (tc[j] >= P.T) s.cand.push_back(int32_t(P.tail_base + j));
+    }
+  }
+  const int64_t m = s.cand.size();
+  P.n_read[r] = int32_t(m);
+  float* o = P.out + r * D;
+  if (m == 0) {
+    std::fill(o, o + D, 0.f);
+    P.lse[r] = kNegInf;
+    return;
+  }
+  // q·μ and |q| for the angle to the centred key (sample only)
+  const float* mu = P.mu + bh * D;
+  float qmu = 0.f, qq = 0.f, mumu = 0.f;
+#pragma omp simd reduction(+ : qmu, qq, mumu)
+  for (int64_t i = 0; i < D; ++i) {
+    qmu += q[i] * mu[i];
+    qq += q[i] * q[i];
+    mumu += mu[i] * mu[i];
+  }
+  const float qnorm = std::sqrt(qq);
+  s.score.resize(m);
+  float mx = kNegInf;
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t key = s.cand[j], blk = key / P.block_size, off = key % P.block_size;
+    const T* k = static_cast<const T*>(P.kb[blk]) + b * P.kb_s0 + hk * P.kb_s1 + off * P.kb_s2;
+    float qk = 0.f;
+    float sc;
+    if (P.estimator == kSample) {
+      float kmu = 0.f, kk = 0.f;
+#pragma omp simd reduction(+ : qk, kmu, kk)
+      for (int64_t i = 0; i < D; ++i) {
+        const float x = load(k, i);
+        qk += q[i] * x;
+        kmu += x * mu[i];
+        kk += x * x;
+      }
+      const float cn = std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));  // |k - μ|
+      const float denom = qnorm * cn;
+      const float cosv = denom > 0.f ? (qk - qmu) / denom : 0.f;
+      sc = qk * P.scale - lookup_logp(P.logp, cosv);  // e^{s} / P(retrieved)
+    } else {
+#pragma omp simd reduction(+ : qk)
+      for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
+      sc = qk * P.scale;
+    }
+    s.score[j] = sc;
+    mx = std::max(mx, sc);
+  }
+  int64_t keep = m;
+  if (P.estimator != kSample && P.budget < m) {  // topk / oracle: the `budget` largest scores
+    keep = std::max<int64_t>(P.budget, 0);
+    s.order.resize(m);
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
+                     [&](int32_t a, int32_t c) { return s.score[a] > s.score[c]; });
+    s.order.resize(keep);
+    mx = kNegInf;
+    for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
+    if (keep == 0) {
+      std::fill(o, o + D, 0.f);
+      P.lse[r] = kNegInf;
+      return;
+    }
+  }
+  s.acc.assign(D, 0.f);
+  float* acc = s.acc.data();
+  double denom = 0.0;
+  for (int64_t jj = 0; jj < keep; ++jj) {
+    const int64_t j = keep == m ? jj : s.order[jj];
+    const int64_t key = s.cand[j], blk = key / P.block_size, off = key % P.block_size;
+    const T* v = static_cast<const T*>(P.vb[blk]) + b * P.vb_s0 + hk * P.vb_s1 + off * P.vb_s2;
+    const float p = std::exp(s.score[j] - mx);
+    denom += p;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+  }
+  const float inv = float(1.0 / denom);
+  for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+  P.lse[r] = mx + float(std::log(denom));
+}
+
+KVPASS_CLONES void row_f32(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
+  row<float>(P, b, h, t, s);
+}
+KVPASS_CLONES void row_bf16(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
+  row<c10::BFloat16>(P, b, h, t, s);
+}
+KVPASS_CLONES void row_f16(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
+  row<c10::Half>(P, b, h, t, s);
+}
+
+// The SIMD-cloned functions are the per-row ones: an OpenMP region's outlined body would not inherit
+// a clone's target, so the parallel loop stays outside them.
+void run_rows(const Problem& P, at::ScalarType dtype) {
+  auto* fn = dtype == at::kFloat ? &row_f32 : dtype == at::kBFloat16 ? &row_bf16 : &row_f16;
+  const int64_t rows = P.B * P.H * P.Tq;
+#pragma omp parallel
+  {
+    Scratch s;
+    if (P.estimator != kOracle) s.count.assign(P.n_keys, 0);
+    s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = i % P.Tq, h = (i / P.Tq) % P.H, b = i / (P.Tq * P.H);
+      fn(P, b, h, t, s);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention(
+    const at::Tensor& q, const at::Tensor& q_codes, const at::Tensor& mu, at::TensorList k_blocks,
+    at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
+    at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
+    int64_t tail_len, int64_t lsh_k, int64_t threshold, int64_t estimator, int64_t budget, double scale) {
+  const char* fn = "kvpass_cpu.lsh_attention: ";
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
+              "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  TORCH_CHECK(q_codes.dim() == 4 && q_codes.size(0) == B && q_codes.size(1) == H && q_codes.size(2) == Tq &&
+                  q_codes.scalar_type() == at::kInt, fn, "q_codes must be int32 [B, H, Tq, L], got ",
+              q_codes.sizes(), " ", q_codes.scalar_type());
+  const int64_t L = q_codes.size(3);
+  TORCH_CHECK(mu.dim() == 3 && mu.size(0) == B && mu.size(2) == D && mu.scalar_type() == at::kFloat, fn,
+              "mu must be float32 [B, Hkv, D], got ", mu.sizes());
+  const int64_t Hkv = mu.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, fn, H, " query heads are not a multiple of ", Hkv, " kv heads");
+  TORCH_CHECK(estimator == kSample || estimator == kTopK || estimator == kOracle, fn, "unknown estimator id ",
+              estimator);
+  TORCH_CHECK(lsh_k >= 1 && lsh_k <= 16 && threshold >= 1 && threshold <= L, fn, "need 1 <= lsh_k <= 16 and "
+              "1 <= lsh_threshold <= lsh_l, got lsh_k=", lsh_k, " lsh_threshold=", threshold, " lsh_l=", L);
+  TORCH_CHECK(k_blocks.size() == v_blocks.size(), fn, "key and value block counts differ");
+  TORCH_CHECK(n_keys >= 0 && n_keys <= int64_t(k_blocks.size()) * block_size && n_keys < (int64_t(1) << 31),
+              fn, n_keys, " keys do not fit ", k_blocks.size(), " blocks of ", block_size);
+  auto out = at::empty({B, H, Tq, D}, q.options());
+  auto lse = at::empty({B, H, Tq}, q.options());
+  auto n_read = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
+  if (n_keys == 0) {
+    out.zero_();
+    lse.fill_(kNegInf);
+    return {out, lse, n_read};
+  }
+  const auto dtype = k_blocks[0].scalar_type();
+  for (size_t i = 0; i < k_blocks.size(); ++i) {
+    const auto &k = k_blocks[i], &v = v_blocks[i];
+    TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k.dim() == 4 && v.dim() == 4 &&
+                    k.size(0) == B && k.size(1) == Hkv && k.size(3) == D && v.sizes() == k.sizes(),
+                fn, "block ", i, " must be CPU [B, Hkv, n, D] = [", B, ", ", Hkv, ", n, ", D, "], got ",
+                k.sizes(), " / ", v.sizes());
+    TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, fn, "all blocks must share one dtype");
+    TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.strides() == k_blocks[0].strides() &&
+                    v.strides() == v_blocks[0].strides(), fn, "blocks must share strides, head_dim contiguous");
+  }
+  TORCH_CHECK(seg_ids.size() == seg_starts.size() && seg_meta.dim() == 2 &&
+                  seg_meta.size(0) == int64_t(seg_ids.size()) && seg_meta.size(1) == 2 &&
+                  seg_meta.scalar_type() == at::kLong, fn, "seg_meta must be int64 [num_segments, 2] (base, n)");
+  TORCH_CHECK(tail_codes.dim() == 4 && tail_codes.scalar_type() == at::kShort && tail_codes.size(0) == B &&
+                  tail_codes.size(1) == Hkv && tail_codes.size(2) == L && tail_codes.is_contiguous() &&
+                  tail_len <= tail_codes.size(3), fn, "tail_codes must be contiguous int16 [B, Hkv, L, cap]");
+
+  Problem P;
+  P.B = B, P.H = H, P.Hkv = Hkv, P.G = H / Hkv, P.Tq = Tq, P.D = D, P.L = L, P.K = lsh_k, P.T = threshold;
+  P.n_keys = n_keys, P.block_size = block_size, P.budget = budget, P.estimator = estimator;
+  P.tail_base = tail_base, P.tail_len = tail_len, P.tail_cap = tail_codes.size(3);
+  P.scale = float(scale);
+  const auto qc = q.contiguous(), codes = q_codes.contiguous(), muc = mu.contiguous();
+  P.q = qc.data_ptr<float>(), P.qcode = codes.data_ptr<int32_t>(), P.mu = muc.data_ptr<float>();
+  P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
+  P.logp = logp_table(lsh_k, L, threshold).data();
+  const int64_t* meta = seg_meta.data_ptr<int64_t>();
+  for (size_t i = 0; i < seg_ids.size(); ++i) {
+    const auto &ids = seg_ids[i], &st = seg_starts[i];
+    const int64_t base = meta[2 * i], n = meta[2 * i + 1];
+    const int w = id_width(n);
+    TORCH_CHECK(ids.is_contiguous() && st.is_contiguous() && ids.scalar_type() == at::kByte &&
+                    st.scalar_type() == at::kShort && ids.dim() == 4 && st.dim() == 4 &&
+                    ids.size(2) == L && st.size(3) == (int64_t(1) << lsh_k) && ids.size(3) == packed_bytes(n, w) &&
+                    base >= 0 && base + n <= n_keys, fn, "segment ", i, " does not match its metadata");
+    P.segs.push_back({ids.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(st.data_ptr<int16_t>()), base, n,
+                      ids.size(3), w});
+  }
+  TORCH_CHECK(tail_base + tail_len <= n_keys, fn, "tail exceeds the stored keys");
+  for (size_t i = 0; i < k_blocks.size(); ++i) {
+    P.kb.push_back(k_blocks[i].data_ptr());
+    P.vb.push_back(v_blocks[i].data_ptr());
+  }
+  P.kb_s0 = k_blocks[0].stride(0), P.kb_s1 = k_blocks[0].stride(1), P.kb_s2 = k_blocks[0].stride(2);
+  P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
+  P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
+              " is not supported (float32, bfloat16, float16)");
+  run_rows(P, dtype);
+  return {out, lse, n_read};
+}
+
+at::Tensor log_retrieval_probability_op(const at::Tensor& cos_theta, int64_t K, int64_t L, int64_t T) {
+  auto c = cos_theta.to(at::kDouble).contiguous();
+  auto out = at::empty_like(c);
+  const double* cp = c.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  for (int64_t i = 0; i < c.numel(); ++i) op[i] = log_retrieval_probability(cp[i], K, L, T);
+  return out;
+}
+
+std::string simd_level() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+  return "scalar";
+}
+
+}  // namespace
+}  // namespace kvpass_cpu
+
+TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
+  m.def("lsh_build_segment(Tensor codes, int lsh_k) -> (Tensor, Tensor)");
+  m.def("lsh_attention(Tensor q, Tensor q_codes, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
+        "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
+        "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
+  m.def("simd_level() -> str", &kvpass_cpu::simd_level);
+}
+
+TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {
+  m.impl("lsh_build_segment", &kvpass_cpu::build_segment);
+  m.impl("lsh_attention", &kvpass_cpu::lsh_attention);
+  m.impl("log_retrieval_probability", &kvpass_cpu::log_retrieval_probability_op);
+}

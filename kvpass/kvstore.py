@@ -1,0 +1,33 @@
+"""``kvpass.KVStore``: the runtime store with the whole split attention, usable without the compiler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpass.lowering import merge_partials, static_attention
+from kvpass.runtime.store import KVStore as _StoreState
+
+
+class KVStore(_StoreState):
+    __doc__ = _StoreState.__doc__
+
+    def attend(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
+               scale: float | None = None) -> torch.Tensor:
+        """Attention of the newest Tq tokens' queries q [B, H, Tq, D] over every stored token (causal
+        inside the block): static part on the device + host part by the CPU, merged exactly by LSE.
+        estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only).  Returns
+        [B, H, Tq, D] in q's dtype."""
+        if q.shape[2] > self.length:
+            raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
+        scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
+        out_s, lse_s = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos,
+                                        scale)
+        if estimator == "none":
+            return out_s.to(q.device, q.dtype)
+        out_d, lse_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
+        out, _ = merge_partials(out_s, lse_s, out_d.to(self.device), lse_d.to(self.device))
+        return out.to(q.device, q.dtype)
+

@@ -1,0 +1,186 @@
+"""SimHash index over the offloaded keys of one store, and the plain-torch reference of the estimators.
+
+Shapes: B batch, Hkv kv heads, D head_dim, K = lsh_k bits per table, L = lsh_l tables.
+
+code_l(x) = Σ_j [ (x − μ)·R[:, lK + j] > 0 ] << j      (K bits, table l; R: [D, K·L] per kv head)
+Keys are centred by μ, the mean of the first ``min_keys``+ offloaded keys, frozen when the index is
+built (a moving μ would silently invalidate every stored code).  Until then no index exists and the
+estimators read every offloaded key (there are fewer than ``min_keys``).
+
+Layout: sealed segments (C++ bucket tables, ids bit-packed, see ``cpu_ops/csrc/lsh_attention.cpp``)
+cover keys [0, tail_base); the newest keys [tail_base, tail_base + tail_len) keep their codes in a
+small tail (scanned by the kernel) until ``seal_size`` of them are sealed into a segment.  The prompt's
+keys are sealed in bulk, up to 32768 per segment (15-bit ids).
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import torch
+from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment
+
+MAX_SEGMENT = 32768
+
+
+@functools.lru_cache(maxsize=256)
+def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: int, lsh_l: int,
+               device: str) -> torch.Tensor:
+    """The SimHash projection of one site: [Hkv, D, K·L] fp32, Gaussian, from a generator seeded by
+    (seed, site) — the same for every sequence through that site, shared between them."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63))
+    return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device)
+
+
+def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
+    """Codes of x: [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L], on x's device.
+
+    mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] fp32.  Computed in token chunks (a GEMM each)."""
+    B, Hkv, n, _ = x.shape
+    proj = proj.to(x.device)
+    weights = (1 << torch.arange(lsh_k, device=x.device, dtype=torch.int32))
+    out = []
+    for t0 in range(0, n, chunk):
+        xc = x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None]
+        bits = (xc @ proj[None]) > 0  # [B, Hkv, c, K·L]
+        out.append((bits.view(B, Hkv, -1, proj.shape[-1] // lsh_k, lsh_k).int() * weights).sum(-1, dtype=torch.int32))
+    return torch.cat(out, 2) if out else torch.empty(B, Hkv, 0, proj.shape[-1] // lsh_k, dtype=torch.int32,
+                                                    device=x.device)
+
+
+class LSHIndex:
+    """The SimHash index of one store (one sequence batch at one attention site)."""
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, lsh_k: int = 10, lsh_l: int = 150,
+                 threshold: int = 2, seed: int = 0, site: str = "", min_keys: int = 256, seal_size: int = 4096):
+        if not 1 <= lsh_k <= 16:
+            raise ValueError(f"kvpass: lsh_k must be in [1, 16], got {lsh_k}")
+        if not 1 <= threshold <= lsh_l:
+            raise ValueError(f"kvpass: lsh_threshold must be in [1, lsh_l={lsh_l}], got {threshold}")
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.lsh_k, self.lsh_l, self.threshold, self.seed, self.site = lsh_k, lsh_l, threshold, seed, site
+        self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
+        self.mu: torch.Tensor | None = None  # [B, Hkv, D] fp32 (CPU), once built
+        self.seg_ids: list[torch.Tensor] = []
+        self.seg_starts: list[torch.Tensor] = []
+        self.seg_meta: list[tuple[int, int]] = []  # (base, n)
+        self.tail = torch.zeros(batch, num_kv_heads, lsh_l, 0, dtype=torch.int16)  # grows up to seal_size
+        self.tail_base = self.tail_len = 0
+        self.n_keys = 0  # keys offloaded so far (all indexed once the index is built)
+
+    @property
+    def built(self) -> bool:
+        return self.mu is not None
+
+    def proj(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return projection(self.seed, self.site, self.num_kv_heads, self.head_dim, self.lsh_k, self.lsh_l,
+                          str(device))
+
+    def codes(self, k: torch.Tensor) -> torch.Tensor:
+        """int32 [B, Hkv, n, L]: codes of keys k [B, Hkv, n, D] (centred by μ), on k's device."""
+        return simhash(k, self.mu, self.proj(k.device), self.lsh_k)
+
+    def query_codes(self, q: torch.Tensor) -> torch.Tensor:
+        """int32 [B, H, Tq, L]: the SimHash of the raw query (no centring: cos θ is taken between q and
+        k − μ)."""
+        B, H, Tq, D = q.shape
+        G = H // self.num_kv_heads
+        qg = q.float().reshape(B, self.num_kv_heads, G * Tq, D)
+        zero = torch.zeros(B, self.num_kv_heads, D, device=q.device)
+        return simhash(qg, zero, self.proj(q.device), self.lsh_k).reshape(B, H, Tq, self.lsh_l)
+
+    def add(self, k: torch.Tensor, host_keys) -> None:
+        """Index the keys just appended to the host store: k [B, Hkv, T, D] (any device; hashed there).
+        ``host_keys()`` returns every host key [B, Hkv, n, D]; it is called once, to build the index."""
+        self.n_keys += k.shape[2]
+        if self.built:
+            self._add_codes(self.codes(k).cpu())
+        elif self.n_keys >= self.min_keys:
+            keys = k if k.shape[2] == self.n_keys else host_keys()
+            self.mu = keys.float().mean(2).cpu()  # [B, Hkv, D]
+            self._add_codes(self.codes(keys).cpu())
+
+    def _add_codes(self, codes: torch.Tensor) -> None:
+        t, n = 0, codes.shape[2]
+        while t < n:
+            if self.tail_len == 0 and n - t >= self.seal_size:
+                m = min(n - t, MAX_SEGMENT)
+                self._seal(codes[:, :, t:t + m])
+                t += m
+                continue
+            m = min(self.seal_size - self.tail_len, n - t)
+            need = self.tail_len + m
+            if need > self.tail.shape[3]:  # grow geometrically; bytes are counted as allocated
+                cap = min(self.seal_size, max(256, 2 * self.tail.shape[3], need))
+                grown = torch.zeros(*self.tail.shape[:3], cap, dtype=torch.int16)
+                grown[..., :self.tail_len] = self.tail[..., :self.tail_len]
+                self.tail = grown
+            self.tail[..., self.tail_len:need] = codes[:, :, t:t + m].permute(0, 1, 3, 2).to(torch.int16)
+            self.tail_len = need
+            t += m
+            if self.tail_len == self.seal_size:
+                tail = self.tail[..., :self.tail_len].permute(0, 1, 3, 2).int() & 0xFFFF
+                self.tail_len = 0
+                self._seal(tail)
+
+    def _seal(self, codes: torch.Tensor) -> None:
+        ids, starts = lsh_build_segment(codes.contiguous(), self.lsh_k)
+        base = sum(n for _, n in self.seg_meta)
+        self.seg_ids.append(ids)
+        self.seg_starts.append(starts)
+        self.seg_meta.append((base, codes.shape[2]))
+        self.tail_base = base + codes.shape[2]
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the index proper: bucket tables, tail codes, μ (the projection is per site, shared
+        by all sequences, and reported apart)."""
+        n = sum(t.nbytes for t in self.seg_ids) + sum(t.nbytes for t in self.seg_starts) + self.tail.nbytes
+        return n + (self.mu.nbytes if self.mu is not None else 0)
+
+    @property
+    def projection_bytes(self) -> int:
+        return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 4
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
+                        q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
+                        mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
+                        budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch definition of the estimators over offloaded keys (dense cost, same result).
+
+    q: [B, H, Tq, D]; k, v: [B, Hkv, n, D]; q_codes: [B, H, Tq, L], k_codes: [B, Hkv, n, L]; mu: [B, Hkv, D].
+    "sample": keys colliding in >= threshold tables, score s − log P(retrieved | cos θ(q, k − μ));
+    "topk": the ``budget`` best exact scores among those; "oracle": the ``budget`` best of all keys;
+    "exact": all keys.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qf = q.float().reshape(B, Hkv, G, Tq, D)
+    kf, vf = k.float(), v.float()
+    s = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * scale  # [B, Hkv, G, Tq, n]
+    if estimator in ("sample", "topk"):
+        qc = q_codes.reshape(B, Hkv, G, Tq, 1, -1)
+        coll = (qc == k_codes[:, :, None, None]).sum(-1)  # [B, Hkv, G, Tq, n]
+        keep = coll >= threshold
+    else:
+        keep = torch.ones_like(s, dtype=torch.bool)
+    n_read = keep.sum(-1)
+    if estimator == "sample":
+        kc = kf - mu[:, :, None]
+        cos = torch.einsum("bhgtd,bhnd->bhgtn", qf, kc) / (
+            qf.norm(dim=-1, keepdim=True) * kc.norm(dim=-1)[:, :, None, None]).clamp_min(1e-30)
+        logp = log_retrieval_probability(cos.double().clamp(-1, 1).flatten(), lsh_k, lsh_l, threshold)
+        s = s - logp.view(cos.shape).float()
+    elif estimator in ("topk", "oracle") and budget is not None and budget < n:
+        masked = s.masked_fill(~keep, float("-inf"))
+        top = masked.topk(max(budget, 0), dim=-1).indices
+        sel = torch.zeros_like(keep).scatter_(-1, top, True)
+        keep = keep & sel
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
+    return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()
