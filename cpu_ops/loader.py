@@ -111,21 +111,28 @@ def lsh_build_segment(codes: torch.Tensor, lsh_k: int) -> tuple[torch.Tensor, to
     return torch.ops.kvpass_cpu.lsh_build_segment(codes, lsh_k)
 
 
-def lsh_attention(q: torch.Tensor, q_codes: torch.Tensor, mu: torch.Tensor, k_blocks: list[torch.Tensor],
+def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_blocks: list[torch.Tensor],
                   v_blocks: list[torch.Tensor], block_size: int, n_keys: int, seg_ids: list[torch.Tensor],
                   seg_starts: list[torch.Tensor], seg_meta: torch.Tensor, tail_codes: torch.Tensor,
                   tail_base: int, tail_len: int, *, lsh_k: int, threshold: int, estimator: str, budget: int,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused retrieve → score → softmax → V over the host keys for one query block (see lsh_attention.cpp).
+                  scale: float, static_k: torch.Tensor | None = None, static_v: torch.Tensor | None = None,
+                  static_allowed: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused hash → retrieve → score → softmax → V over the host keys for one query block
+    (see lsh_attention.cpp).
 
-    q: [B, H, Tq, D] fp32; q_codes: [B, H, Tq, L] int32; mu: [B, Hkv, D] fp32 (the index's centre);
-    host keys in blocks of ``block_size`` tokens; seg_meta: int64 [num_segments, 2] = (base, n);
-    tail_codes: int16 [B, Hkv, L, cap], the codes of keys [tail_base, tail_base + tail_len).
-    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 and n_read [B, H, Tq] int32 (keys scored)."""
+    q: [B, H, Tq, D] fp32; proj: [Hkv, D, K·L] fp32 (the SimHash projection); mu: [B, Hkv, D] fp32 (the
+    index's centre); host keys in blocks of ``block_size`` tokens; seg_meta: int64 [num_segments, 2] =
+    (base, n); tail_codes: int16 [B, Hkv, L, cap], the codes of keys [tail_base, tail_base + tail_len).
+    Optionally the static keys static_k/static_v [B, Hkv, NS, D] (KV dtype) with static_allowed
+    [Tq, NS] bool are attended exactly in the same pass (then out/lse cover both parts).
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored) and
+    the query codes [B, H, Tq, L] int32 it used."""
     load()
-    return torch.ops.kvpass_cpu.lsh_attention(q, q_codes, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
+    return torch.ops.kvpass_cpu.lsh_attention(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
-                                              threshold, ESTIMATOR_IDS[estimator], budget, scale)
+                                              threshold, ESTIMATOR_IDS[estimator], budget, scale, static_k,
+                                              static_v, static_allowed)
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

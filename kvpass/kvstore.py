@@ -22,6 +22,9 @@ class KVStore(_StoreState):
         if q.shape[2] > self.length:
             raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        if self.device.type == "cpu" and estimator != "none":  # one fused CPU pass, no merge
+            out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True)
+            return out.to(q.device, q.dtype)
         q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
         out_s, lse_s = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos,
                                         scale)

@@ -66,8 +66,8 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
         val = getattr(opts, name)
         if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
             raise ValueError(f"kvpass: {name} must be an int in [{lo}, {hi}], got {val!r}")
-    if not isinstance(opts.lsh_threshold, int) or not 1 <= opts.lsh_threshold <= opts.lsh_l:
-        raise ValueError(f"kvpass: lsh_threshold must be an int in [1, lsh_l={opts.lsh_l}], got "
+    if not isinstance(opts.lsh_threshold, int) or not 1 <= opts.lsh_threshold <= min(opts.lsh_l, 255):
+        raise ValueError(f"kvpass: lsh_threshold must be an int in [1, min(lsh_l={opts.lsh_l}, 255)], got "
                          f"{opts.lsh_threshold!r}")
     b = opts.budget
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):

@@ -56,8 +56,8 @@ class LSHIndex:
                  threshold: int = 2, seed: int = 0, site: str = "", min_keys: int = 256, seal_size: int = 4096):
         if not 1 <= lsh_k <= 16:
             raise ValueError(f"kvpass: lsh_k must be in [1, 16], got {lsh_k}")
-        if not 1 <= threshold <= lsh_l:
-            raise ValueError(f"kvpass: lsh_threshold must be in [1, lsh_l={lsh_l}], got {threshold}")
+        if not 1 <= threshold <= min(lsh_l, 255):
+            raise ValueError(f"kvpass: lsh_threshold must be in [1, min(lsh_l={lsh_l}, 255)], got {threshold}")
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.lsh_k, self.lsh_l, self.threshold, self.seed, self.site = lsh_k, lsh_l, threshold, seed, site
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)

@@ -6,11 +6,38 @@ Shapes: B batch, Hkv kv heads, D head_dim, S sink_size, W window_size.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 
 import torch
 from kvpass.cpu_ops import ESTIMATOR_IDS, host_attention, lsh_attention
 from kvpass.runtime.lsh import LSHIndex
+
+
+_MADV_HUGEPAGE = 14
+_HUGE = 2 << 20
+
+
+def _huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under a fresh (untouched) host tensor.  Retrieval reads
+    scattered rows of a large store: with 4 KiB pages nearly every row is a TLB miss, which costs more
+    than the row itself.  Best effort: a no-op where madvise or THP is unavailable."""
+    if t.nbytes < 2 * _HUGE or not sys.platform.startswith("linux"):
+        return
+    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
+    end = (t.data_ptr() + t.nbytes) // _HUGE * _HUGE
+    if end > start:
+        try:
+            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class HostKV:
@@ -34,8 +61,10 @@ class HostKV:
         while t0 < T:
             used = self.length % self.block_size
             if used == 0 and self.length // self.block_size == len(self.k_blocks):
-                self.k_blocks.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
-                self.v_blocks.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
+                for blocks in (self.k_blocks, self.v_blocks):
+                    blocks.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
+                    if not self.pin:
+                        _huge_pages(blocks[-1])
             n = min(self.block_size - used, T - t0)
             blk = self.length // self.block_size
             self.k_blocks[blk][:, :, used:used + n].copy_(k[:, :, t0:t0 + n])
@@ -107,6 +136,7 @@ class KVStore:
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
         self.last_keys_read = 0.0  # mean keys scored per query row at the last host attention
+        self.last_query_codes: torch.Tensor | None = None  # [B, H, Tq, L] the kernel's, at the last call
         self.batch = 0
         self.reset()
         if batch is not None:
@@ -178,7 +208,7 @@ class KVStore:
     def resolve_budget(self, budget: float | None) -> int:
         """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys."""
         budget = self.budget if budget is None else budget
-        n = self.host.length
+        n = self.host.length if self.batch else 0
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
             raise ValueError(f"kvpass: budget must be a positive token count or a fraction in (0, 1], got "
                              f"{budget!r}")
@@ -189,34 +219,40 @@ class KVStore:
             return max(1, round(budget * n))
         return min(budget, n)
 
-    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
-                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | int | None = None,
+                    scale: float | None = None, with_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
-        [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there)."""
+        [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there).
+
+        with_static (a CPU store only): the static part (sinks + window, causal for the newest Tq tokens)
+        is attended exactly in the same pass, so out/lse are the whole attention — no merge needed."""
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
-        ks, vs = self.host.views()
-        n = self.host.length
-        idx = self.index
-        if estimator == "exact" or n == 0 or (estimator == "sample" and not idx.built):
-            out, lse = host_attention(qh, ks, vs, scale)  # every key (below min_keys, sampling reads all)
-            self.last_keys_read = float(n)
-        elif estimator in ESTIMATOR_IDS:
-            if estimator == "topk" and not idx.built:
-                estimator = "oracle"  # too few keys for an index: the best `budget` of all of them
-            B, H, Tq, _ = q.shape
-            q_codes = idx.query_codes(q).cpu() if idx.built else torch.zeros(B, H, Tq, idx.lsh_l, dtype=torch.int32)
-            mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
-            meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
-            out, lse, n_read = lsh_attention(
-                qh, q_codes, mu, self.host.k_blocks, self.host.v_blocks,
-                self.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len,
-                lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator,
-                budget=self.resolve_budget(budget), scale=scale)
-            self.last_keys_read = float(n_read.float().mean())
-        else:
+        n, idx = self.host.length, self.index
+        if estimator not in ESTIMATOR_IDS and estimator != "exact":
             raise ValueError(f"kvpass: unknown estimator {estimator!r}; expected one of "
                              f"['sample', 'topk', 'oracle', 'exact', 'none']")
+        static = {}
+        if with_static:
+            q_pos = torch.arange(self.length - q.shape[2], self.length)
+            allowed = (self.static_pos >= 0)[None, :] & (self.static_pos[None, :] <= q_pos[:, None])
+            static = {"static_k": self.static_k, "static_v": self.static_v, "static_allowed": allowed}
+        if estimator == "exact" and not with_static:
+            out, lse = host_attention(qh, *self.host.views(), scale)
+            self.last_keys_read = float(n)
+            return out.to(q.device), lse.to(q.device)
+        budget_n = self.resolve_budget(budget) if n else 0
+        if estimator == "exact" or (estimator == "sample" and not idx.built):
+            estimator, budget_n = "oracle", n  # every key (below min_keys, sampling reads them all)
+        elif estimator == "topk" and not idx.built:
+            estimator = "oracle"  # too few keys for an index: the best `budget` of all of them
+        mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
+        meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
+        out, lse, n_read, self.last_query_codes = lsh_attention(
+            qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.host_block_size, n, idx.seg_ids,
+            idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
+            estimator=estimator, budget=budget_n, scale=scale, **static)
+        self.last_keys_read = float(n_read.float().mean())
         return out.to(q.device), lse.to(q.device)
 
     # ------------------------------------------------------------ accounting

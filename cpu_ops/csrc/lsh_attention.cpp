@@ -24,6 +24,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -160,8 +161,13 @@ struct Problem {
   int64_t B, H, Hkv, G, Tq, D, L, K, T, n_keys, block_size, budget, estimator, tail_base, tail_len, tail_cap;
   float scale;
   const float* q;        // [B, H, Tq, D]
-  const int32_t* qcode;  // [B, H, Tq, L]
+  const float* proj;     // [Hkv, D, K*L]: the SimHash projection (query codes are computed here)
+  int32_t* qcode;        // [B, H, Tq, L] out: the query's codes
   const float* mu;       // [B, Hkv, D]
+  const void* sk = nullptr;  // static keys/values [B, Hkv, NS, D] (KV dtype) attended exactly, or null
+  const void* sv = nullptr;
+  const bool* s_allowed = nullptr;  // [Tq, NS]
+  int64_t NS = 0, sk_s0 = 0, sk_s1 = 0, sk_s2 = 0, sv_s0 = 0, sv_s1 = 0, sv_s2 = 0;
   const uint16_t* tail;  // [B, Hkv, L, tail_cap]
   const float* logp;     // kTable + 1
   std::vector<Segment> segs;
@@ -173,11 +179,14 @@ struct Problem {
 };
 
 struct Scratch {
-  std::vector<uint16_t> count;  // per key, collisions of the current row (cleared through `touched`)
+  std::vector<uint8_t> count;  // per key, collisions of the current row, saturating (cleared via `touched`)
   std::vector<uint16_t> tail_count;
   std::vector<int32_t> touched, cand;
-  std::vector<float> score, kf, acc;
+  std::vector<float> score, kf, acc, proj, sscore;
   std::vector<int32_t> order;
+  std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
+  int64_t n_touched = 0, n_cand = 0;
+  std::vector<uint64_t> once, twice;  // threshold <= 2: bitsets over the keys
 };
 
 template <typename T>
@@ -192,31 +201,94 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const int64_t hk = h / P.G, D = P.D, L = P.L;
   const int64_t r = (b * P.H + h) * P.Tq + t;
   const float* q = P.q + r * D;
-  const int32_t* qc = P.qcode + r * L;
   const int64_t bh = b * P.Hkv + hk;
+  const int32_t* qc = P.qcode + r * L;  // filled by hash_queries
   s.cand.clear();
+  s.n_touched = s.n_cand = 0;
   if (P.estimator == kOracle) {
     s.cand.resize(P.n_keys);
     std::iota(s.cand.begin(), s.cand.end(), 0);
   } else {
-    const uint16_t thr = uint16_t(P.T);
+    const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
     const int64_t buckets = int64_t(1) << P.K;
+    // Each table costs two dependent cache misses (its bucket's start, then the bucket's ids) at a
+    // random place: issue all L of a kind before using any, so they overlap instead of queueing.
+    s.lo.resize(L);
+    s.hi.resize(L);
+    s.touched.resize(P.n_keys + 1);  // each key enters each list at most once (+1: the branch-free
+    s.cand.resize(P.n_keys + 1);     // stores write one slot past the end before deciding to keep it)
     for (const Segment& g : P.segs) {
+      for (int64_t l = 0; l < L; ++l)
+        __builtin_prefetch(g.starts + (bh * L + l) * buckets + (qc[l] & (buckets - 1)), 0, 0);
       for (int64_t l = 0; l < L; ++l) {
         const uint16_t* st = g.starts + (bh * L + l) * buckets;
         const int64_t c = qc[l] & (buckets - 1);
-        const int64_t lo = st[c], hi = c + 1 < buckets ? st[c + 1] : g.n;
+        s.lo[l] = st[c];
+        s.hi[l] = c + 1 < buckets ? st[c + 1] : g.n;
+        const uint8_t* ids = g.ids + (bh * L + l) * g.nb + ((s.lo[l] * g.w) >> 3);
+        __builtin_prefetch(ids, 0, 0);
+        __builtin_prefetch(ids + 64, 0, 0);
+      }
+      // locals, not members: the counters are uint8_t, which may alias anything, so the compiler
+      // would otherwise reload every member after each increment
+      const int w = g.w;
+      const int32_t base = int32_t(g.base);
+      const uint32_t mask = (1u << w) - 1u;
+      uint8_t* const count = s.count.data();
+      int32_t* const touched = s.touched.data();
+      int32_t* const cand = s.cand.data();
+      int64_t n_touched = s.n_touched, n_cand = s.n_cand;
+      if (P.T <= 2) {
+        // threshold 1 or 2 (the default): two bitsets, "seen" and "seen twice" — 2 bits per key, so
+        // they stay in L1 where byte counters would spill to L2; candidates come out in key order
+        uint64_t* const once = s.once.data();
+        uint64_t* const twice = s.twice.data();
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t lo = s.lo[l], hi = s.hi[l];
+          const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
+          for (int64_t i = lo; i < hi; ++i) {
+            const int64_t bit = i * w;
+            uint32_t word;
+            std::memcpy(&word, ids + (bit >> 3), 4);
+            const uint32_t key = uint32_t(base) + ((word >> (bit & 7)) & mask);
+            const uint64_t b = uint64_t(1) << (key & 63);
+            twice[key >> 6] |= once[key >> 6] & b;
+            once[key >> 6] |= b;
+          }
+        }
+        continue;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t lo = s.lo[l], hi = s.hi[l];
         const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
         for (int64_t i = lo; i < hi; ++i) {
-          const int32_t key = int32_t(g.base + unpack_id(ids, i, g.w));
-          const uint16_t cnt = ++s.count[key];
-          if (cnt == 1) s.touched.push_back(key);
-          if (cnt == thr) s.cand.push_back(key);
+          const int64_t bit = i * w;
+          uint32_t word;
+          std::memcpy(&word, ids + (bit >> 3), 4);  // rows carry 4 bytes of padding
+          const int32_t key = base + int32_t((word >> (bit & 7)) & mask);
+          const uint8_t c = count[key];
+          touched[n_touched] = key;
+          n_touched += c == 0;
+          const uint8_t c1 = c + (c < 255);  // saturates: a threshold above 255 is refused at the entry
+          count[key] = c1;
+          cand[n_cand] = key;
+          n_cand += c1 == thr;
         }
       }
+      s.n_touched = n_touched, s.n_cand = n_cand;
     }
-    for (int32_t key : s.touched) s.count[key] = 0;
-    s.touched.clear();
+    if (P.T <= 2) {
+      const uint64_t* bits = P.T == 2 ? s.twice.data() : s.once.data();
+      int64_t n_cand = 0;
+      for (size_t wd = 0; wd < s.once.size(); ++wd) {
+        for (uint64_t x = bits[wd]; x; x &= x - 1) s.cand[n_cand++] = int32_t(wd * 64 + __builtin_ctzll(x));
+      }
+      s.n_cand = n_cand;
+      std::fill(s.once.begin(), s.once.end(), 0);
+      std::fill(s.twice.begin(), s.twice.end(), 0);
+    }
+    for (int64_t i = 0; i < s.n_touched; ++i) s.count[s.touched[i]] = 0;
+    s.cand.resize(s.n_cand);
     if (P.tail_len > 0) {
       uint16_t* tc = s.tail_count.data();
       std::fill(tc, tc + P.tail_len, 0);
@@ -233,7 +305,21 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const int64_t m = s.cand.size();
   P.n_read[r] = int32_t(m);
   float* o = P.out + r * D;
-  if (m == 0) {
+  // the static keys (sinks + window) when the caller fuses them in: exact scores, always kept
+  const T* sk = static_cast<const T*>(P.sk) + b * P.sk_s0 + hk * P.sk_s1;
+  const T* sv = static_cast<const T*>(P.sv) + b * P.sv_s0 + hk * P.sv_s1;
+  s.sscore.assign(P.NS, kNegInf);
+  float smx = kNegInf;
+  for (int64_t j = 0; j < P.NS; ++j) {
+    if (!P.s_allowed[t * P.NS + j]) continue;
+    const T* k = sk + j * P.sk_s2;
+    float qk = 0.f;
+#pragma omp simd reduction(+ : qk)
+    for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
+    s.sscore[j] = qk * P.scale;
+    smx = std::max(smx, s.sscore[j]);
+  }
+  if (m == 0 && smx == kNegInf) {
     std::fill(o, o + D, 0.f);
     P.lse[r] = kNegInf;
     return;
@@ -250,9 +336,30 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const float qnorm = std::sqrt(qq);
   s.score.resize(m);
   float mx = kNegInf;
+  const bool keep_all = P.estimator == kSample || P.budget >= m;
+  // Candidates are scattered over the host store: the loop is bound by memory latency, not bandwidth,
+  // unless the rows a few iterations ahead are already on their way.
+  auto k_row = [&](int64_t key) {
+    return static_cast<const T*>(P.kb[key / P.block_size]) + b * P.kb_s0 + hk * P.kb_s1 +
+           (key % P.block_size) * P.kb_s2;
+  };
+  auto v_row = [&](int64_t key) {
+    return static_cast<const T*>(P.vb[key / P.block_size]) + b * P.vb_s0 + hk * P.vb_s1 +
+           (key % P.block_size) * P.vb_s2;
+  };
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  auto prefetch = [&](const T* p) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
+  };
+  // K rows of the next candidates, and their V rows too: the V pass below then finds them in L2
+  // (a row's candidates take ~100-500 KiB), which keeps far more misses in flight than it could alone.
+  constexpr int64_t kAhead = 16;
+  for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(k_row(s.cand[j]));
   for (int64_t j = 0; j < m; ++j) {
-    const int64_t key = s.cand[j], blk = key / P.block_size, off = key % P.block_size;
-    const T* k = static_cast<const T*>(P.kb[blk]) + b * P.kb_s0 + hk * P.kb_s1 + off * P.kb_s2;
+    if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
+    if (P.estimator == kSample || keep_all) prefetch(v_row(s.cand[j]));
+    const T* k = k_row(s.cand[j]);
     float qk = 0.f;
     float sc;
     if (P.estimator == kSample) {
@@ -286,20 +393,31 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     s.order.resize(keep);
     mx = kNegInf;
     for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
-    if (keep == 0) {
-      std::fill(o, o + D, 0.f);
-      P.lse[r] = kNegInf;
-      return;
-    }
+  }
+  mx = std::max(mx, smx);
+  if (mx == kNegInf) {
+    std::fill(o, o + D, 0.f);
+    P.lse[r] = kNegInf;
+    return;
   }
   s.acc.assign(D, 0.f);
   float* acc = s.acc.data();
   double denom = 0.0;
+  auto kept = [&](int64_t jj) { return keep == m ? jj : int64_t(s.order[jj]); };
+  for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[kept(jj)]));
   for (int64_t jj = 0; jj < keep; ++jj) {
-    const int64_t j = keep == m ? jj : s.order[jj];
-    const int64_t key = s.cand[j], blk = key / P.block_size, off = key % P.block_size;
-    const T* v = static_cast<const T*>(P.vb[blk]) + b * P.vb_s0 + hk * P.vb_s1 + off * P.vb_s2;
+    const int64_t j = kept(jj);
+    if (jj + kAhead < keep) prefetch(v_row(s.cand[kept(jj + kAhead)]));
+    const T* v = v_row(s.cand[j]);
     const float p = std::exp(s.score[j] - mx);
+    denom += p;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+  }
+  for (int64_t j = 0; j < P.NS; ++j) {
+    if (s.sscore[j] == kNegInf) continue;
+    const T* v = sv + j * P.sv_s2;
+    const float p = std::exp(s.sscore[j] - mx);
     denom += p;
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
@@ -307,6 +425,33 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const float inv = float(1.0 / denom);
   for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
   P.lse[r] = mx + float(std::log(denom));
+}
+
+// SimHash of the raw queries of one (batch row, kv head): bit j of table l = [q·R[:, lK + j] > 0].
+// The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
+KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::vector<float>& y) {
+  const int64_t D = P.D, L = P.L, KL = P.K * L, rows = P.G * P.Tq;
+  const float* R = P.proj + hk * D * KL;
+  const int64_t r0 = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
+  y.assign(rows * KL, 0.f);
+  for (int64_t i = 0; i < D; ++i) {
+    const float* Ri = R + i * KL;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float qi = P.q[(r0 + r) * D + i];
+      float* yr = y.data() + r * KL;
+#pragma omp simd
+      for (int64_t c = 0; c < KL; ++c) yr[c] += qi * Ri[c];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t* qc = P.qcode + (r0 + r) * L;
+    const float* yr = y.data() + r * KL;
+    for (int64_t l = 0; l < L; ++l) {
+      int32_t code = 0;
+      for (int64_t j = 0; j < P.K; ++j) code |= int32_t(yr[l * P.K + j] > 0.f) << j;
+      qc[l] = code;
+    }
+  }
 }
 
 KVPASS_CLONES void row_f32(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
@@ -327,7 +472,16 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
 #pragma omp parallel
   {
     Scratch s;
-    if (P.estimator != kOracle) s.count.assign(P.n_keys, 0);
+    if (P.estimator != kOracle) {
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t b = 0; b < P.B; ++b)
+        for (int64_t hk = 0; hk < P.Hkv; ++hk) hash_queries(P, b, hk, s.proj);
+    }  // (the implicit barrier: every row's codes exist before retrieval starts)
+    if (P.estimator != kOracle && P.T > 2) s.count.assign(P.n_keys, 0);
+    if (P.estimator != kOracle && P.T <= 2) {
+      s.once.assign((P.n_keys + 63) / 64, 0);
+      s.twice.assign((P.n_keys + 63) / 64, 0);
+    }
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < rows; ++i) {
@@ -337,39 +491,45 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention(
-    const at::Tensor& q, const at::Tensor& q_codes, const at::Tensor& mu, at::TensorList k_blocks,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
+    const at::Tensor& q, const at::Tensor& proj, const at::Tensor& mu, at::TensorList k_blocks,
     at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
-    int64_t tail_len, int64_t lsh_k, int64_t threshold, int64_t estimator, int64_t budget, double scale) {
+    int64_t tail_len, int64_t lsh_k, int64_t threshold, int64_t estimator, int64_t budget, double scale,
+    const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
+    const std::optional<at::Tensor>& static_allowed) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
-  TORCH_CHECK(q_codes.dim() == 4 && q_codes.size(0) == B && q_codes.size(1) == H && q_codes.size(2) == Tq &&
-                  q_codes.scalar_type() == at::kInt, fn, "q_codes must be int32 [B, H, Tq, L], got ",
-              q_codes.sizes(), " ", q_codes.scalar_type());
-  const int64_t L = q_codes.size(3);
-  TORCH_CHECK(mu.dim() == 3 && mu.size(0) == B && mu.size(2) == D && mu.scalar_type() == at::kFloat, fn,
-              "mu must be float32 [B, Hkv, D], got ", mu.sizes());
+  TORCH_CHECK(proj.dim() == 3 && proj.size(1) == D && proj.size(2) % lsh_k == 0 && proj.scalar_type() == at::kFloat,
+              fn, "proj must be float32 [Hkv, D, lsh_k * lsh_l], got ", proj.sizes(), " ", proj.scalar_type());
+  const int64_t L = proj.size(2) / lsh_k;
+  TORCH_CHECK(mu.dim() == 3 && mu.size(0) == B && mu.size(2) == D && mu.scalar_type() == at::kFloat &&
+                  mu.size(1) == proj.size(0), fn, "mu must be float32 [B, Hkv, D], got ", mu.sizes());
   const int64_t Hkv = mu.size(1);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, fn, H, " query heads are not a multiple of ", Hkv, " kv heads");
   TORCH_CHECK(estimator == kSample || estimator == kTopK || estimator == kOracle, fn, "unknown estimator id ",
               estimator);
-  TORCH_CHECK(lsh_k >= 1 && lsh_k <= 16 && threshold >= 1 && threshold <= L, fn, "need 1 <= lsh_k <= 16 and "
-              "1 <= lsh_threshold <= lsh_l, got lsh_k=", lsh_k, " lsh_threshold=", threshold, " lsh_l=", L);
+  TORCH_CHECK(lsh_k >= 1 && lsh_k <= 16 && threshold >= 1 && threshold <= L && threshold <= 255, fn,
+              "need 1 <= lsh_k <= 16 and 1 <= lsh_threshold <= min(lsh_l, 255), got lsh_k=", lsh_k,
+              " lsh_threshold=", threshold, " lsh_l=", L);
   TORCH_CHECK(k_blocks.size() == v_blocks.size(), fn, "key and value block counts differ");
   TORCH_CHECK(n_keys >= 0 && n_keys <= int64_t(k_blocks.size()) * block_size && n_keys < (int64_t(1) << 31),
               fn, n_keys, " keys do not fit ", k_blocks.size(), " blocks of ", block_size);
   auto out = at::empty({B, H, Tq, D}, q.options());
   auto lse = at::empty({B, H, Tq}, q.options());
   auto n_read = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
-  if (n_keys == 0) {
+  auto q_codes = at::zeros({B, H, Tq, L}, q.options().dtype(at::kInt));
+  const bool fuse_static = static_k.has_value();
+  TORCH_CHECK(fuse_static == static_v.has_value() && fuse_static == static_allowed.has_value(), fn,
+              "static_k, static_v and static_allowed come together");
+  if (n_keys == 0 && !fuse_static) {
     out.zero_();
     lse.fill_(kNegInf);
-    return {out, lse, n_read};
+    return {out, lse, n_read, q_codes};
   }
-  const auto dtype = k_blocks[0].scalar_type();
+  const auto dtype = fuse_static ? static_k->scalar_type() : k_blocks[0].scalar_type();
   for (size_t i = 0; i < k_blocks.size(); ++i) {
     const auto &k = k_blocks[i], &v = v_blocks[i];
     TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k.dim() == 4 && v.dim() == 4 &&
@@ -387,13 +547,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention(
                   tail_codes.size(1) == Hkv && tail_codes.size(2) == L && tail_codes.is_contiguous() &&
                   tail_len <= tail_codes.size(3), fn, "tail_codes must be contiguous int16 [B, Hkv, L, cap]");
 
+  at::Tensor allowed_c;
+  if (fuse_static) {
+    const auto &sk = *static_k, &sv = *static_v;
+    TORCH_CHECK(sk.device().is_cpu() && sk.dim() == 4 && sk.size(0) == B && sk.size(1) == Hkv && sk.size(3) == D &&
+                    sv.sizes() == sk.sizes() && sk.scalar_type() == dtype && sv.scalar_type() == dtype &&
+                    sk.stride(3) == 1 && sv.stride(3) == 1, fn, "static_k/static_v must be CPU [B, Hkv, NS, D] "
+                "in the KV dtype, head_dim contiguous; got ", sk.sizes());
+    allowed_c = static_allowed->to(at::kBool).contiguous();
+    TORCH_CHECK(allowed_c.dim() == 2 && allowed_c.size(0) == Tq && allowed_c.size(1) == sk.size(2), fn,
+                "static_allowed must be bool [Tq, NS], got ", allowed_c.sizes());
+  }
+
   Problem P;
+  if (fuse_static) {
+    P.sk = static_k->data_ptr(), P.sv = static_v->data_ptr(), P.s_allowed = allowed_c.data_ptr<bool>();
+    P.NS = static_k->size(2);
+    P.sk_s0 = static_k->stride(0), P.sk_s1 = static_k->stride(1), P.sk_s2 = static_k->stride(2);
+    P.sv_s0 = static_v->stride(0), P.sv_s1 = static_v->stride(1), P.sv_s2 = static_v->stride(2);
+  }
   P.B = B, P.H = H, P.Hkv = Hkv, P.G = H / Hkv, P.Tq = Tq, P.D = D, P.L = L, P.K = lsh_k, P.T = threshold;
   P.n_keys = n_keys, P.block_size = block_size, P.budget = budget, P.estimator = estimator;
   P.tail_base = tail_base, P.tail_len = tail_len, P.tail_cap = tail_codes.size(3);
   P.scale = float(scale);
-  const auto qc = q.contiguous(), codes = q_codes.contiguous(), muc = mu.contiguous();
-  P.q = qc.data_ptr<float>(), P.qcode = codes.data_ptr<int32_t>(), P.mu = muc.data_ptr<float>();
+  const auto qc = q.contiguous(), projc = proj.contiguous(), muc = mu.contiguous();
+  P.q = qc.data_ptr<float>(), P.proj = projc.data_ptr<float>(), P.qcode = q_codes.data_ptr<int32_t>();
+  P.mu = muc.data_ptr<float>();
   P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
   P.logp = logp_table(lsh_k, L, threshold).data();
   const int64_t* meta = seg_meta.data_ptr<int64_t>();
@@ -413,13 +592,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.kb.push_back(k_blocks[i].data_ptr());
     P.vb.push_back(v_blocks[i].data_ptr());
   }
-  P.kb_s0 = k_blocks[0].stride(0), P.kb_s1 = k_blocks[0].stride(1), P.kb_s2 = k_blocks[0].stride(2);
-  P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
+  if (!k_blocks.empty()) {
+    P.kb_s0 = k_blocks[0].stride(0), P.kb_s1 = k_blocks[0].stride(1), P.kb_s2 = k_blocks[0].stride(2);
+    P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
+  }
   P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
               " is not supported (float32, bfloat16, float16)");
   run_rows(P, dtype);
-  return {out, lse, n_read};
+  return {out, lse, n_read, q_codes};
 }
 
 at::Tensor log_retrieval_probability_op(const at::Tensor& cos_theta, int64_t K, int64_t L, int64_t T) {
@@ -444,9 +625,10 @@ std::string simd_level() {
 
 TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
   m.def("lsh_build_segment(Tensor codes, int lsh_k) -> (Tensor, Tensor)");
-  m.def("lsh_attention(Tensor q, Tensor q_codes, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
+  m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
-        "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale) -> (Tensor, Tensor, Tensor)");
+        "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale, Tensor? static_k=None, "
+        "Tensor? static_v=None, Tensor? static_allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("simd_level() -> str", &kvpass_cpu::simd_level);
 }
