@@ -121,7 +121,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
 
-    q: [B, H, Tq, D] fp32; proj: [Hkv, D, K·L] fp32 (the SimHash projection); mu: [B, Hkv, D] fp32 (the
+    q: [B, H, Tq, D] fp32; proj: [Hkv, D, K·L] bf16 (the SimHash projection); mu: [B, Hkv, D] fp32 (the
     index's centre); host keys in blocks of ``block_size`` tokens; seg_meta: int64 [num_segments, 2] =
     (base, n); tail_codes: int16 [B, Hkv, L, cap], the codes of keys [tail_base, tail_base + tail_len).
     Optionally the static keys static_k/static_v [B, Hkv, NS, D] (KV dtype) with static_allowed

@@ -92,6 +92,9 @@ def cmd_generate(args) -> int:
     print(f"device (sinks + window): {_mib(stats['device_kv_bytes'])}   host: {_mib(stats['host_kv_bytes'])} "
           f"({stats['tokens_offloaded'] // max(1, cfg.num_hidden_layers)} tokens/layer offloaded)   "
           f"dense cache would be {_mib(dense_bytes)} on the device")
+    if args.estimator in ("sample", "topk") and stats["index_bytes"]:
+        print(f"LSH index: {_mib(stats['index_bytes'])} (+ {_mib(stats['projection_bytes'])} of projections)   "
+              f"keys read at the last step: {stats['keys_read_fraction']:.2%} of the offloaded keys")
     print("\n=== speed (median decode step) ===")
     print(f"kvpass: {clock.tokens_per_s():.1f} tok/s  (whole run {seconds:.1f} s incl. compile)")
     if dense is not None:

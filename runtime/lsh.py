@@ -27,18 +27,21 @@ MAX_SEGMENT = 32768
 @functools.lru_cache(maxsize=256)
 def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: int, lsh_l: int,
                device: str) -> torch.Tensor:
-    """The SimHash projection of one site: [Hkv, D, K·L] fp32, Gaussian, from a generator seeded by
-    (seed, site) — the same for every sequence through that site, shared between them."""
+    """The SimHash projection of one site: [Hkv, D, K·L] bf16, Gaussian, from a generator seeded by
+    (seed, site) — the same for every sequence through that site, shared between them.  Stored in
+    bf16 (the CPU kernel streams it for every decode step; bf16 halves that) and used as exactly these
+    values everywhere — keys are hashed with its fp32 upcast — so queries and keys share one R."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63))
-    return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device)
+    return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device, torch.bfloat16)
 
 
 def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
     """Codes of x: [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L], on x's device.
 
-    mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] fp32.  Computed in token chunks (a GEMM each)."""
+    mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] (bf16 values, computed in fp32).  In token chunks (a GEMM
+    each)."""
     B, Hkv, n, _ = x.shape
-    proj = proj.to(x.device)
+    proj = proj.to(x.device, torch.float32)
     weights = (1 << torch.arange(lsh_k, device=x.device, dtype=torch.int32))
     out = []
     for t0 in range(0, n, chunk):
@@ -144,7 +147,7 @@ class LSHIndex:
 
     @property
     def projection_bytes(self) -> int:
-        return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 4
+        return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 2
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,

@@ -161,7 +161,7 @@ struct Problem {
   int64_t B, H, Hkv, G, Tq, D, L, K, T, n_keys, block_size, budget, estimator, tail_base, tail_len, tail_cap;
   float scale;
   const float* q;        // [B, H, Tq, D]
-  const float* proj;     // [Hkv, D, K*L]: the SimHash projection (query codes are computed here)
+  const c10::BFloat16* proj;  // [Hkv, D, K*L]: the SimHash projection (query codes are computed here)
   int32_t* qcode;        // [B, H, Tq, L] out: the query's codes
   const float* mu;       // [B, Hkv, D]
   const void* sk = nullptr;  // static keys/values [B, Hkv, NS, D] (KV dtype) attended exactly, or null
@@ -186,7 +186,7 @@ struct Scratch {
   std::vector<int32_t> order;
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
-  std::vector<uint64_t> once, twice;  // threshold <= 2: bitsets over the keys
+  std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
 };
 
 template <typename T>
@@ -203,11 +203,10 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const float* q = P.q + r * D;
   const int64_t bh = b * P.Hkv + hk;
   const int32_t* qc = P.qcode + r * L;  // filled by hash_queries
-  s.cand.clear();
-  s.n_touched = s.n_cand = 0;
-  if (P.estimator == kOracle) {
-    s.cand.resize(P.n_keys);
-    std::iota(s.cand.begin(), s.cand.end(), 0);
+  s.n_touched = s.n_cand = 0;  // s.cand / s.touched are sized once per thread (n_keys + 1): never
+  if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
+    std::iota(s.cand.begin(), s.cand.begin() + P.n_keys, 0);
+    s.n_cand = P.n_keys;
   } else {
     const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
     const int64_t buckets = int64_t(1) << P.K;
@@ -215,8 +214,6 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     // random place: issue all L of a kind before using any, so they overlap instead of queueing.
     s.lo.resize(L);
     s.hi.resize(L);
-    s.touched.resize(P.n_keys + 1);  // each key enters each list at most once (+1: the branch-free
-    s.cand.resize(P.n_keys + 1);     // stores write one slot past the end before deciding to keep it)
     for (const Segment& g : P.segs) {
       for (int64_t l = 0; l < L; ++l)
         __builtin_prefetch(g.starts + (bh * L + l) * buckets + (qc[l] & (buckets - 1)), 0, 0);
@@ -239,10 +236,11 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       int32_t* const cand = s.cand.data();
       int64_t n_touched = s.n_touched, n_cand = s.n_cand;
       if (P.T <= 2) {
-        // threshold 1 or 2 (the default): two bitsets, "seen" and "seen twice" — 2 bits per key, so
-        // they stay in L1 where byte counters would spill to L2; candidates come out in key order
-        uint64_t* const once = s.once.data();
-        uint64_t* const twice = s.twice.data();
+        // threshold 1 or 2 (the default): per segment (a key lives in one segment, so counting per
+        // segment is exact), two bitsets "seen" / "seen twice", interleaved so that one cache line
+        // serves both — 2 bits per key, 8 KiB for the largest segment: L1-resident, where byte
+        // counters over all keys would spill to L2.  Candidates come out in key order.
+        uint64_t* const seen = s.seen.data();
         for (int64_t l = 0; l < L; ++l) {
           const int64_t lo = s.lo[l], hi = s.hi[l];
           const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
@@ -250,12 +248,20 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
             const int64_t bit = i * w;
             uint32_t word;
             std::memcpy(&word, ids + (bit >> 3), 4);
-            const uint32_t key = uint32_t(base) + ((word >> (bit & 7)) & mask);
+            const uint32_t key = (word >> (bit & 7)) & mask;  // segment-local
             const uint64_t b = uint64_t(1) << (key & 63);
-            twice[key >> 6] |= once[key >> 6] & b;
-            once[key >> 6] |= b;
+            uint64_t* pair = seen + 2 * (key >> 6);
+            pair[1] |= pair[0] & b;
+            pair[0] |= b;
           }
         }
+        const int64_t words = (g.n + 63) / 64, pick = P.T == 2 ? 1 : 0;
+        for (int64_t wd = 0; wd < words; ++wd) {
+          for (uint64_t x = seen[2 * wd + pick]; x; x &= x - 1)
+            cand[n_cand++] = base + int32_t(wd * 64 + __builtin_ctzll(x));
+        }
+        std::fill(seen, seen + 2 * words, 0);
+        s.n_cand = n_cand;
         continue;
       }
       for (int64_t l = 0; l < L; ++l) {
@@ -277,18 +283,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       }
       s.n_touched = n_touched, s.n_cand = n_cand;
     }
-    if (P.T <= 2) {
-      const uint64_t* bits = P.T == 2 ? s.twice.data() : s.once.data();
-      int64_t n_cand = 0;
-      for (size_t wd = 0; wd < s.once.size(); ++wd) {
-        for (uint64_t x = bits[wd]; x; x &= x - 1) s.cand[n_cand++] = int32_t(wd * 64 + __builtin_ctzll(x));
-      }
-      s.n_cand = n_cand;
-      std::fill(s.once.begin(), s.once.end(), 0);
-      std::fill(s.twice.begin(), s.twice.end(), 0);
-    }
     for (int64_t i = 0; i < s.n_touched; ++i) s.count[s.touched[i]] = 0;
-    s.cand.resize(s.n_cand);
     if (P.tail_len > 0) {
       uint16_t* tc = s.tail_count.data();
       std::fill(tc, tc + P.tail_len, 0);
@@ -299,10 +294,10 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         for (int64_t j = 0; j < P.tail_len; ++j) tc[j] += codes[j] == want;
       }
       for (int64_t j = 0; j < P.tail_len; ++j)
-        if (tc[j] >= P.T) s.cand.push_back(int32_t(P.tail_base + j));
+        if (tc[j] >= P.T) s.cand[s.n_cand++] = int32_t(P.tail_base + j);
     }
   }
-  const int64_t m = s.cand.size();
+  const int64_t m = s.n_cand;
   P.n_read[r] = int32_t(m);
   float* o = P.out + r * D;
   // the static keys (sinks + window) when the caller fuses them in: exact scores, always kept
@@ -431,16 +426,16 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
 // The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
 KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::vector<float>& y) {
   const int64_t D = P.D, L = P.L, KL = P.K * L, rows = P.G * P.Tq;
-  const float* R = P.proj + hk * D * KL;
+  const c10::BFloat16* R = P.proj + hk * D * KL;  // bf16: half the bytes to stream, and exact (see lsh.py)
   const int64_t r0 = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
   y.assign(rows * KL, 0.f);
   for (int64_t i = 0; i < D; ++i) {
-    const float* Ri = R + i * KL;
+    const c10::BFloat16* Ri = R + i * KL;
     for (int64_t r = 0; r < rows; ++r) {
       const float qi = P.q[(r0 + r) * D + i];
       float* yr = y.data() + r * KL;
 #pragma omp simd
-      for (int64_t c = 0; c < KL; ++c) yr[c] += qi * Ri[c];
+      for (int64_t c = 0; c < KL; ++c) yr[c] += qi * static_cast<float>(Ri[c]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -477,10 +472,15 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk) hash_queries(P, b, hk, s.proj);
     }  // (the implicit barrier: every row's codes exist before retrieval starts)
-    if (P.estimator != kOracle && P.T > 2) s.count.assign(P.n_keys, 0);
+    // each key enters each list at most once (+1: the branch-free stores write one slot past the end
+    // before deciding to keep it)
+    s.cand.resize(P.n_keys + 1);
+    if (P.estimator != kOracle && P.T > 2) {
+      s.count.assign(P.n_keys, 0);
+      s.touched.resize(P.n_keys + 1);
+    }
     if (P.estimator != kOracle && P.T <= 2) {
-      s.once.assign((P.n_keys + 63) / 64, 0);
-      s.twice.assign((P.n_keys + 63) / 64, 0);
+      s.seen.assign(2 * ((kMaxSegment + 63) / 64), 0);
     }
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
 #pragma omp for schedule(dynamic, 1)
@@ -502,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
-  TORCH_CHECK(proj.dim() == 3 && proj.size(1) == D && proj.size(2) % lsh_k == 0 && proj.scalar_type() == at::kFloat,
-              fn, "proj must be float32 [Hkv, D, lsh_k * lsh_l], got ", proj.sizes(), " ", proj.scalar_type());
+  TORCH_CHECK(proj.dim() == 3 && proj.size(1) == D && proj.size(2) % lsh_k == 0 && proj.scalar_type() == at::kBFloat16,
+              fn, "proj must be bfloat16 [Hkv, D, lsh_k * lsh_l], got ", proj.sizes(), " ", proj.scalar_type());
   const int64_t L = proj.size(2) / lsh_k;
   TORCH_CHECK(mu.dim() == 3 && mu.size(0) == B && mu.size(2) == D && mu.scalar_type() == at::kFloat &&
                   mu.size(1) == proj.size(0), fn, "mu must be float32 [B, Hkv, D], got ", mu.sizes());
@@ -571,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   P.tail_base = tail_base, P.tail_len = tail_len, P.tail_cap = tail_codes.size(3);
   P.scale = float(scale);
   const auto qc = q.contiguous(), projc = proj.contiguous(), muc = mu.contiguous();
-  P.q = qc.data_ptr<float>(), P.proj = projc.data_ptr<float>(), P.qcode = q_codes.data_ptr<int32_t>();
+  P.q = qc.data_ptr<float>(), P.proj = projc.data_ptr<c10::BFloat16>(), P.qcode = q_codes.data_ptr<int32_t>();
   P.mu = muc.data_ptr<float>();
   P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
   P.logp = logp_table(lsh_k, L, threshold).data();
