@@ -10,7 +10,7 @@ fraction of keys read, and the kernel's effective bandwidth (bytes it must touch
 this machine's copy bandwidth.
 
     pytest benchmarks/test_decode_attention.py --benchmark-only              # 8k, 32k, 128k
-    pytest benchmarks/test_decode_attention.py --benchmark-only -k 8k        # quick
+    pytest benchmarks/test_decode_attention.py --benchmark-only -k "8k and not 128k"   # quick
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def test_decode_attention(benchmark, context, copy_bandwidth):
     assert torch.isfinite(out).all()
     benchmark.group = f"decode-attention-{context}"
     benchmark.pedantic(kvpass_sample, rounds=20, iterations=1, warmup_rounds=2)
+    if benchmark.disabled:  # --benchmark-disable: a smoke run (CI), no timing
+        return
     t_kvpass = benchmark.stats.stats.min
     repeat = 3 if ctx > 32768 else 7
     t_sdpa, t_grouped = best_of(sdpa, repeat), best_of(grouped, repeat)

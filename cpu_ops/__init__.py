@@ -11,8 +11,9 @@ from kvpass.cpu_ops.loader import (
     log_retrieval_probability,
     lsh_attention,
     lsh_build_segment,
+    lsh_merge_segments,
     simd_level,
 )
 
 __all__ = ["ESTIMATOR_IDS", "host_attention", "load", "log_retrieval_probability", "lsh_attention",
-           "lsh_build_segment", "simd_level"]
+           "lsh_build_segment", "lsh_merge_segments", "simd_level"]

@@ -111,6 +111,14 @@ def lsh_build_segment(codes: torch.Tensor, lsh_k: int) -> tuple[torch.Tensor, to
     return torch.ops.kvpass_cpu.lsh_build_segment(codes, lsh_k)
 
 
+def lsh_merge_segments(ids_a: torch.Tensor, starts_a: torch.Tensor, n_a: int, ids_b: torch.Tensor,
+                       starts_b: torch.Tensor, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two adjacent segments (n_a then n_b tokens, n_a + n_b <= 32768) as one, same layout as
+    lsh_build_segment's: per bucket A's ids then B's, re-packed at the wider width."""
+    load()
+    return torch.ops.kvpass_cpu.lsh_merge_segments(ids_a, starts_a, n_a, ids_b, starts_b, n_b)
+
+
 def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_blocks: list[torch.Tensor],
                   v_blocks: list[torch.Tensor], block_size: int, n_keys: int, seg_ids: list[torch.Tensor],
                   seg_starts: list[torch.Tensor], seg_meta: torch.Tensor, tail_codes: torch.Tensor,

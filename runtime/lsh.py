@@ -19,7 +19,7 @@ import functools
 import zlib
 
 import torch
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment
+from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments
 
 MAX_SEGMENT = 32768
 
@@ -137,6 +137,18 @@ class LSHIndex:
         self.seg_starts.append(starts)
         self.seg_meta.append((base, codes.shape[2]))
         self.tail_base = base + codes.shape[2]
+        # binary-counter merging: two equal neighbours become one (decode seals seal_size tokens at a
+        # time; merged, they pack tighter — 4096 → 8192 → ... → 32768 — and retrieval visits fewer
+        # segments).  Each token is merged O(log) times.
+        while (len(self.seg_meta) >= 2 and self.seg_meta[-1][1] == self.seg_meta[-2][1]
+               and 2 * self.seg_meta[-1][1] <= MAX_SEGMENT):
+            (b0, n0), (_, n1) = self.seg_meta[-2], self.seg_meta[-1]
+            ids, starts = lsh_merge_segments(self.seg_ids[-2], self.seg_starts[-2], n0, self.seg_ids[-1],
+                                             self.seg_starts[-1], n1)
+            del self.seg_ids[-2:], self.seg_starts[-2:], self.seg_meta[-2:]
+            self.seg_ids.append(ids)
+            self.seg_starts.append(starts)
+            self.seg_meta.append((b0, n0 + n1))
 
     @property
     def index_bytes(self) -> int:

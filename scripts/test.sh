@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+"${PYTHON:-python3}" -m pytest -q "$@"
+# the benchmark suite, smallest size, run once without timing: it must not rot (numbers: README)
+exec "${PYTHON:-python3}" -m pytest -q benchmarks -k "8k and not 128k" --benchmark-disable -p no:cacheprovider

@@ -148,6 +148,54 @@ std::tuple<at::Tensor, at::Tensor> build_segment(const at::Tensor& codes_in, int
   return {ids, starts};
 }
 
+// Two adjacent segments (A = tokens [base, base + n_a), B = the next n_b) as one: per bucket, A's ids
+// then B's (shifted by n_a), re-packed at the wider id width.  Linear in the segments' size; no codes
+// needed (they are not kept once sealed).
+std::tuple<at::Tensor, at::Tensor> merge_segments(const at::Tensor& ids_a, const at::Tensor& starts_a, int64_t n_a,
+                                                  const at::Tensor& ids_b, const at::Tensor& starts_b, int64_t n_b) {
+  const char* fn = "kvpass_cpu.lsh_merge_segments: ";
+  TORCH_CHECK(ids_a.dim() == 4 && ids_b.dim() == 4 && starts_a.sizes() == starts_b.sizes() &&
+                  ids_a.size(0) == starts_a.size(0) && ids_a.size(1) == starts_a.size(1) &&
+                  ids_a.size(2) == starts_a.size(2) && ids_b.sizes().slice(0, 3) == ids_a.sizes().slice(0, 3) &&
+                  ids_a.is_contiguous() && ids_b.is_contiguous() && starts_a.is_contiguous() &&
+                  starts_b.is_contiguous(), fn, "segments of different shapes");
+  const int64_t n = n_a + n_b;
+  TORCH_CHECK(n_a >= 1 && n_b >= 1 && n <= kMaxSegment, fn, "merged segment of ", n, " tokens exceeds ", kMaxSegment);
+  const int wa = id_width(n_a), wb = id_width(n_b), w = id_width(n);
+  TORCH_CHECK(ids_a.size(3) == packed_bytes(n_a, wa) && ids_b.size(3) == packed_bytes(n_b, wb), fn,
+              "ids do not match the segment sizes");
+  const int64_t BHL = starts_a.size(0) * starts_a.size(1) * starts_a.size(2), buckets = starts_a.size(3);
+  const int64_t nb = packed_bytes(n, w);
+  auto ids = at::zeros({starts_a.size(0), starts_a.size(1), starts_a.size(2), nb}, ids_a.options());
+  auto starts = at::empty_like(starts_a);
+  const uint8_t *pa = ids_a.data_ptr<uint8_t>(), *pb = ids_b.data_ptr<uint8_t>();
+  const uint16_t* sa = reinterpret_cast<const uint16_t*>(starts_a.data_ptr<int16_t>());
+  const uint16_t* sb = reinterpret_cast<const uint16_t*>(starts_b.data_ptr<int16_t>());
+  uint16_t* so = reinterpret_cast<uint16_t*>(starts.data_ptr<int16_t>());
+  uint8_t* po = ids.data_ptr<uint8_t>();
+  const int64_t nba = ids_a.size(3), nbb = ids_b.size(3);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < BHL; ++r) {
+    const uint16_t *ra = sa + r * buckets, *rb = sb + r * buckets;
+    uint8_t* out = po + r * nb;
+    int64_t slot = 0;
+    auto put = [&](uint32_t id) {
+      const int64_t bit = slot++ * w;
+      uint32_t word;
+      std::memcpy(&word, out + (bit >> 3), 4);
+      word |= id << (bit & 7);
+      std::memcpy(out + (bit >> 3), &word, 4);
+    };
+    for (int64_t c = 0; c < buckets; ++c) {
+      so[r * buckets + c] = uint16_t(slot);
+      const int64_t a_hi = c + 1 < buckets ? ra[c + 1] : n_a, b_hi = c + 1 < buckets ? rb[c + 1] : n_b;
+      for (int64_t i = ra[c]; i < a_hi; ++i) put(unpack_id(pa + r * nba, i, wa));
+      for (int64_t i = rb[c]; i < b_hi; ++i) put(uint32_t(n_a) + unpack_id(pb + r * nbb, i, wb));
+    }
+  }
+  return {ids, starts};
+}
+
 // ---------------------------------------------------------------- the fused attention pass
 
 struct Segment {
@@ -625,6 +673,8 @@ std::string simd_level() {
 
 TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
   m.def("lsh_build_segment(Tensor codes, int lsh_k) -> (Tensor, Tensor)");
+  m.def("lsh_merge_segments(Tensor ids_a, Tensor starts_a, int n_a, Tensor ids_b, Tensor starts_b, int n_b) -> "
+        "(Tensor, Tensor)");
   m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale, Tensor? static_k=None, "
@@ -635,6 +685,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
 
 TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {
   m.impl("lsh_build_segment", &kvpass_cpu::build_segment);
+  m.impl("lsh_merge_segments", &kvpass_cpu::merge_segments);
   m.impl("lsh_attention", &kvpass_cpu::lsh_attention);
   m.impl("log_retrieval_probability", &kvpass_cpu::log_retrieval_probability_op);
 }

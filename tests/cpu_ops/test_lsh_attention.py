@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment
+from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments
 from kvpass.runtime.lsh import reference_attention
 
 from kvpass import KVStore
@@ -97,6 +97,15 @@ def test_bucket_tables_hold_every_key_once_per_table():
     for c in range(16):
         members = order[st_[c]:st_[c + 1]]
         assert members == sorted(members) and all(codes[1, 2, m, 3] == c for m in members)
+
+
+def test_merged_segments_equal_one_built_from_all_codes():
+    codes = torch.randint(0, 32, (1, 2, 300, 6), dtype=torch.int32)
+    a = lsh_build_segment(codes[:, :, :100], 5)
+    b = lsh_build_segment(codes[:, :, 100:], 5)
+    merged = lsh_merge_segments(*a, 100, *b, 200)
+    whole = lsh_build_segment(codes, 5)
+    assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1])
 
 
 def test_retrieval_probability_is_finite_and_monotone():
