@@ -43,7 +43,8 @@ class HostKV:
     """Append-only host store of K and V, in fixed-size blocks: growing never copies what is stored.
 
     Block i holds tokens [i*block_size, (i+1)*block_size) of the offloaded sequence as
-    k, v: [B, Hkv, block_size, D] (pinned when the model runs on an accelerator, for async copies).
+    k, v: [B, Hkv, block_size, D] views (token stride 2·D: K and V of a token are adjacent in one
+    [B, Hkv, block_size, 2, D] allocation; pinned when the model runs on an accelerator).
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -60,10 +61,14 @@ class HostKV:
         while t0 < T:
             used = self.length % self.block_size
             if used == 0 and self.length // self.block_size == len(self.k_blocks):
-                for blocks in (self.k_blocks, self.v_blocks):
-                    blocks.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
-                    if not self.pin:
-                        _huge_pages(blocks[-1])
+                # K and V of a token side by side ([B, Hkv, block, 2, D]): the CPU reads a retrieved
+                # token's K and V as one contiguous 2·D row (one DRAM page, adjacent-line prefetch)
+                b, h, n, d = self.shape
+                kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
+                if not self.pin:
+                    _huge_pages(kv)
+                self.k_blocks.append(kv[:, :, :, 0])
+                self.v_blocks.append(kv[:, :, :, 1])
             n = min(self.block_size - used, T - t0)
             blk = self.length // self.block_size
             self.k_blocks[blk][:, :, used:used + n].copy_(k[:, :, t0:t0 + n])

@@ -398,10 +398,15 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   // K rows of the next candidates, and their V rows too: the V pass below then finds them in L2
   // (a row's candidates take ~100-500 KiB), which keeps far more misses in flight than it could alone.
   constexpr int64_t kAhead = 16;
-  for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(k_row(s.cand[j]));
+  for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
+    prefetch(k_row(s.cand[j]));
+    if (keep_all) prefetch(v_row(s.cand[j]));
+  }
   for (int64_t j = 0; j < m; ++j) {
-    if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
-    if (P.estimator == kSample || keep_all) prefetch(v_row(s.cand[j]));
+    if (j + kAhead < m) {
+      prefetch(k_row(s.cand[j + kAhead]));
+      if (keep_all) prefetch(v_row(s.cand[j + kAhead]));  // adjacent to K in the host store
+    }
     const T* k = k_row(s.cand[j]);
     float qk = 0.f;
     float sc;
