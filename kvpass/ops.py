@@ -14,6 +14,7 @@ import logging
 import torch
 
 from kvpass.kvstore import KVStore
+from kvpass.kvstore import static_backend as _static_backend
 from kvpass.lowering import dense_attention_with_lse as _dense_ref
 from kvpass.lowering import mask_bias as _mask_bias
 from kvpass.lowering import merge_partials
@@ -34,7 +35,8 @@ def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
     return KVStore(k.shape[1], k.shape[3], batch=k.shape[0], dtype=k.dtype, device=k.device, site=site,
                    sink_size=cfg["sink_size"], window_size=cfg["window_size"],
                    host_block_size=cfg["host_block_size"], lsh_k=cfg["lsh_k"], lsh_l=cfg["lsh_l"],
-                   lsh_threshold=cfg["lsh_threshold"], seed=cfg["seed"], budget=cfg["budget"])
+                   lsh_threshold=cfg["lsh_threshold"], seed=cfg["seed"], budget=cfg["budget"],
+                   static_backend=cfg["static_backend"])
 
 
 @torch.library.custom_op("kvpass::append_kv", mutates_args=())
@@ -188,6 +190,50 @@ def _(q, handle, mask, scale, estimator, cpu_threads, site):
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("kvpass::split_attention", mutates_args=())
+def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                       estimator: str, cpu_threads: int, site: str) -> torch.Tensor:
+    """Attention of the newest query block q [B, H, Tq, D] over every token of the store; returns
+    [B, H, Tq, D] in q's dtype.  Chosen at run time:
+      - a mask that is not plain causal: both parts apply it exactly in torch, then the LSE merge;
+      - a CPU store: one C++ pass over the static slots and the retrieved host keys (no merge at all);
+      - an accelerator: the CPU partial (o_d, lse_d) first, then one device pass over the static slots
+        that merges it — the Triton kernel (static_backend "triton"/"auto" on CUDA) or torch.
+    """
+    store = _store(handle, site)
+    masked = _masked_path(mask, store, site)
+    if masked or (store.device.type == "cpu" and estimator != "none" and _static_backend(store) == "torch"):
+        if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        if not masked:
+            out, _ = store.attend_host(q, estimator=estimator, scale=scale, with_static=True)
+            return out.to(q.dtype)
+        out_s, lse_s = static_attention_op(q, handle, mask, scale, site)
+        if estimator == "none":
+            return out_s.to(q.dtype)
+        out_d, lse_d = host_attention_op(q, handle, mask, scale, estimator, cpu_threads, site)
+        return merge_partials(out_s, lse_s, out_d, lse_d)[0].to(q.dtype)
+    out_d = lse_d = None
+    if estimator != "none":
+        out_d, lse_d = host_attention_op(q, handle, None, scale, estimator, cpu_threads, site)
+    q_pos = store.last_positions
+    if _static_backend(store) == "triton":
+        from kvpass.lowering.triton_static import static_attention_triton
+
+        out, _ = static_attention_triton(q, store.static_k, store.static_v, store.static_pos, q_pos, scale,
+                                         out_d, lse_d)
+    else:
+        out, lse = _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale)
+        if out_d is not None:
+            out, _ = merge_partials(out, lse, out_d, lse_d)
+    return out.to(q.dtype)
+
+
+@split_attention_op.register_fake
+def _(q, handle, mask, scale, estimator, cpu_threads, site):
+    return torch.empty_like(q)
+
+
 try:  # torch >= 2.11 spells it in torch.library; older releases in the effects module
     from torch.library import _register_effectful_op as _effectful
 except ImportError:  # pragma: no cover
@@ -218,10 +264,6 @@ def placeholder(handle: torch.Tensor, past: torch.Tensor, new: torch.Tensor) -> 
 
 
 def split_attention(q, handle, mask, scale: float, estimator: str, cpu_threads: int, site: str):
-    """o = merge(static part on the device, offloaded part on the CPU), cast back to q's dtype."""
-    out_s, lse_s = torch.ops.kvpass.static_attention(q, handle, mask, scale, site)
-    if estimator == "none":
-        return out_s.to(q.dtype)
-    out_d, lse_d = torch.ops.kvpass.host_attention(q, handle, mask, scale, estimator, cpu_threads, site)
-    out, _ = merge_partials(out_s, lse_s, out_d, lse_d)
-    return out.to(q.dtype)
+    """The decode step's attention through the store: static part + CPU part + exact merge, [B, H, Tq, D]
+    in q's dtype.  One op; how it runs is decided at run time (see kvpass::split_attention)."""
+    return torch.ops.kvpass.split_attention(q, handle, mask, scale, estimator, cpu_threads, site)

@@ -26,6 +26,7 @@ class Options:
     cpu_threads: int | None = None  # OpenMP threads of the CPU kernel (None: torch's setting)
     on_unmatched: str = "fallback"  # a site kvpass cannot rewrite: "fallback" (dense, reported) | "error"
     inductor: bool = True           # compile the rewritten graph with Inductor (False: run it eagerly)
+    static_backend: str = "auto"    # static part: "triton" (GPU kernel) | "torch" | "auto" (triton on CUDA)
     dryrun: bool = False            # report only: run the original graph unchanged
     host_block_size: int = 4096     # tokens per host-store block
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -34,7 +35,8 @@ class Options:
         """A stable string naming the runtime-relevant knobs (passed to the custom ops)."""
         return json.dumps({"sink_size": self.sink_size, "window_size": self.window_size,
                            "host_block_size": self.host_block_size, "lsh_k": self.lsh_k, "lsh_l": self.lsh_l,
-                           "lsh_threshold": self.lsh_threshold, "seed": self.seed, "budget": self.budget},
+                           "lsh_threshold": self.lsh_threshold, "seed": self.seed, "budget": self.budget,
+                           "static_backend": self.static_backend},
                           sort_keys=True)
 
 
@@ -75,6 +77,8 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
                          f"got {b!r}")
     if opts.estimator not in ESTIMATORS:
         raise ValueError(f"kvpass: estimator must be one of {list(ESTIMATORS)}, got {opts.estimator!r}")
+    if opts.static_backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"kvpass: static_backend must be 'auto', 'triton' or 'torch', got {opts.static_backend!r}")
     if opts.on_unmatched not in ("fallback", "error"):
         raise ValueError(f"kvpass: on_unmatched must be 'fallback' or 'error', got {opts.on_unmatched!r}")
     if opts.cpu_threads is not None and (not isinstance(opts.cpu_threads, int) or opts.cpu_threads < 1):

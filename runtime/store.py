@@ -122,7 +122,7 @@ class KVStore:
                  lsh_k: int = 10, lsh_l: int = 150, lsh_threshold: int = 2, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  host_block_size: int = 4096, batch: int | None = None, site: str = "kvstore",
-                 budget: float = 0.02):
+                 budget: float = 0.02, static_backend: str = "auto"):
         if window_size < 1:
             raise ValueError(f"kvpass: window_size must be >= 1, got {window_size}")
         if sink_size < 0:
@@ -135,6 +135,7 @@ class KVStore:
         self.lsh = {"lsh_k": lsh_k, "lsh_l": lsh_l, "threshold": lsh_threshold, "seed": seed}
         LSHIndex(1, 1, 1, **self.lsh)  # validate the LSH knobs now, not at the first offload
         self.host_block_size, self.budget = host_block_size, budget
+        self.static_backend = static_backend  # "auto" | "triton" | "torch" (the static part's kernel)
         self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
