@@ -1,5 +1,11 @@
 import os
 
+# Without a GPU, Triton kernels run in its interpreter.  The variable must be set before anything
+# imports triton.language (transformers and Inductor do), or its standard library is compiled for a
+# GPU and cannot be called from interpreted kernels.
+if os.environ.get("CUDA_VISIBLE_DEVICES", "x") == "" or not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

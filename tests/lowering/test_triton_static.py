@@ -1,10 +1,5 @@
 """The Triton static-KV kernel (both variants) against the torch reference, under TRITON_INTERPRET=1 on
-CPU (on a CUDA machine without the variable, the same tests run the compiled kernel on the GPU)."""
-
-import os
-
-if not __import__("torch").cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+CPU (set by tests/conftest.py; on a CUDA machine the same tests run the compiled kernel on the GPU)."""
 
 import pytest
 import torch
