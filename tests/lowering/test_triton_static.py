@@ -96,3 +96,17 @@ def test_compiled_model_with_the_triton_static_part(monkeypatch):
     assert torch.equal(got_ids, ref_ids) and (logits - ref_logits).abs().max() <= 1e-4
     assert kvpass.runtime_stats()["tokens_offloaded"] == 2 * (60 + 4 - 4 - 8)
     assert len(calls) == 2 * 4  # every decode step of both layers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is for CPU machines")
+def test_gpu_check_script_runs_in_smoke_mode():
+    """benchmarks/gpu_check.py's kernel table, on the CPU (interpreter): it must not rot between GPU runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rows = gpu_check.check_kernel(torch.device("cpu"), smoke=True)
+    assert rows and all(float(err) < 1e-5 for _, err, _, _ in rows)
