@@ -18,6 +18,8 @@ from kvpass.runtime.store import KVStore
 
 
 def _storage_refs(t: torch.Tensor) -> int:
+    """References to t's storage: t itself, every view of it — and the temporary storage object this
+    call makes (so a tensor with no views reports 2, hence the baseline recorded per handle)."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
@@ -39,6 +41,7 @@ class Registry:
             if old is not None:
                 self._by_handle.pop(old.data_ptr(), None)
             store.handle = h
+            store.handle_refs = _storage_refs(h)  # the count with no placeholder alive
             self._by_handle[h.data_ptr()] = store
         return h
 
@@ -68,7 +71,7 @@ class Registry:
         may be in flight inside a running graph, before its placeholder exists."""
         with self._lock:
             dead = [p for p, s in self._by_handle.items()
-                    if s.site == site and s.buffer is None and _storage_refs(s.handle) <= 1]
+                    if s.site == site and s.buffer is None and _storage_refs(s.handle) <= s.handle_refs]
             for p in dead:
                 del self._by_handle[p]
             dead_buf = [key for key, (ref, _) in self._by_buffer.items() if key[0] == site and ref() is None]

@@ -269,3 +269,17 @@ def test_sample_estimator_through_the_compiler(lsh):
         assert (logits - ref_logits).abs().max() <= 1e-3
     else:
         assert 0 < stats["keys_read_fraction"] < 0.2
+
+
+def test_finished_sequences_free_their_stores():
+    """A sequence whose cache is gone loses its stores when the next one starts (only the live
+    sequence's stores remain: one per layer).  The cache of a finished generate() is freed by Python's
+    cycle collector, hence gc.collect() here."""
+    import gc
+
+    model = compile_kvpass(tiny_model("llama"), window_size=8)
+    ids = torch.randint(1, 256, (1, 50), generator=torch.Generator().manual_seed(6))
+    for _ in range(3):
+        gc.collect()
+        greedy(model, ids, 4)
+        assert kvpass.runtime_stats()["stores"] == 2
