@@ -21,6 +21,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from kvpass.cpu_ops import simd_level
 
 from kvpass import KVStore
 
@@ -102,6 +103,7 @@ def test_decode_attention(benchmark, context, copy_bandwidth):
     benchmark.extra_info.update({
         "context": ctx,
         "threads": torch.get_num_threads(),
+        "simd": simd_level(),
         "ms_kvpass_sample": round(t_kvpass * 1e3, 3),
         "ms_sdpa_fp32": round(t_sdpa * 1e3, 3),
         "ms_grouped_fp32": round(t_grouped * 1e3, 3),
