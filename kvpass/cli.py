@@ -134,6 +134,12 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from kvpass import bench
+
+    return bench.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvpass", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvpass does (logger 'kvpass')")
@@ -159,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     qa.set_defaults(func=cmd_quality)
+    b = sub.add_parser("bench", help="the pytest-benchmark suites; --compare gates on ratios vs a baseline")
+    b.add_argument("--quick", action="store_true", help="skip the largest sizes (< 1 minute)")
+    b.add_argument("--output", default="kvpass-bench.json", help="pytest-benchmark JSON written here")
+    b.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) if a tracked ratio regressed")
+    b.add_argument("--result", metavar="RESULT.json", help="with --compare: compare this file, run nothing")
+    b.add_argument("--tolerance", type=float, default=0.30, help="allowed drop of a ratio (fraction)")
+    b.set_defaults(func=cmd_bench)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     return args.func(args)

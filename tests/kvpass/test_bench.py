@@ -1,0 +1,37 @@
+"""The benchmark gate: ratios measured in one run, compared with a committed baseline."""
+
+import json
+from pathlib import Path
+
+from kvpass.cli import main
+
+BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines" / "cpu-2core-epyc.json"
+
+
+def _doctored(tmp_path, factor, drop=None):
+    data = json.loads(BASELINE.read_text())
+    for b in data["benchmarks"]:
+        b["extra_info"]["speedup_vs_best_dense"] *= factor
+    if drop:
+        data["benchmarks"] = [b for b in data["benchmarks"] if drop not in b["name"]]
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_committed_baseline_passes_against_itself():
+    assert main(["bench", "--compare", str(BASELINE), "--result", str(BASELINE)]) == 0
+
+
+def test_a_regressed_ratio_fails_the_gate(tmp_path, capsys):
+    assert main(["bench", "--compare", str(BASELINE), "--result", _doctored(tmp_path, 0.5)]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+
+
+def test_noise_within_the_tolerance_passes(tmp_path):
+    assert main(["bench", "--compare", str(BASELINE), "--result", _doctored(tmp_path, 0.8)]) == 0
+
+
+def test_a_missing_benchmark_fails_the_gate(tmp_path, capsys):
+    assert main(["bench", "--compare", str(BASELINE), "--result", _doctored(tmp_path, 1.0, drop="32k")]) == 1
+    assert "MISSING" in capsys.readouterr().out
