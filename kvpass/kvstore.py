@@ -22,12 +22,13 @@ class KVStore(_StoreState):
         if q.shape[2] > self.length:
             raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
-        if self.device.type == "cpu" and estimator != "none" and static_backend(self) == "torch":
+        backend = static_backend(self)
+        if self.device.type == "cpu" and estimator != "none" and backend == "torch":
             # one fused CPU pass over the static slots and the host keys, no merge
             out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True)
             return out.to(q.device, q.dtype)
         q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
-        if static_backend(self) == "triton":  # one device pass: static part + merge of the CPU partial
+        if backend == "triton":  # one device pass: static part + merge of the CPU partial
             from kvpass.lowering.triton_static import static_attention_triton
 
             o_d = l_d = None

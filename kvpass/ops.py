@@ -14,7 +14,6 @@ import logging
 import torch
 
 from kvpass.kvstore import KVStore
-from kvpass.kvstore import static_backend as _static_backend
 from kvpass.lowering import dense_attention_with_lse as _dense_ref
 from kvpass.lowering import mask_bias as _mask_bias
 from kvpass.lowering import merge_partials
@@ -135,6 +134,28 @@ def _masked_path(mask: torch.Tensor | None, store: KVStore, site: str) -> bool:
     return True
 
 
+def _masked_static(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Static part under a mask that is not plain causal: the mask's columns at the slots' positions."""
+    bias = _mask_bias(mask.to(store.device), store.num_kv_heads)
+    return _static_ref(q, store.static_k, store.static_v, store.static_pos, store.last_positions, scale, bias)
+
+
+def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Host part under such a mask, exactly, in plain torch: offloaded token i sits at absolute position
+    sink_size + i.  Needs at least one offloaded token."""
+    ks, vs = store.host.views()
+    S, n = store.sink_size, store.host.length
+    bias = _mask_bias(mask.to("cpu"), store.num_kv_heads)[..., S:S + n]
+    qh = q.detach().to("cpu", torch.float32)
+    out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias)
+    return out.to(q.device), lse.to(q.device)
+
+
+def _set_threads(cpu_threads: int) -> None:
+    if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
+        torch.set_num_threads(cpu_threads)
+
+
 @torch.library.custom_op("kvpass::static_attention", mutates_args=())
 def static_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
                         site: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,11 +169,9 @@ def static_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tenso
     q_pos = store.last_positions
     if q.shape[2] != q_pos.shape[0]:
         raise RuntimeError(f"kvpass: site {site}: {q.shape[2]} queries but {q_pos.shape[0]} new keys")
-    bias = None
     if _masked_path(mask, store, site):
-        store.masked_steps += 1
-        bias = _mask_bias(mask.to(store.device), store.num_kv_heads)
-    return _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale, bias)
+        return _masked_static(store, q, mask, scale)
+    return _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale)
 
 
 @static_attention_op.register_fake
@@ -173,15 +192,9 @@ def host_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor 
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 on q's device (-inf where nothing is offloaded).
     """
     store = _store(handle, site)
-    if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
-        torch.set_num_threads(cpu_threads)
+    _set_threads(cpu_threads)
     if _masked_path(mask, store, site) and store.tokens_offloaded:
-        ks, vs = store.host.views()
-        S, n = store.sink_size, store.host.length
-        bias = _mask_bias(mask.to("cpu"), store.num_kv_heads)[..., S:S + n]
-        qh = q.detach().to("cpu", torch.float32)
-        out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias)
-        return out.to(q.device), lse.to(q.device)
+        return _masked_host(store, q, mask, scale)
     return store.attend_host(q, estimator=estimator, scale=scale)
 
 
@@ -194,38 +207,19 @@ def _(q, handle, mask, scale, estimator, cpu_threads, site):
 def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
                        estimator: str, cpu_threads: int, site: str) -> torch.Tensor:
     """Attention of the newest query block q [B, H, Tq, D] over every token of the store; returns
-    [B, H, Tq, D] in q's dtype.  Chosen at run time:
-      - a mask that is not plain causal: both parts apply it exactly in torch, then the LSE merge;
-      - a CPU store: one C++ pass over the static slots and the retrieved host keys (no merge at all);
-      - an accelerator: the CPU partial (o_d, lse_d) first, then one device pass over the static slots
-        that merges it — the Triton kernel (static_backend "triton"/"auto" on CUDA) or torch.
+    [B, H, Tq, D] in q's dtype.  A plain causal mask (or none) goes through KVStore.attend, which picks
+    the kernels at run time (a CPU store: one C++ pass over the static slots and the retrieved host
+    keys; an accelerator: the CPU partial, then one device pass over the static slots that merges it).
+    Any other mask is applied exactly by both parts in torch, then merged (counted in masked_steps).
     """
     store = _store(handle, site)
-    masked = _masked_path(mask, store, site)
-    if masked or (store.device.type == "cpu" and estimator != "none" and _static_backend(store) == "torch"):
-        if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        if not masked:
-            out, _ = store.attend_host(q, estimator=estimator, scale=scale, with_static=True)
-            return out.to(q.dtype)
-        out_s, lse_s = static_attention_op(q, handle, mask, scale, site)
-        if estimator == "none":
-            return out_s.to(q.dtype)
-        out_d, lse_d = host_attention_op(q, handle, mask, scale, estimator, cpu_threads, site)
-        return merge_partials(out_s, lse_s, out_d, lse_d)[0].to(q.dtype)
-    out_d = lse_d = None
-    if estimator != "none":
-        out_d, lse_d = host_attention_op(q, handle, None, scale, estimator, cpu_threads, site)
-    q_pos = store.last_positions
-    if _static_backend(store) == "triton":
-        from kvpass.lowering.triton_static import static_attention_triton
-
-        out, _ = static_attention_triton(q, store.static_k, store.static_v, store.static_pos, q_pos, scale,
-                                         out_d, lse_d)
-    else:
-        out, lse = _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale)
-        if out_d is not None:
-            out, _ = merge_partials(out, lse, out_d, lse_d)
+    _set_threads(cpu_threads)
+    if not _masked_path(mask, store, site):
+        return store.attend(q, estimator=estimator, scale=scale)
+    store.masked_steps += 1
+    out, lse = _masked_static(store, q, mask, scale)
+    if estimator != "none" and store.tokens_offloaded:
+        out, _ = merge_partials(out, lse, *_masked_host(store, q, mask, scale))
     return out.to(q.dtype)
 
 
