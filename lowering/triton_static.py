@@ -87,7 +87,7 @@ def _static_attention_kernel(
     tl.store(LSE + (b * H + h) * TQ + t, lse, mask=row_ok)
 
 
-def _block_n(n: int, rows: int, block_d: int) -> int:
+def _block_n(rows: int, block_d: int) -> int:
     """Slots per tile: the [rows, BLOCK_N, BLOCK_D] products stay within ~16K fp32 elements per program
     (register budget); a power of two in [16, 64].  (Triton's autotuner times candidates with CUDA
     events, so it cannot run under the CPU interpreter; this heuristic picks the tile everywhere.)"""
@@ -124,6 +124,6 @@ def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         od.stride(0), od.stride(1), od.stride(2),
         H, Hkv, Tq, N, float(scale),
-        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=_block_n(N, block_r, block_d), FUSE_MERGE=fuse,
+        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse,
     )
     return out, lse

@@ -132,7 +132,7 @@ class LSHIndex:
 
     def _seal(self, codes: torch.Tensor) -> None:
         ids, starts = lsh_build_segment(codes.contiguous(), self.lsh_k)
-        base = sum(n for _, n in self.seg_meta)
+        base = self.tail_base  # the segments cover [0, tail_base); the sealed codes start there
         self.seg_ids.append(ids)
         self.seg_starts.append(starts)
         self.seg_meta.append((base, codes.shape[2]))

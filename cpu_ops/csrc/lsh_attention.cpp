@@ -51,6 +51,14 @@ KVPASS_INLINE uint32_t unpack_id(const uint8_t* bytes, int64_t i, int w) {
   return (word >> (bit & 7)) & ((1u << w) - 1u);
 }
 
+KVPASS_INLINE void pack_id(uint8_t* bytes, int64_t slot, int w, uint32_t id) {  // bytes start zeroed
+  const int64_t bit = slot * w;
+  uint32_t word;
+  std::memcpy(&word, bytes + (bit >> 3), 4);
+  word |= id << (bit & 7);
+  std::memcpy(bytes + (bit >> 3), &word, 4);
+}
+
 int id_width(int64_t n) {
   int w = 1;
   while ((int64_t(1) << w) < n) ++w;
@@ -135,14 +143,8 @@ std::tuple<at::Tensor, at::Tensor> build_segment(const at::Tensor& codes_in, int
       uint16_t* st = sp + (bh * L + l) * buckets;
       for (int64_t b = 0; b < buckets; ++b) st[b] = uint16_t(fill[b]);
       uint8_t* out = ip + (bh * L + l) * nb;
-      for (int64_t j = 0; j < n; ++j) {  // stable: ids ascend within a bucket
-        const int64_t slot = fill[c[j * L] & (buckets - 1)]++;
-        const int64_t bit = slot * w;
-        uint32_t word;
-        std::memcpy(&word, out + (bit >> 3), 4);
-        word |= uint32_t(j) << (bit & 7);
-        std::memcpy(out + (bit >> 3), &word, 4);
-      }
+      for (int64_t j = 0; j < n; ++j)  // stable: ids ascend within a bucket
+        pack_id(out, fill[c[j * L] & (buckets - 1)]++, w, uint32_t(j));
     }
   }
   return {ids, starts};
@@ -179,13 +181,7 @@ std::tuple<at::Tensor, at::Tensor> merge_segments(const at::Tensor& ids_a, const
     const uint16_t *ra = sa + r * buckets, *rb = sb + r * buckets;
     uint8_t* out = po + r * nb;
     int64_t slot = 0;
-    auto put = [&](uint32_t id) {
-      const int64_t bit = slot++ * w;
-      uint32_t word;
-      std::memcpy(&word, out + (bit >> 3), 4);
-      word |= id << (bit & 7);
-      std::memcpy(out + (bit >> 3), &word, 4);
-    };
+    auto put = [&](uint32_t id) { pack_id(out, slot++, w, id); };
     for (int64_t c = 0; c < buckets; ++c) {
       so[r * buckets + c] = uint16_t(slot);
       const int64_t a_hi = c + 1 < buckets ? ra[c + 1] : n_a, b_hi = c + 1 < buckets ? rb[c + 1] : n_b;
@@ -278,7 +274,6 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       // would otherwise reload every member after each increment
       const int w = g.w;
       const int32_t base = int32_t(g.base);
-      const uint32_t mask = (1u << w) - 1u;
       uint8_t* const count = s.count.data();
       int32_t* const touched = s.touched.data();
       int32_t* const cand = s.cand.data();
@@ -293,10 +288,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
           const int64_t lo = s.lo[l], hi = s.hi[l];
           const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
           for (int64_t i = lo; i < hi; ++i) {
-            const int64_t bit = i * w;
-            uint32_t word;
-            std::memcpy(&word, ids + (bit >> 3), 4);
-            const uint32_t key = (word >> (bit & 7)) & mask;  // segment-local
+            const uint32_t key = unpack_id(ids, i, w);  // segment-local
             const uint64_t b = uint64_t(1) << (key & 63);
             uint64_t* pair = seen + 2 * (key >> 6);
             pair[1] |= pair[0] & b;
@@ -316,10 +308,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         const int64_t lo = s.lo[l], hi = s.hi[l];
         const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
         for (int64_t i = lo; i < hi; ++i) {
-          const int64_t bit = i * w;
-          uint32_t word;
-          std::memcpy(&word, ids + (bit >> 3), 4);  // rows carry 4 bytes of padding
-          const int32_t key = base + int32_t((word >> (bit & 7)) & mask);
+          const int32_t key = base + int32_t(unpack_id(ids, i, w));
           const uint8_t c = count[key];
           touched[n_touched] = key;
           n_touched += c == 0;
