@@ -29,6 +29,8 @@ class Options:
     static_backend: str = "auto"    # static part: "triton" (GPU kernel) | "torch" | "auto" (triton on CUDA)
     dryrun: bool = False            # report only: run the original graph unchanged
     host_block_size: int = 4096     # tokens per host-store block
+    onnx_lsh: str = "portable"      # ONNX export of the host part: "portable" (standard ONNX ops) |
+                                    # "custom" (a kvpass-domain op + onnxruntime custom-op library)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def key(self) -> str:
@@ -79,6 +81,8 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
         raise ValueError(f"kvpass: estimator must be one of {list(ESTIMATORS)}, got {opts.estimator!r}")
     if opts.static_backend not in ("auto", "triton", "torch"):
         raise ValueError(f"kvpass: static_backend must be 'auto', 'triton' or 'torch', got {opts.static_backend!r}")
+    if opts.onnx_lsh not in ("portable", "custom"):
+        raise ValueError(f"kvpass: onnx_lsh must be 'portable' or 'custom', got {opts.onnx_lsh!r}")
     if opts.on_unmatched not in ("fallback", "error"):
         raise ValueError(f"kvpass: on_unmatched must be 'fallback' or 'error', got {opts.on_unmatched!r}")
     if opts.cpu_threads is not None and (not isinstance(opts.cpu_threads, int) or opts.cpu_threads < 1):

@@ -1,0 +1,375 @@
+"""ONNX export of the kvpass decode step, and a greedy driver for onnxruntime.
+
+``export_onnx(model, path, context_len=...)`` exports one decode step of a Hugging Face decoder
+*after the kvpass rewrite*: the model is captured with ``torch.export`` (its KV cache fed from graph
+inputs), every ``aten.scaled_dot_product_attention`` over a growing cache is found (walking back
+through the GQA repeat to the cache's ``cat``) and replaced by ``kvpass::decode_step`` — the split
+attention with its state explicit (``kvpass.lowering.decode_step``) — and the graph goes to
+``torch.onnx.export(..., dynamo=True)``.  The ONNX model's interface:
+
+    inputs   input_ids [B, 1] int64, position [] int64 (the new token's absolute position), then per
+             layer i: static_k.i, static_v.i, host_k.i, host_v.i, codes.i, mu.i
+    outputs  logits [B, 1, V], then per layer i the state after the step: static_k.i, static_v.i,
+             host_k.i, host_v.i, codes.i  (host tensors one token longer; mu does not change)
+
+Prefill stays in PyTorch (dense, the model's own attention) and hands its KV over as that state
+(``prefill_state``); ``onnx_generate`` then decodes greedily in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from kvpass.lowering.decode_step import EXPORT_ESTIMATORS, decode_step, logp_table
+from kvpass.options import Options, parse_options
+from kvpass.runtime.lsh import projection
+
+log = logging.getLogger("kvpass")
+
+STATE = ("static_k", "static_v", "host_k", "host_v", "codes", "mu")
+UPDATED = STATE[:5]  # mu is frozen: not an output
+ONNX_LSH = ("portable",)
+
+
+class ExportError(RuntimeError):
+    """A model or option kvpass cannot export, with the reason."""
+
+
+# ---------------------------------------------------------------- state handover
+
+def store_state(store) -> dict[str, torch.Tensor]:
+    """The explicit state of one runtime ``KVStore`` (see ``kvpass.lowering.decode_step``), as CPU tensors.
+    Requires a full ring and a built index (position ≥ S + W and ≥ 256 host tokens)."""
+    S, W = store.sink_size, store.window_size
+    if store.length < S + W or not store.index.built:
+        raise ExportError(f"kvpass: the exported decode step needs at least sink_size + window_size + "
+                          f"{store.index.min_keys} = {S + W + store.index.min_keys} tokens of context (the "
+                          f"window full and the LSH index built); this sequence has {store.length}")
+    ks, vs = store.host.views()
+    host_k, host_v = torch.cat(ks, 2).cpu(), torch.cat(vs, 2).cpu()
+    return {"static_k": store.static_k.cpu().clone(), "static_v": store.static_v.cpu().clone(),
+            "host_k": host_k, "host_v": host_v, "codes": store.index.codes(host_k).cpu(),
+            "mu": store.index.mu.float().cpu().clone()}  # copies: the store keeps changing
+
+
+def prefill_state(model, input_ids: torch.Tensor, options: dict[str, Any] | Options | None = None,
+                  sites: list[str] | None = None) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Run the prompt through ``model`` (dense, eager, in PyTorch) and hand its KV over as the exported
+    step's state: (logits of the last prompt token [B, V], per-layer state dicts).  The state is built by
+    the runtime ``KVStore`` itself, so it is what the compiled path would hold after the same prompt."""
+    from transformers import DynamicCache
+
+    from kvpass.kvstore import KVStore
+    from kvpass.testing import cache_kwarg
+
+    opts = parse_options(options)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, use_cache=True, **{cache_kwarg(): cache})
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    sites = sites or [f"model.layers.{i}.self_attn" for i in range(len(layers))]
+    states = []
+    for (k, v), site in zip(layers, sites):
+        store = KVStore(k.shape[1], k.shape[3], sink_size=opts.sink_size, window_size=opts.window_size,
+                        lsh_k=opts.lsh_k, lsh_l=opts.lsh_l, lsh_threshold=opts.lsh_threshold, seed=opts.seed,
+                        dtype=k.dtype, site=site)
+        store.append(k.detach().cpu(), v.detach().cpu())
+        states.append(store_state(store))
+    return out.logits[:, -1].float(), states
+
+
+# ---------------------------------------------------------------- capture and rewrite
+
+class _DecodeStep(torch.nn.Module):
+    """One decode step of a Hugging Face decoder with its per-layer state as flat tensor arguments.  The
+    model's cache is fed the static ring as its "past", so its graph holds, per layer, the pattern the
+    rewrite looks for: cat(past, new) → (GQA repeat) → SDPA.  Before the rewrite the graph is not the
+    kvpass step (it attends the ring only); after it, every such SDPA is ``kvpass::decode_step``."""
+
+    def __init__(self, model, n_layers: int):
+        super().__init__()
+        self.model, self.n_layers = model, n_layers
+
+    def forward(self, input_ids, position, *state):
+        from transformers import DynamicCache
+
+        from kvpass.testing import cache_kwarg
+
+        cache = DynamicCache(config=self.model.config)
+        n = len(STATE)
+        for i in range(self.n_layers):
+            cache.update(state[n * i], state[n * i + 1], i)
+        pos = position.reshape(1, 1).expand(input_ids.shape[0], 1)
+        out = self.model(input_ids=input_ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache})
+        return (out.logits, *[state[n * i + j] for i in range(self.n_layers) for j in range(len(UPDATED))])
+
+
+_aten = torch.ops.aten
+_REPEAT = {_aten.unsqueeze.default, _aten.expand.default, _aten.reshape.default, _aten.view.default,
+           _aten._unsafe_view.default, _aten.clone.default, _aten.repeat_interleave.self_int,
+           _aten.contiguous.default if hasattr(_aten, "contiguous") else _aten.clone.default}
+_SDPA = _aten.scaled_dot_product_attention.default
+
+
+def _strip_repeat(n: fx.Node) -> fx.Node:
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _REPEAT:
+        n = n.args[0]
+    return n
+
+
+def _state_input(n: fx.Node, state_nodes: dict[fx.Node, int]) -> int | None:
+    """The index of the state placeholder that the cache's past was read from (through the cache's own
+    cat/detach of an empty tensor), or None."""
+    seen, todo = set(), [n]
+    found = set()
+    while todo:
+        x = todo.pop()
+        if x in seen or not isinstance(x, fx.Node):
+            continue
+        seen.add(x)
+        if x in state_nodes:
+            found.add(state_nodes[x])
+        elif x.op == "call_function":
+            todo.extend(x.all_input_nodes)
+    return found.pop() if len(found) == 1 else None
+
+
+def _site_of(node: fx.Node, index: int) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"model.layers.{index}.self_attn"
+    path = list(stack.values())[-1][0]
+    return path[len("model."):] if path.startswith("model.") else path
+
+
+@dataclass
+class ExportInfo:
+    """What ``export_onnx`` produced."""
+    path: Path
+    layers: int
+    sites: list[str]
+    estimator: str
+    onnx_lsh: str
+    input_names: list[str]
+    output_names: list[str]
+    seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def rewrite_decode_graph(gm: fx.GraphModule, n_layers: int, opts: Options) -> list[str]:
+    """Replace every SDPA over a cache fed from the state inputs by ``kvpass::decode_step``; the graph's
+    state outputs become the op's updated state.  Returns the site names, by layer."""
+    g = gm.graph
+    ph = [n for n in g.nodes if n.op == "placeholder"]
+    position = ph[1]
+    state_nodes = {n: j for j, n in enumerate(ph[2:])}
+    n_state = len(STATE)
+    done: dict[int, tuple[str, list[fx.Node]]] = {}
+    gm.register_buffer("kvpass_logp", logp_table(opts.lsh_k, opts.lsh_l, opts.lsh_threshold))
+    for node in list(g.nodes):
+        if not (node.op == "call_function" and node.target is _SDPA):
+            continue
+        q, k, v = node.args[:3]
+        if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
+            raise ExportError("kvpass: an attention over the cache uses is_causal=True (top-left aligned); "
+                              "kvpass will not guess the intended mask")
+        srcs = [_strip_repeat(x) for x in (k, v)]
+        if not all(s.op == "call_function" and s.target is _aten.cat.default and len(s.args[0]) == 2
+                   and (s.args[1] if len(s.args) > 1 else 0) in (2, -2) for s in srcs):
+            raise ExportError(f"kvpass: attention {node.name} does not read a growing KV cache "
+                              f"(cat(past, new) → SDPA); it cannot be exported as a kvpass decode step")
+        (k_past, k_new), (v_past, v_new) = srcs[0].args[0], srcs[1].args[0]
+        jk, jv = _state_input(k_past, state_nodes), _state_input(v_past, state_nodes)
+        if jk is None or jv is None or jk % n_state != 0 or jv != jk + 1:
+            raise ExportError(f"kvpass: could not trace attention {node.name}'s cache back to one layer's state")
+        layer = jk // n_state
+        if layer in done:
+            raise ExportError(f"kvpass: two attentions read layer {layer}'s cache")
+        site = _site_of(node, layer)
+        qv = q.meta["val"]
+        Hkv, D = k_new.meta["val"].shape[1], qv.shape[-1]
+        scale = node.kwargs.get("scale")
+        scale = float(scale) if scale is not None else float(D) ** -0.5
+        proj_name = f"kvpass_proj_{layer}"
+        gm.register_buffer(proj_name, projection(opts.seed, site, Hkv, D, opts.lsh_k, opts.lsh_l, "cpu").float())
+        st = ph[2 + layer * n_state: 2 + (layer + 1) * n_state]
+        with g.inserting_before(node):
+            proj = g.get_attr(proj_name)
+            logp = g.get_attr("kvpass_logp")
+            call = g.call_function(decode_step._opoverload, (
+                q, k_new, v_new, *st, proj, logp, position, opts.sink_size, opts.window_size, opts.lsh_k,
+                opts.lsh_threshold, opts.estimator, scale))
+            outs = [g.call_function(operator.getitem, (call, j)) for j in range(6)]
+        node.replace_all_uses_with(outs[0])
+        g.erase_node(node)
+        done[layer] = (site, outs[1:])
+    if sorted(done) != list(range(n_layers)):
+        missing = sorted(set(range(n_layers)) - set(done))
+        raise ExportError(f"kvpass: no exportable attention found for layers {missing}")
+    out_node = next(n for n in g.nodes if n.op == "output")
+    flat = list(out_node.args[0])
+    for layer, (_, new) in done.items():
+        for j in range(len(UPDATED)):
+            flat[1 + layer * len(UPDATED) + j] = new[j]
+    out_node.args = (type(out_node.args[0])(flat),)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return [done[i][0] for i in range(n_layers)]
+
+
+def _check_model(model) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_hidden_layers"):
+        raise ExportError("kvpass: export_onnx takes a Hugging Face causal LM (a model with a .config)")
+    if getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        raise ExportError("kvpass: the exported step attends every token (causal); this model uses "
+                          "sliding-window attention, which the export does not reproduce")
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in (None, "sdpa"):
+        raise ExportError(f"kvpass: export needs attn_implementation='sdpa' (the model uses {impl!r})")
+    return cfg.num_hidden_layers
+
+
+def example_state(model, context_len: int, opts: Options, batch: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random state of the right shapes for tracing (``context_len`` tokens, all but S + W on the host)."""
+    cfg = model.config
+    Hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    S, W = opts.sink_size, opts.window_size
+    n = context_len - S - W
+    return [{"static_k": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
+             "static_v": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
+             "host_k": torch.randn(batch, Hkv, n, D, dtype=dtype),
+             "host_v": torch.randn(batch, Hkv, n, D, dtype=dtype),
+             "codes": torch.randint(0, 1 << opts.lsh_k, (batch, Hkv, n, opts.lsh_l), dtype=torch.int32),
+             "mu": torch.zeros(batch, Hkv, D)} for _ in range(cfg.num_hidden_layers)]
+
+
+def flat_inputs(input_ids: torch.Tensor, position: int | torch.Tensor,
+                states: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    return (input_ids, torch.as_tensor(position, dtype=torch.int64),
+            *[s[name] for s in states for name in STATE])
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "position"] + [f"{name}.{i}" for i in range(n_layers) for name in STATE]
+    outputs = ["logits"] + [f"{name}.{i}.out" for i in range(n_layers) for name in UPDATED]
+    return inputs, outputs
+
+
+def export_program(model, *, context_len: int, options: dict[str, Any] | Options | None = None,
+                   ) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """The rewritten decode step as a ``torch.export`` program (kvpass ops decomposed into standard
+    torch ops for ``onnx_lsh="portable"``), and the site names by layer."""
+    opts = parse_options(options)
+    onnx_lsh = opts.onnx_lsh
+    if opts.estimator not in EXPORT_ESTIMATORS:
+        raise ExportError(f"kvpass: estimator {opts.estimator!r} cannot be exported yet; one of "
+                          f"{list(EXPORT_ESTIMATORS)}")
+    if onnx_lsh not in ONNX_LSH:
+        raise ExportError(f"kvpass: onnx_lsh={onnx_lsh!r} is not available; one of {list(ONNX_LSH)} (the "
+                          f"'custom' onnxruntime op library is not built yet)")
+    n_layers = _check_model(model)
+    min_ctx = opts.sink_size + opts.window_size + 256
+    if context_len < min_ctx:
+        raise ExportError(f"kvpass: context_len must be >= sink_size + window_size + 256 = {min_ctx} (the "
+                          f"exported step runs with the window full and the LSH index built)")
+    states = example_state(model, context_len, opts)
+    args = flat_inputs(torch.zeros(1, 1, dtype=torch.int64), context_len, states)
+    host = torch.export.Dim("host_len", min=256, max=1 << 24)
+    dyn = (None, None, tuple({2: host} if name in ("host_k", "host_v", "codes") else None
+                             for _ in range(n_layers) for name in STATE))
+    step = _DecodeStep(model, n_layers).eval()
+    with torch.no_grad():
+        ep = torch.export.export(step, args, dynamic_shapes=dyn, strict=False)
+        gm = ep.module()
+        sites = rewrite_decode_graph(gm, n_layers, opts)
+        ep = torch.export.export(gm, args, dynamic_shapes=(None, None, *dyn[2]), strict=False)
+    if onnx_lsh == "portable":
+        from kvpass.lowering.decode_step import decode_step_reference
+
+        ep = ep.run_decompositions({decode_step._opoverload: decode_step_reference})
+    return ep, sites
+
+
+def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str, Any] | None = None,
+                check: bool = True) -> ExportInfo:
+    """Export the kvpass decode step of ``model`` to ONNX at ``path`` (weights as external data next to
+    it when large).  ``context_len`` is the example context the graph is traced at (≥ S + W + 256); the
+    exported model accepts any host length.  options: kvpass options (estimator "exact" | "sample" |
+    "none", sink_size, window_size, lsh_*, seed; ``onnx_lsh``: "portable", standard ONNX ops only)."""
+    import onnx
+
+    opts = parse_options(options)
+    t0 = time.perf_counter()
+    ep, sites = export_program(model, context_len=context_len, options=opts)
+    n_layers = len(sites)
+    inputs, outputs = io_names(n_layers)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prog = torch.onnx.export(ep, (), dynamo=True, input_names=inputs, output_names=outputs, verbose=False)
+    prog.save(str(path), external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = {"options": json.loads(opts.key()) | {"estimator": opts.estimator, "onnx_lsh": opts.onnx_lsh},
+            "sites": sites, "layers": n_layers}
+    onnx.helper.set_model_props(proto, {"kvpass": json.dumps(meta)})
+    onnx.save(proto, str(path))
+    if check:
+        onnx.checker.check_model(str(path))
+    info = ExportInfo(path, n_layers, sites, opts.estimator, opts.onnx_lsh, inputs, outputs,
+                      time.perf_counter() - t0, json.loads(opts.key()))
+    log.info("kvpass: exported %d-layer decode step to %s in %.1f s", n_layers, path, info.seconds)
+    return info
+
+
+# ---------------------------------------------------------------- running an exported step
+
+def _meta(session) -> dict[str, Any]:
+    meta = session.get_modelmeta().custom_metadata_map
+    if "kvpass" not in meta:
+        raise ExportError("kvpass: this ONNX model was not exported by kvpass.export_onnx (no kvpass metadata)")
+    return json.loads(meta["kvpass"])
+
+
+def onnx_generate(session, tokenizer, prompt, *, model, max_new_tokens: int = 32,
+                  progress: bool = False) -> tuple[list[int], str]:
+    """Greedy decoding with an exported kvpass step in onnxruntime.  The prompt is prefilled in PyTorch
+    by ``model`` (dense, the model's own attention) and its KV handed over as the step's state; every
+    generated token after the first is computed by ``session``.  ``prompt``: text (the tokenizer's chat
+    template is not applied) or token ids [1, T].  Returns (new token ids, their text)."""
+    meta = _meta(session)
+    opts = parse_options(meta["options"])
+    ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
+    logits, states = prefill_state(model, ids, opts, meta["sites"])
+    inputs, outputs = io_names(meta["layers"])
+    feed = {n: t.numpy() for n, t in zip(inputs[2:], flat_inputs(ids, 0, states)[2:])}
+    tokens = [int(logits[0].argmax())]
+    position = ids.shape[1]
+    steps = range(max_new_tokens - 1)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="onnxruntime decode", unit="tok")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for _ in steps:
+        if tokens[-1] == eos:
+            break
+        feed["input_ids"] = torch.tensor([[tokens[-1]]]).numpy()
+        feed["position"] = torch.tensor(position).numpy()
+        res = session.run(None, feed)
+        for name, val in zip(outputs[1:], res[1:]):
+            feed[name[:-len(".out")]] = val
+        tokens.append(int(res[0][0, -1].argmax()))
+        position += 1
+    return tokens, tokenizer.decode(tokens)
