@@ -148,7 +148,7 @@ def _site_of(node: fx.Node, index: int) -> str:
     if not stack:
         return f"model.layers.{index}.self_attn"
     path = list(stack.values())[-1][0]
-    return path[len("model."):] if path.startswith("model.") else path
+    return path.removeprefix("model.")
 
 
 @dataclass
