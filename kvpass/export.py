@@ -304,11 +304,13 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
 
 
 def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str, Any] | None = None,
-                check: bool = True) -> ExportInfo:
+                check: bool = True, optimize: bool = False) -> ExportInfo:
     """Export the kvpass decode step of ``model`` to ONNX at ``path`` (weights as external data next to
     it when large).  ``context_len`` is the example context the graph is traced at (≥ S + W + 256); the
     exported model accepts any host length.  options: kvpass options (estimator "exact" | "sample" |
-    "none", sink_size, window_size, lsh_*, seed; ``onnx_lsh``: "portable", standard ONNX ops only)."""
+    "none", sink_size, window_size, lsh_*, seed; ``onnx_lsh``: "portable", standard ONNX ops only).
+    optimize: run the ONNX exporter's graph optimiser (SmolLM2: export 77 s instead of 30 s, the
+    onnxruntime step ~10% faster — onnxruntime optimises the graph itself at load)."""
     import onnx
 
     opts = parse_options(options)
@@ -318,7 +320,8 @@ def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str,
     inputs, outputs = io_names(n_layers)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prog = torch.onnx.export(ep, (), dynamo=True, input_names=inputs, output_names=outputs, verbose=False)
+    prog = torch.onnx.export(ep, (), dynamo=True, input_names=inputs, output_names=outputs, verbose=False,
+                             optimize=optimize)
     prog.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
     meta = {"options": json.loads(opts.key()) | {"estimator": opts.estimator, "onnx_lsh": opts.onnx_lsh},

@@ -29,7 +29,7 @@ def tiny_model(family: str = "llama", **overrides):
     elif family == "qwen3":
         cfg = tf.Qwen3Config(head_dim=16, **kw)
     elif family == "mistral":
-        cfg = tf.MistralConfig(sliding_window=None, **kw)
+        cfg = tf.MistralConfig(**{"sliding_window": None, **kw})
     elif family == "gemma":
         cfg = tf.GemmaConfig(head_dim=16, **kw)
     elif family == "gpt2":

@@ -1,0 +1,129 @@
+"""ONNX export of the kvpass decode step: the explicit-state op against the runtime store, exported
+random-weight models (two families) in onnxruntime against the compiled PyTorch kvpass path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from kvpass.lowering.decode_step import decode_step_reference, logp_table
+from kvpass.runtime import REGISTRY
+
+import kvpass
+from kvpass import export as ex
+from kvpass.testing import cache_kwarg, compile_kvpass, greedy, tiny_model
+
+ort = pytest.importorskip("onnxruntime")
+
+CONTEXT = 1100  # ≥ 1,024 tokens of context
+
+
+@pytest.mark.parametrize("estimator", ["exact", "none", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_op_is_the_store_step(estimator, dtype):
+    """One step of the explicit-state op = KVStore.append + KVStore.attend (the C++ kernel), and its new
+    state = the store's state after the append."""
+    torch.manual_seed(0)
+    B, H, Hkv, D, S, W, T = 2, 8, 2, 32, 4, 16, 700
+    store = kvpass.KVStore(Hkv, D, sink_size=S, window_size=W, dtype=dtype, site="t")
+    store.append(torch.randn(B, Hkv, T, D) + 0.5, torch.randn(B, Hkv, T, D))
+    state = ex.store_state(store)
+    q, k, v = torch.randn(B, H, 1, D) * 2, torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    out, *new = decode_step_reference(q, k, v, *state.values(), store.index.proj("cpu").float(),
+                                      logp_table(10, 150, 2), torch.tensor(T), S, W, 10, 2, estimator,
+                                      1 / math.sqrt(D))
+    store.append(k, v)
+    ref = store.attend(q, estimator=estimator)
+    assert (out - ref).abs().max() <= 1e-5
+    after = ex.store_state(store)
+    for name, t in zip(ex.UPDATED, new):
+        assert torch.equal(t, after[name]), name
+    if estimator == "sample":
+        assert 0 < store.last_keys_read < T - S - W  # it sampled, it did not read everything
+
+
+def _prompt(n=CONTEXT):
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(family, estimator) → ExportInfo, exported once per module."""
+    cache = {}
+
+    def get(family, estimator):
+        if (family, estimator) not in cache:
+            path = tmp_path_factory.mktemp("onnx") / f"{family}_{estimator}.onnx"
+            cache[family, estimator] = ex.export_onnx(tiny_model(family), path, context_len=CONTEXT,
+                                                      options={"estimator": estimator})
+        return cache[family, estimator]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("estimator", ["exact", "none", "sample"])
+def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator):
+    from transformers import DynamicCache
+
+    info = exported(family, estimator)
+    assert info.layers == 2 and info.sites == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    model = compile_kvpass(tiny_model(family), estimator=estimator)
+    ids = _prompt()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        nxt = model(input_ids=ids, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1].argmax(-1, keepdim=True)
+        stores = {s.site: s for s in REGISTRY.stores()}
+        state = [ex.store_state(stores[s]) for s in info.sites]  # the compiled path's own state
+        ref = model(input_ids=nxt, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1]
+    feed = dict(zip(info.input_names, [t.numpy() for t in ex.flat_inputs(nxt, CONTEXT, state)]))
+    logits, *new = session.run(None, feed)
+    assert np.abs(logits[:, -1] - ref.numpy()).max() <= 1e-3
+    assert np.abs(ref.numpy()).max() > 0.1  # not a vacuous comparison
+    for i, site in enumerate(info.sites):  # the state after the step, as onnxruntime carries it on
+        after = ex.store_state(stores[site])
+        for j, name in enumerate(ex.UPDATED):
+            got = torch.from_numpy(new[i * len(ex.UPDATED) + j])
+            assert got.shape == after[name].shape, name
+            assert (got.float() - after[name].float()).abs().max() <= 1e-4, (site, name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_tokens_through_onnxruntime(exported, family):
+    info = exported(family, "sample")
+    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    ids = _prompt()
+
+    class Tok:  # token ids in, ids out: the driver needs only decode (and an eos id)
+        eos_token_id = None
+
+        @staticmethod
+        def decode(tokens):
+            return " ".join(map(str, tokens))
+
+    tokens, _ = ex.onnx_generate(session, Tok, ids, model=tiny_model(family), max_new_tokens=32)
+    model = compile_kvpass(tiny_model(family), estimator="sample")
+    with torch.no_grad():
+        seq, _ = greedy(model, ids, 32)
+    assert len(tokens) == 32
+    assert tokens == seq[0, ids.shape[1]:].tolist()
+    assert len(set(tokens)) > 1
+
+
+def test_export_refuses_what_it_cannot_reproduce(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ex.ExportError, match="topk"):
+        ex.export_program(model, context_len=CONTEXT, options={"estimator": "topk"})
+    with pytest.raises(ex.ExportError, match="context_len must be >= "):
+        ex.export_program(model, context_len=200)
+    with pytest.raises(ex.ExportError, match="custom"):
+        ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "custom"})
+    with pytest.raises(ValueError, match="onnx_lsh"):
+        ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "fast"})
+    with pytest.raises(ex.ExportError, match="sliding-window"):
+        ex.export_program(tiny_model("mistral", sliding_window=128), context_len=CONTEXT)
+    store = kvpass.KVStore(2, 16, sink_size=4, window_size=64)
+    store.append(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
+    with pytest.raises(ex.ExportError, match="at least sink_size"):
+        ex.store_state(store)
