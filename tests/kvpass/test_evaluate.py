@@ -1,0 +1,86 @@
+"""kvpass eval's pieces: the task generators, the real-text metrics, the reports and plots."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from kvpass import evaluate as ev
+from kvpass import tasks
+from kvpass.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from kvpass.api import DEFAULT_GGUF, default_model_dir
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir()), gguf_file=DEFAULT_GGUF)
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("length", [1024, 3000])
+def test_task_prompts_hold_their_answers_at_the_asked_length(tok, name, length):
+    s = tasks.TASKS[name](tok, length, 0.5, random.Random(3))
+    assert 0.85 * length <= s.ids.shape[1] <= 1.05 * length, s.ids.shape
+    text = tok.decode(s.ids[0])
+    assert s.answers and all(a in text for a in s.answers)
+    assert s.score(" ".join(s.answers)) == 1.0 and s.score("nothing") == 0.0
+    if name == "common-words":  # the answers are the most frequent words of the list
+        words = Counter(w for w in text.split() if w.isalpha() and w.islower())
+        least_common_answer = min(words[a] for a in s.answers)
+        others = [c for w, c in words.items() if w not in s.answers and w in tasks.vocabulary()]
+        assert least_common_answer > max(others)
+    if name == "niah-single":  # the needle sits near the middle
+        at = text.index(s.answers[0]) / len(text)
+        assert 0.35 < at < 0.65
+
+
+def test_configs_cover_every_budget():
+    cfg = ev.configs_for(ev.BUDGETS)
+    assert cfg["dense"] is None and cfg["static-only"] == {"estimator": "none"}
+    for b in ev.BUDGETS:
+        assert cfg[f"oracle@{b:.0%}"] == {"estimator": "oracle", "budget": b}
+        assert cfg[f"kvpass-sample@{b:.0%}"]["lsh_k"] == ev.SAMPLE_BITS[b]
+    assert set(ev.CONFIGS) == {"dense", "static-only", "oracle", "kvpass-topk", "kvpass-sample"}
+
+
+def test_text_quality_measures_distance_from_dense(tok, monkeypatch):
+    """Random-weight model with the tokenizer's vocabulary: dense scores KL 0; kvpass-exact equals dense
+    (KL ~ 0, same perplexity); static-only (which drops most of the context) does not."""
+    model = tiny_model("llama", vocab_size=tok.vocab_size + 64)
+    configs = {"dense": None, "exact": {"estimator": "exact"}, "static-only": {"estimator": "none"}}
+    res = {r.config: r for r in ev.text_quality(model, tok, configs, prefix=400, tokens=24, window_size=16)}
+    assert res["dense"].kl == 0.0
+    assert res["exact"].kl < 1e-6 and abs(res["exact"].ppl / res["dense"].ppl - 1) < 1e-4
+    assert res["exact"].keys_read == pytest.approx(1.0)
+    assert res["static-only"].kl > 100 * max(res["exact"].kl, 1e-9)
+    table = ev.format_text(list(res.values()))
+    assert "static-only" in table and "perplexity" in table
+
+
+def test_reports_and_plots(tmp_path):
+    tr = [ev.TaskResult("dense", "passkey", [1, 1], [], {(1024, 0.5): 1.0, (2048, 0.5): 1.0}),
+          ev.TaskResult("static-only", "passkey", [0, 0], [], {(1024, 0.5): 0.0, (2048, 0.5): 0.0}),
+          ev.TaskResult("kvpass-sample", "passkey", [1, 0], [0.03, 0.02], {(1024, 0.5): 1.0, (2048, 0.5): 0.0}),
+          ev.TaskResult("kvpass-sample", "niah-single", [1.0], [0.025], {(1024, 0.5): 1.0})]
+    xr = [ev.TextResult("dense", 1.6, 0.0, None, 64), ev.TextResult("static-only", 1.9, 0.2, None, 64),
+          ev.TextResult("kvpass-sample@1%", 1.7, 0.05, 0.012, 64),
+          ev.TextResult("kvpass-sample@2%", 1.65, 0.04, 0.027, 64)]
+    table = ev.format_tasks(tr)
+    assert "passkey" in table and "niah-single" in table and "2.50%" in table  # mean of the tasks' means
+    out = tmp_path / "eval.png"
+    ev.plot(out, tr, xr, "SmolLM2-135M-Instruct — test machine")
+    for p in (out, tmp_path / "eval-passkey-heatmap.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    js = ev.to_json(tr, xr, {"machine": "m"})
+    assert js["text"][2]["keys_read"] == 0.012 and js["tasks"][0]["cells"][0]["score"] == 1.0
+
+
+def test_document_is_real_shipped_text(tok):
+    ids = ev.document_ids(tok, 5000)
+    assert ids.shape == (1, 5000)
+    assert "assignment" in tok.decode(ids[0, :300]).lower()
+    assert torch.unique(ids).numel() > 800
