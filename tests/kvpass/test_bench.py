@@ -35,3 +35,20 @@ def test_noise_within_the_tolerance_passes(tmp_path):
 def test_a_missing_benchmark_fails_the_gate(tmp_path, capsys):
     assert main(["bench", "--compare", str(BASELINE), "--result", _doctored(tmp_path, 1.0, drop="32k")]) == 1
     assert "MISSING" in capsys.readouterr().out
+
+
+def test_a_quick_run_is_compared_on_what_it_measured(tmp_path, capsys):
+    from kvpass.bench import compare
+
+    partial = _doctored(tmp_path, 1.0, drop="32k")
+    ok, lines = compare(partial, BASELINE, subset=True)
+    assert ok and not any("32k" in line for line in lines)
+    ok, _ = compare(_doctored(tmp_path, 0.5, drop="32k"), BASELINE, subset=True)
+    assert not ok
+
+
+def test_quick_selection_names_every_suite():
+    from kvpass.bench import QUICK, SUITES, suite_dir
+
+    assert all((suite_dir() / s).exists() for s in SUITES)
+    assert "e2e" in QUICK and "decode_attention" in QUICK
