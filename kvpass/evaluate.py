@@ -25,7 +25,8 @@ import torch
 from kvpass.tasks import Sample, make_samples
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-# SimHash bits giving kvpass-sample about this fraction of keys on SmolLM2 (L = 150, threshold 2)
+# SimHash bits for kvpass-sample in a budget sweep (L = 150, threshold 2).  Measured on SmolLM2 (real
+# text, 2k context): K = 11, 10, 9, 8 read 1.4%, 3.5%, 8.2%, 18.8% of the offloaded keys
 SAMPLE_BITS = {0.01: 11, 0.02: 10, 0.05: 9, 0.10: 8}
 BUDGETS = (0.01, 0.02, 0.05, 0.10)
 
@@ -37,7 +38,8 @@ def configs_for(budgets=(0.02,)) -> dict[str, dict | None]:
         tag = "" if b == 0.02 and len(budgets) == 1 else f"@{b:.0%}"
         out[f"oracle{tag}"] = {"estimator": "oracle", "budget": b}
         out[f"kvpass-topk{tag}"] = {"estimator": "topk", "budget": b}
-        out[f"kvpass-sample{tag}"] = {"estimator": "sample", "lsh_k": SAMPLE_BITS.get(b, 10)}
+        bits = SAMPLE_BITS.get(b, 10)  # sampling has no budget knob: fewer SimHash bits read more keys
+        out[f"kvpass-sample{tag and f'@K={bits}'}"] = {"estimator": "sample", "lsh_k": bits}
     return out
 
 
@@ -346,11 +348,11 @@ def plot(path, task_results: list[TaskResult], text_results: list[TextResult], t
     lengths = sorted({n for r in pk for n, _ in r.cells})
     depths = sorted({d for r in pk for _, d in r.cells})
     fig, axes = plt.subplots(1, len(pk), figsize=(3.2 * len(pk) + 1, 3.6), squeeze=False)
-    for ax, r in zip(axes[0], pk):
+    for i, (ax, r) in enumerate(zip(axes[0], pk)):
         grid = [[r.cells.get((n, d), float("nan")) for n in lengths] for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if i == 0 else [])
         ax.set_xlabel("context (tokens)")
         ax.set_title(r.config, fontsize=9)
     axes[0][0].set_ylabel("pass-key depth")

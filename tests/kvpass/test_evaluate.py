@@ -43,7 +43,7 @@ def test_configs_cover_every_budget():
     assert cfg["dense"] is None and cfg["static-only"] == {"estimator": "none"}
     for b in ev.BUDGETS:
         assert cfg[f"oracle@{b:.0%}"] == {"estimator": "oracle", "budget": b}
-        assert cfg[f"kvpass-sample@{b:.0%}"]["lsh_k"] == ev.SAMPLE_BITS[b]
+        assert cfg[f"kvpass-sample@K={ev.SAMPLE_BITS[b]}"]["lsh_k"] == ev.SAMPLE_BITS[b]
     assert set(ev.CONFIGS) == {"dense", "static-only", "oracle", "kvpass-topk", "kvpass-sample"}
 
 
@@ -67,8 +67,8 @@ def test_reports_and_plots(tmp_path):
           ev.TaskResult("kvpass-sample", "passkey", [1, 0], [0.03, 0.02], {(1024, 0.5): 1.0, (2048, 0.5): 0.0}),
           ev.TaskResult("kvpass-sample", "niah-single", [1.0], [0.025], {(1024, 0.5): 1.0})]
     xr = [ev.TextResult("dense", 1.6, 0.0, None, 64), ev.TextResult("static-only", 1.9, 0.2, None, 64),
-          ev.TextResult("kvpass-sample@1%", 1.7, 0.05, 0.012, 64),
-          ev.TextResult("kvpass-sample@2%", 1.65, 0.04, 0.027, 64)]
+          ev.TextResult("kvpass-sample@K=11", 1.7, 0.05, 0.012, 64),
+          ev.TextResult("kvpass-sample@K=10", 1.65, 0.04, 0.027, 64)]
     table = ev.format_tasks(tr)
     assert "passkey" in table and "niah-single" in table and "2.50%" in table  # mean of the tasks' means
     out = tmp_path / "eval.png"
