@@ -121,8 +121,9 @@ class LSHIndex:
                 continue
             m = n - t  # the rest fits the tail
             need = self.tail_len + m
-            if need > self.tail.shape[3]:  # grow geometrically; bytes are counted as allocated
-                cap = min(self.seal_size, max(256, 2 * self.tail.shape[3], need))
+            if need > self.tail.shape[3]:  # grow by a quarter (bytes are counted as allocated: doubling
+                # would leave up to half of a 4096-token tail unused); amortised O(1) per key
+                cap = min(self.seal_size, max(256, self.tail.shape[3] + self.tail.shape[3] // 4, need))
                 grown = torch.zeros(*self.tail.shape[:3], cap, dtype=torch.int16)
                 grown[..., :self.tail_len] = self.tail[..., :self.tail_len]
                 self.tail = grown

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from kvpass.bench import TRACKED
 from kvpass.cli import main
 
 BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines" / "cpu-2core-epyc.json"
@@ -11,7 +12,9 @@ BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines" / "c
 def _doctored(tmp_path, factor, drop=None):
     data = json.loads(BASELINE.read_text())
     for b in data["benchmarks"]:
-        b["extra_info"]["speedup_vs_best_dense"] *= factor
+        for key in TRACKED:
+            if key in b["extra_info"]:
+                b["extra_info"][key] *= factor
     if drop:
         data["benchmarks"] = [b for b in data["benchmarks"] if drop not in b["name"]]
     path = tmp_path / "result.json"
