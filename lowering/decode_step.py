@@ -28,6 +28,8 @@ an exported graph shows it as one node; the portable ONNX translation decomposes
 from __future__ import annotations
 
 import torch
+from kvpass.lowering.attention import merge_partials
+from kvpass.runtime.lsh import hash_codes
 
 LOGP_GRID = 16384  # intervals of the cos θ grid; the C++ kernel's kTable
 EXPORT_ESTIMATORS = ("exact", "sample", "none")
@@ -39,14 +41,6 @@ def logp_table(lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:
 
     grid = -1.0 + 2.0 * torch.arange(LOGP_GRID + 1, dtype=torch.float64) / LOGP_GRID  # the kernel's points
     return log_retrieval_probability(grid, lsh_k, lsh_l, threshold).float()
-
-
-def _codes(x: torch.Tensor, proj: torch.Tensor, lsh_k: int) -> torch.Tensor:
-    """x [B, Hkv, n, D] fp32, proj [Hkv, D, K·L] fp32 → int32 codes [B, Hkv, n, L]."""
-    bits = (x @ proj[None]) > 0
-    B, Hkv, n = x.shape[:3]
-    weights = torch.pow(2, torch.arange(lsh_k, device=x.device, dtype=torch.int32))
-    return (bits.reshape(B, Hkv, n, -1, lsh_k).to(torch.int32) * weights).sum(-1).to(torch.int32)
 
 
 def _partial(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +82,7 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     new_sv = torch.where(here, v_new.to(static_v.dtype), static_v)
     new_hk = torch.cat([host_k, leaving_k.to(host_k.dtype)], 2)
     new_hv = torch.cat([host_v, leaving_v.to(host_v.dtype)], 2)
-    new_codes = torch.cat([codes, _codes(leaving_k.float() - mu[:, :, None], proj, lsh_k)], 2)
+    new_codes = torch.cat([codes, hash_codes(leaving_k.float() - mu[:, :, None], proj, lsh_k)], 2)
 
     qg = q.float().reshape(B, Hkv, G, D)
     s_static = (qg @ new_sk.float().transpose(-1, -2)) * scale  # every slot holds a position ≤ position
@@ -98,7 +92,7 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
         qk = qg @ kf.transpose(-1, -2)  # [B, Hkv, G, N]
         s = qk * scale
         if estimator == "sample":
-            q_codes = _codes(qg, proj, lsh_k)  # the raw query, no centring
+            q_codes = hash_codes(qg, proj, lsh_k)  # the raw query, no centring
             hits = (q_codes[:, :, :, None, :] == new_codes[:, :, None]).to(torch.int32).sum(-1)
             mu_f = mu[:, :, None].float()  # [B, Hkv, 1, D]
             kmu = (kf * mu_f).sum(-1)[:, :, None]  # [B, Hkv, 1, N]
@@ -114,9 +108,7 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
         elif estimator != "exact":
             raise ValueError(f"kvpass: estimator {estimator!r} cannot be exported; one of {EXPORT_ESTIMATORS}")
         out_d, lse_d = _partial(s, new_hv.float())
-        m = torch.maximum(lse, lse_d)
-        w_s, w_d = torch.exp(lse - m)[..., None], torch.exp(lse_d - m)[..., None]
-        out = (w_s * out + w_d * out_d) / (w_s + w_d)
+        out, _ = merge_partials(out, lse, out_d, lse_d)
     return (out.reshape(B, H, 1, D).to(q.dtype), new_sk, new_sv, new_hk, new_hv, new_codes)
 
 

@@ -35,6 +35,16 @@ def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: in
     return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device, torch.bfloat16)
 
 
+def hash_codes(x: torch.Tensor, proj: torch.Tensor, lsh_k: int) -> torch.Tensor:
+    """SimHash of already-centred fp32 x [B, Hkv, n, D] with proj [Hkv, D, K·L] fp32 → int32 [B, Hkv, n, L].
+    One GEMM; written with exportable ops only (powers of two, not shifts), so the exported decode step
+    hashes with this same function."""
+    bits = (x @ proj[None]) > 0  # [B, Hkv, n, K·L]
+    B, Hkv, n = x.shape[:3]
+    weights = torch.pow(2, torch.arange(lsh_k, device=x.device, dtype=torch.int32))
+    return (bits.reshape(B, Hkv, n, -1, lsh_k).to(torch.int32) * weights).sum(-1).to(torch.int32)
+
+
 def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
     """Codes of x: [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L], on x's device.
 
@@ -42,12 +52,8 @@ def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, c
     each)."""
     B, Hkv, n, _ = x.shape
     proj = proj.to(x.device, torch.float32)
-    weights = (1 << torch.arange(lsh_k, device=x.device, dtype=torch.int32))
-    out = []
-    for t0 in range(0, n, chunk):
-        xc = x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None]
-        bits = (xc @ proj[None]) > 0  # [B, Hkv, c, K·L]
-        out.append((bits.view(B, Hkv, -1, proj.shape[-1] // lsh_k, lsh_k).int() * weights).sum(-1, dtype=torch.int32))
+    out = [hash_codes(x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None], proj, lsh_k)
+           for t0 in range(0, n, chunk)]
     return torch.cat(out, 2) if out else torch.empty(B, Hkv, 0, proj.shape[-1] // lsh_k, dtype=torch.int32,
                                                     device=x.device)
 
