@@ -115,8 +115,7 @@ class _DecodeStep(torch.nn.Module):
 
 _aten = torch.ops.aten
 _REPEAT = {_aten.unsqueeze.default, _aten.expand.default, _aten.reshape.default, _aten.view.default,
-           _aten._unsafe_view.default, _aten.clone.default, _aten.repeat_interleave.self_int,
-           _aten.contiguous.default if hasattr(_aten, "contiguous") else _aten.clone.default}
+           _aten._unsafe_view.default, _aten.clone.default, _aten.repeat_interleave.self_int}
 _SDPA = _aten.scaled_dot_product_attention.default
 
 
