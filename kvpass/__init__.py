@@ -10,11 +10,23 @@ kernel; the two partial results merge exactly through their log-sum-exp.
 from __future__ import annotations
 
 from kvpass.api import explain, load_default_model, reset, runtime_stats
-from kvpass.export import export_onnx, onnx_generate
+from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
 from kvpass.kvstore import KVStore
 from kvpass.options import Options
 from kvpass.report import Report, SiteReport
 
-__all__ = ["KVStore", "Options", "Report", "SiteReport", "explain", "export_onnx", "load_default_model",
-           "onnx_generate", "reset", "runtime_stats"]
+__all__ = [
+           "KVStore",
+           "OnnxDecoder",
+           "Options",
+           "Report",
+           "SiteReport",
+           "explain",
+           "export_onnx",
+           "load_default_model",
+           "onnx_generate",
+           "onnx_session",
+           "reset",
+           "runtime_stats",
+]
 __version__ = "0.1.0"

@@ -199,9 +199,7 @@ def _load(path: str | None, job: str):
 
 
 def cmd_export(args) -> int:
-    import onnxruntime as ort
-
-    from kvpass.export import export_onnx, onnx_generate
+    from kvpass.export import export_onnx, onnx_generate, onnx_session
     from kvpass.text import long_document_prompt
 
     torch.set_num_threads(args.threads)
@@ -210,10 +208,17 @@ def cmd_export(args) -> int:
                "window_size": args.window_size}
     print(f"exporting the kvpass decode step {options} to {args.output} ...", flush=True)
     info = export_onnx(model, args.output, context_len=args.context, options=options, optimize=args.optimize)
-    print(f"done in {info.seconds:.1f} s: {info.layers} attention sites rewritten to kvpass::decode_step; "
-          f"onnx.checker passed; {len(info.input_names)} inputs, {len(info.output_names)} outputs")
+    node = "kvpass.DecodeStep nodes (onnxruntime op library)" if args.onnx_lsh == "custom" else \
+        "standard ONNX ops"
+    print(f"done in {info.seconds:.1f} s: {info.layers} attention sites rewritten to {node}; onnx.checker "
+          f"passed; {len(info.input_names)} inputs, {len(info.output_names)} outputs")
+    if args.onnx_lsh == "custom":
+        from kvpass.cpu_ops import ort_library_path
+
+        print(f"run it with the op library registered: kvpass.onnx_session(path), or "
+              f"SessionOptions.register_custom_ops_library({ort_library_path()!r})")
     if args.generate:
-        session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+        session = onnx_session(info.path, threads=args.threads)
         prompt = long_document_prompt(tok, args.context, "Summarise the text above in two sentences.")
         t0 = time.perf_counter()
         tokens, text = onnx_generate(session, tok, prompt, model=model, max_new_tokens=args.generate,
@@ -282,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--context", type=int, default=1024, help="context length the step is traced at "
                                                               "(>= sink + window + 256)")
     ex.add_argument("--estimator", default="sample", choices=["sample", "exact", "none"])
-    ex.add_argument("--onnx-lsh", default="portable", choices=["portable", "custom"])
+    ex.add_argument("--onnx-lsh", default="portable", choices=["portable", "custom"],
+                    help="host part as standard ONNX ops (runs anywhere, dense cost) or one kvpass.DecodeStep "
+                         "node per layer computed by kvpass's onnxruntime op library (sparse cost)")
     ex.add_argument("--sink-size", type=int, default=4)
     ex.add_argument("--window-size", type=int, default=64)
     ex.add_argument("--optimize", action="store_true", help="run the ONNX exporter's optimiser (slower export)")

@@ -14,6 +14,15 @@ attention with its state explicit (``kvpass.lowering.decode_step``) — and the 
 
 Prefill stays in PyTorch (dense, the model's own attention) and hands its KV over as that state
 (``prefill_state``); ``onnx_generate`` then decodes greedily in onnxruntime.
+
+Two translations of the step (``options["onnx_lsh"]``):
+  "portable"  the node decomposed into standard ONNX ops (any onnxruntime, any provider; retrieval is
+              dense in cost); host tensors grow by one token per step, as above.
+  "custom"    one ``kvpass.DecodeStep`` node per layer (custom domain ``kvpass``), computed by kvpass's
+              onnxruntime op library (``cpu_ops/ort``; ``onnx_session`` registers it) at sparse cost.
+              Host tensors are fixed-capacity buffers [B, Hkv, CAP, ·] whose first
+              N = position − S − W rows are used (the "capacity" layout); ``OnnxDecoder`` binds each
+              state output to its input's buffer, so a step writes one row in place.
 """
 
 from __future__ import annotations
@@ -29,7 +38,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from kvpass.lowering.decode_step import EXPORT_ESTIMATORS, decode_step, logp_table
+from kvpass.lowering.decode_step import (
+    EXPORT_ESTIMATORS,
+    decode_step,
+    decode_step_capacity,
+    logp_table,
+    onnx_decode_step,
+)
 from kvpass.options import Options, parse_options
 from kvpass.runtime.lsh import projection
 
@@ -37,7 +52,11 @@ log = logging.getLogger("kvpass")
 
 STATE = ("static_k", "static_v", "host_k", "host_v", "codes", "mu")
 UPDATED = STATE[:5]  # mu is frozen: not an output
-ONNX_LSH = ("portable",)
+ONNX_LSH = ("portable", "custom")
+# how the host tensors travel: "grow" — exactly the N host tokens, outputs one longer (portable);
+# "capacity" — fixed buffers, the first N = position − S − W rows used, updated in place when the caller
+# binds outputs to inputs (custom)
+LAYOUT = {"portable": "grow", "custom": "capacity"}
 
 
 class ExportError(RuntimeError):
@@ -204,7 +223,8 @@ def rewrite_decode_graph(gm: fx.GraphModule, n_layers: int, opts: Options) -> li
         with g.inserting_before(node):
             proj = g.get_attr(proj_name)
             logp = g.get_attr("kvpass_logp")
-            call = g.call_function(decode_step._opoverload, (
+            op = decode_step_capacity if opts.onnx_lsh == "custom" else decode_step
+            call = g.call_function(op._opoverload, (
                 q, k_new, v_new, *st, proj, logp, position, opts.sink_size, opts.window_size, opts.lsh_k,
                 opts.lsh_threshold, opts.estimator, scale))
             outs = [g.call_function(operator.getitem, (call, j)) for j in range(6)]
@@ -239,14 +259,16 @@ def _check_model(model) -> int:
     return cfg.num_hidden_layers
 
 
-def example_state(model, context_len: int, opts: Options, batch: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Random state of the right shapes for tracing (``context_len`` tokens, all but S + W on the host)."""
+def example_state(model, context_len: int, opts: Options, batch: int = 1, spare: int = 0
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Random state of the right shapes for tracing (``context_len`` tokens, all but S + W on the host,
+    plus ``spare`` free host rows)."""
     cfg = model.config
     Hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = next(model.parameters()).dtype
     S, W = opts.sink_size, opts.window_size
-    n = context_len - S - W
+    n = context_len - S - W + spare
     return [{"static_k": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
              "static_v": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
              "host_k": torch.randn(batch, Hkv, n, D, dtype=dtype),
@@ -277,14 +299,17 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
         raise ExportError(f"kvpass: estimator {opts.estimator!r} cannot be exported yet; one of "
                           f"{list(EXPORT_ESTIMATORS)}")
     if onnx_lsh not in ONNX_LSH:
-        raise ExportError(f"kvpass: onnx_lsh={onnx_lsh!r} is not available; one of {list(ONNX_LSH)} (the "
-                          f"'custom' onnxruntime op library is not built yet)")
+        raise ExportError(f"kvpass: onnx_lsh={onnx_lsh!r} is not available; one of {list(ONNX_LSH)}")
     n_layers = _check_model(model)
+    dtype = next(model.parameters()).dtype
+    if onnx_lsh == "custom" and dtype != torch.float32:
+        raise ExportError(f"kvpass: the onnxruntime op library (onnx_lsh='custom') computes float32 state; "
+                          f"this model is {dtype} (export a float32 copy: model.float())")
     min_ctx = opts.sink_size + opts.window_size + 256
     if context_len < min_ctx:
         raise ExportError(f"kvpass: context_len must be >= sink_size + window_size + 256 = {min_ctx} (the "
                           f"exported step runs with the window full and the LSH index built)")
-    states = example_state(model, context_len, opts)
+    states = example_state(model, context_len, opts, spare=16 if onnx_lsh == "custom" else 0)
     args = flat_inputs(torch.zeros(1, 1, dtype=torch.int64), context_len, states)
     host = torch.export.Dim("host_len", min=256, max=1 << 24)
     dyn = (None, None, tuple({2: host} if name in ("host_k", "host_v", "codes") else None
@@ -307,7 +332,8 @@ def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str,
     """Export the kvpass decode step of ``model`` to ONNX at ``path`` (weights as external data next to
     it when large).  ``context_len`` is the example context the graph is traced at (≥ S + W + 256); the
     exported model accepts any host length.  options: kvpass options (estimator "exact" | "sample" |
-    "none", sink_size, window_size, lsh_*, seed; ``onnx_lsh``: "portable", standard ONNX ops only).
+    "none", sink_size, window_size, lsh_*, seed; ``onnx_lsh``: "portable", standard ONNX ops only, or
+    "custom", kvpass.DecodeStep nodes for the op library — float32 models only).
     optimize: run the ONNX exporter's graph optimiser (SmolLM2: export 77 s instead of 30 s, the
     onnxruntime step ~10% faster — onnxruntime optimises the graph itself at load)."""
     import onnx
@@ -319,12 +345,13 @@ def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str,
     inputs, outputs = io_names(n_layers)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    table = {decode_step_capacity._opoverload: onnx_decode_step} if opts.onnx_lsh == "custom" else None
     prog = torch.onnx.export(ep, (), dynamo=True, input_names=inputs, output_names=outputs, verbose=False,
-                             optimize=optimize)
+                             optimize=optimize, custom_translation_table=table)
     prog.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
     meta = {"options": json.loads(opts.key()) | {"estimator": opts.estimator, "onnx_lsh": opts.onnx_lsh},
-            "sites": sites, "layers": n_layers}
+            "sites": sites, "layers": n_layers, "layout": LAYOUT[opts.onnx_lsh]}
     onnx.helper.set_model_props(proto, {"kvpass": json.dumps(meta)})
     onnx.save(proto, str(path))
     if check:
@@ -344,20 +371,109 @@ def _meta(session) -> dict[str, Any]:
     return json.loads(meta["kvpass"])
 
 
+def onnx_session(path: str | Path, *, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` (CPU) for a model written by ``export_onnx``, with the kvpass
+    op library registered when the model needs it (``onnx_lsh="custom"``).  threads: intra-op threads
+    (default: onnxruntime's)."""
+    import onnx
+    import onnxruntime as ort
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if "kvpass" in props and json.loads(props["kvpass"]).get("layout") == "capacity":
+        from kvpass.cpu_ops import ort_library_path
+
+        so.register_custom_ops_library(ort_library_path())
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def with_capacity(states: list[dict[str, torch.Tensor]], spare: int) -> list[dict[str, torch.Tensor]]:
+    """The state in the capacity layout: host tensors followed by ``spare`` free rows."""
+    pad = {"host_k", "host_v", "codes"}
+    return [{k: torch.cat([v, v.new_zeros(*v.shape[:2], spare, v.shape[3])], 2) if k in pad else v
+             for k, v in st.items()} for st in states]
+
+
+class OnnxDecoder:
+    """Runs an exported kvpass step in onnxruntime, carrying its state between steps.
+
+    ``states``: the per-layer state after ``position`` tokens (``prefill_state``).  For a "capacity"
+    model (onnx_lsh="custom") the host buffers get ``spare`` free rows — the number of steps it can
+    run — and every state output is bound to its input's buffer, so the op library updates the state in
+    place; a "grow" model (portable) gets each step's outputs fed back as the next inputs."""
+
+    def __init__(self, session, states: list[dict[str, torch.Tensor]], position: int, *, spare: int = 64):
+        import onnxruntime as ort
+
+        meta = _meta(session)
+        self.session, self.position, self.layers = session, position, meta["layers"]
+        self.capacity = meta.get("layout", "grow") == "capacity"
+        inputs, self.outputs = io_names(self.layers)
+        if self.capacity:
+            states = with_capacity(states, spare)
+            self.steps_left = spare
+        flat = flat_inputs(torch.zeros(1, 1, dtype=torch.int64), position, states)[2:]
+        self.feed = {n: t.contiguous().numpy() for n, t in zip(inputs[2:], flat)}
+        if self.capacity:
+            self.binding = session.io_binding()
+            self.binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+            self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.feed.items()}
+            for n, v in self.values.items():
+                self.binding.bind_ortvalue_input(n, v)
+                if f"{n}.out" in self.outputs:
+                    self.binding.bind_ortvalue_output(f"{n}.out", v)  # in place
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed ``token`` at the current position; returns the next-token logits [V] (fp32)."""
+        ids = torch.tensor([[token]], dtype=torch.int64).numpy()
+        pos = torch.tensor(self.position, dtype=torch.int64).numpy()
+        if self.capacity:
+            if self.steps_left == 0:
+                raise ExportError("kvpass: the host buffers are full; make the OnnxDecoder with a larger spare")
+            self.binding.bind_cpu_input("input_ids", ids)
+            self.binding.bind_cpu_input("position", pos)
+            self.session.run_with_iobinding(self.binding)
+            logits = self.binding.get_outputs()[0].numpy()
+            self.steps_left -= 1
+        else:
+            self.feed["input_ids"], self.feed["position"] = ids, pos
+            res = self.session.run(None, self.feed)
+            for name, val in zip(self.outputs[1:], res[1:]):
+                self.feed[name[:-len(".out")]] = val
+            logits = res[0]
+        self.position += 1
+        return torch.from_numpy(logits[0, -1].copy())
+
+    def state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer ``layer``'s current state (the used host rows only), as torch tensors (copies)."""
+        src = self.values if self.capacity else None
+        st = {}
+        for name in STATE:
+            key = f"{name}.{layer}"
+            arr = src[key].numpy() if src is not None else self.feed[key]
+            st[name] = torch.from_numpy(arr.copy())
+        if self.capacity:
+            meta_opts = parse_options(_meta(self.session)["options"])
+            n = self.position - meta_opts.sink_size - meta_opts.window_size
+            for name in ("host_k", "host_v", "codes"):
+                st[name] = st[name][:, :, :n]
+        return st
+
+
 def onnx_generate(session, tokenizer, prompt, *, model, max_new_tokens: int = 32,
                   progress: bool = False) -> tuple[list[int], str]:
     """Greedy decoding with an exported kvpass step in onnxruntime.  The prompt is prefilled in PyTorch
     by ``model`` (dense, the model's own attention) and its KV handed over as the step's state; every
-    generated token after the first is computed by ``session``.  ``prompt``: text (the tokenizer's chat
-    template is not applied) or token ids [1, T].  Returns (new token ids, their text)."""
+    generated token after the first is computed by ``session`` (see ``OnnxDecoder``).  ``prompt``: text
+    (the tokenizer's chat template is not applied) or token ids [1, T].  Returns (new token ids, text)."""
     meta = _meta(session)
     opts = parse_options(meta["options"])
     ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
     logits, states = prefill_state(model, ids, opts, meta["sites"])
-    inputs, outputs = io_names(meta["layers"])
-    feed = {n: t.numpy() for n, t in zip(inputs[2:], flat_inputs(ids, 0, states)[2:])}
+    dec = OnnxDecoder(session, states, ids.shape[1], spare=max(max_new_tokens, 1))
     tokens = [int(logits[0].argmax())]
-    position = ids.shape[1]
     steps = range(max_new_tokens - 1)
     if progress:
         from tqdm import tqdm
@@ -367,11 +483,5 @@ def onnx_generate(session, tokenizer, prompt, *, model, max_new_tokens: int = 32
     for _ in steps:
         if tokens[-1] == eos:
             break
-        feed["input_ids"] = torch.tensor([[tokens[-1]]]).numpy()
-        feed["position"] = torch.tensor(position).numpy()
-        res = session.run(None, feed)
-        for name, val in zip(outputs[1:], res[1:]):
-            feed[name[:-len(".out")]] = val
-        tokens.append(int(res[0][0, -1].argmax()))
-        position += 1
+        tokens.append(int(dec.step(tokens[-1]).argmax()))
     return tokens, tokenizer.decode(tokens)

@@ -133,3 +133,95 @@ def _(q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj, logp
     return (torch.empty_like(q), torch.empty_like(static_k), torch.empty_like(static_v),
             host_k.new_empty(B, Hkv, N + 1, D), host_v.new_empty(B, Hkv, N + 1, host_v.shape[3]),
             codes.new_empty(B, Hkv, N + 1, codes.shape[3]))
+
+
+# ---------------------------------------------------------------- the capacity layout (onnx_lsh="custom")
+#
+# The custom onnxruntime op updates the state in place when the caller binds each state output to its
+# input's buffer, so there the host tensors do not grow: host_k/host_v/codes are [B, Hkv, CAP, ·]
+# buffers whose first N = position − S − W rows are the host tokens (the rest free capacity), and a
+# step writes row N.  Same maths as above; only the layout differs.
+
+def decode_step_capacity_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, static_k: torch.Tensor,
+                                   static_v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor,
+                                   codes: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, logp: torch.Tensor,
+                                   position: torch.Tensor, sink_size: int, window_size: int, lsh_k: int,
+                                   threshold: int, estimator: str, scale: float) -> tuple[torch.Tensor, ...]:
+    """``decode_step_reference`` in the capacity layout: returns (out, static_k, static_v, host_k, host_v,
+    codes) with the host buffers the same size as given, row N = position − S − W written."""
+    n = int(position) - sink_size - window_size
+    cap = host_k.shape[2]
+    if not 0 <= n < cap:
+        raise ValueError(f"kvpass: the step at position {int(position)} writes host row {n}; the host buffers "
+                         f"hold {cap} rows (need 0 <= row < capacity)")
+    out, sk, sv, hk, hv, c = decode_step_reference(
+        q, k_new, v_new, static_k, static_v, host_k[:, :, :n], host_v[:, :, :n], codes[:, :, :n], mu, proj, logp,
+        position, sink_size, window_size, lsh_k, threshold, estimator, scale)
+    new_hk, new_hv, new_codes = host_k.clone(), host_v.clone(), codes.clone()
+    new_hk[:, :, n], new_hv[:, :, n], new_codes[:, :, n] = hk[:, :, n], hv[:, :, n], c[:, :, n]
+    return out, sk, sv, new_hk, new_hv, new_codes
+
+
+@torch.library.custom_op("kvpass::decode_step_capacity", mutates_args=())
+def decode_step_capacity(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, static_k: torch.Tensor,
+                         static_v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor, codes: torch.Tensor,
+                         mu: torch.Tensor, proj: torch.Tensor, logp: torch.Tensor, position: torch.Tensor,
+                         sink_size: int, window_size: int, lsh_k: int, threshold: int, estimator: str,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                torch.Tensor]:
+    """``decode_step_capacity_reference`` as one graph node; exported as the ``kvpass.DecodeStep`` node
+    that the onnxruntime op library (``kvpass.cpu_ops.ort_library``) computes."""
+    return decode_step_capacity_reference(q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj,
+                                          logp, position, sink_size, window_size, lsh_k, threshold, estimator,
+                                          scale)
+
+
+@decode_step_capacity.register_fake
+def _(q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj, logp, position, sink_size,
+      window_size, lsh_k, threshold, estimator, scale):
+    return (torch.empty_like(q), torch.empty_like(static_k), torch.empty_like(static_v), torch.empty_like(host_k),
+            torch.empty_like(host_v), torch.empty_like(codes))
+
+
+_STEP_INPUTS = ("q", "k_new", "v_new", "static_k", "static_v", "host_k", "host_v", "codes", "mu", "proj", "logp",
+                "position")
+_STEP_OUTPUTS = ("out", "static_k_out", "static_v_out", "host_k_out", "host_v_out", "codes_out")
+
+
+def register_onnx_schema() -> None:
+    """Register the ``kvpass.DecodeStep`` schema (domain ``kvpass``, version 1) with onnx, once per process:
+    the exporter needs it to emit the node, and ``onnx.checker`` then validates the node against it."""
+    from onnx import defs
+
+    if defs.has("DecodeStep", "kvpass"):
+        return
+    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    kind = {"codes": "I", "position": "P"}
+    schema = defs.OpSchema(
+        "DecodeStep", "kvpass", 1,
+        doc="One kvpass decode step of an attention site, state in the capacity layout "
+            "(kvpass/lowering/decode_step.py); computed by kvpass's onnxruntime op library.",
+        inputs=[P(n, kind.get(n, "F")) for n in _STEP_INPUTS],
+        outputs=[P(n, "I" if n == "codes_out" else "F") for n in _STEP_OUTPUTS],
+        type_constraints=[("F", ["tensor(float)"], "float32 tensors"), ("I", ["tensor(int32)"], "SimHash codes"),
+                          ("P", ["tensor(int64)"], "the new token's position")],
+        attributes=[A("sink_size", defs.OpSchema.AttrType.INT, "S"),
+                    A("window_size", defs.OpSchema.AttrType.INT, "W"),
+                    A("lsh_k", defs.OpSchema.AttrType.INT, "SimHash bits per table"),
+                    A("threshold", defs.OpSchema.AttrType.INT, "collisions that retrieve a key"),
+                    A("estimator", defs.OpSchema.AttrType.STRING, "exact | sample | none"),
+                    A("scale", defs.OpSchema.AttrType.FLOAT, "softmax scale")])
+    defs.register_schema(schema)
+
+
+def onnx_decode_step(q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj, logp, position,
+                     sink_size: int, window_size: int, lsh_k: int, threshold: int, estimator: str, scale: float):
+    """The ONNX translation of ``kvpass::decode_step_capacity``: one ``kvpass.DecodeStep`` node (custom
+    domain ``kvpass``, version 1), the attributes carrying the op's constants."""
+    from onnxscript.values import Opset
+
+    register_onnx_schema()
+    return Opset("kvpass", 1).DecodeStep(
+        q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj, logp, position,
+        sink_size=sink_size, window_size=window_size, lsh_k=lsh_k, threshold=threshold, estimator=estimator,
+        scale=scale, _outputs=6)

@@ -4,7 +4,7 @@ random-weight models (two families) in onnxruntime against the compiled PyTorch 
 import math
 
 import numpy as np
-import onnxruntime as ort
+import onnx
 import pytest
 import torch
 from kvpass.lowering.decode_step import decode_step_reference, logp_table
@@ -50,24 +50,29 @@ def exported(tmp_path_factory):
     """(family, estimator) → ExportInfo, exported once per module."""
     cache = {}
 
-    def get(family, estimator):
-        if (family, estimator) not in cache:
-            path = tmp_path_factory.mktemp("onnx") / f"{family}_{estimator}.onnx"
-            cache[family, estimator] = ex.export_onnx(tiny_model(family), path, context_len=CONTEXT,
-                                                      options={"estimator": estimator})
-        return cache[family, estimator]
+    def get(family, estimator, onnx_lsh="portable"):
+        key = family, estimator, onnx_lsh
+        if key not in cache:
+            path = tmp_path_factory.mktemp("onnx") / f"{family}_{estimator}_{onnx_lsh}.onnx"
+            cache[key] = ex.export_onnx(tiny_model(family), path, context_len=CONTEXT,
+                                        options={"estimator": estimator, "onnx_lsh": onnx_lsh})
+        return cache[key]
 
     return get
 
 
+@pytest.mark.parametrize("onnx_lsh", ["portable", "custom"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("estimator", ["exact", "none", "sample"])
-def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator):
+def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator, onnx_lsh):
     from transformers import DynamicCache
 
-    info = exported(family, estimator)
+    info = exported(family, estimator, onnx_lsh)
     assert info.layers == 2 and info.sites == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(str(info.path))
+    nodes = [n for n in onnx.load(str(info.path), load_external_data=False).graph.node if n.domain == "kvpass"]
+    assert len(nodes) == (2 if onnx_lsh == "custom" else 0)  # portable: standard ops only
+    session = kvpass.onnx_session(info.path)
     model = compile_kvpass(tiny_model(family), estimator=estimator)
     ids = _prompt()
     cache = DynamicCache(config=model.config)
@@ -76,7 +81,9 @@ def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator):
         stores = {s.site: s for s in REGISTRY.stores()}
         state = [ex.store_state(stores[s]) for s in info.sites]  # the compiled path's own state
         ref = model(input_ids=nxt, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1]
-    feed = dict(zip(info.input_names, [t.numpy() for t in ex.flat_inputs(nxt, CONTEXT, state)]))
+    spare = 3 if onnx_lsh == "custom" else 0  # capacity layout: free host rows after the used ones
+    fed = ex.with_capacity(state, spare) if spare else state
+    feed = dict(zip(info.input_names, [t.numpy() for t in ex.flat_inputs(nxt, CONTEXT, fed)]))
     logits, *new = session.run(None, feed)
     assert np.abs(logits[:, -1] - ref.numpy()).max() <= 1e-3
     assert np.abs(ref.numpy()).max() > 0.1  # not a vacuous comparison
@@ -84,14 +91,20 @@ def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator):
         after = ex.store_state(stores[site])
         for j, name in enumerate(ex.UPDATED):
             got = torch.from_numpy(new[i * len(ex.UPDATED) + j])
+            if spare and name in ("host_k", "host_v", "codes"):
+                n = after[name].shape[2]
+                assert got.shape[2] == n - 1 + spare, name
+                assert torch.equal(got[:, :, n:], torch.zeros_like(got[:, :, n:])), name  # capacity untouched
+                got = got[:, :, :n]
             assert got.shape == after[name].shape, name
             assert (got.float() - after[name].float()).abs().max() <= 1e-4, (site, name)
 
 
+@pytest.mark.parametrize("onnx_lsh", ["portable", "custom"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_greedy_tokens_through_onnxruntime(exported, family):
-    info = exported(family, "sample")
-    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+def test_greedy_tokens_through_onnxruntime(exported, family, onnx_lsh):
+    info = exported(family, "sample", onnx_lsh)
+    session = kvpass.onnx_session(info.path)
     ids = _prompt()
 
     class Tok:  # token ids in, ids out: the driver needs only decode (and an eos id)
@@ -116,8 +129,9 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path):
         ex.export_program(model, context_len=CONTEXT, options={"estimator": "topk"})
     with pytest.raises(ex.ExportError, match="context_len must be >= "):
         ex.export_program(model, context_len=200)
-    with pytest.raises(ex.ExportError, match="custom"):
-        ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "custom"})
+    with pytest.raises(ex.ExportError, match="float32"):
+        ex.export_program(tiny_model("llama").to(torch.bfloat16), context_len=CONTEXT,
+                          options={"onnx_lsh": "custom"})
     with pytest.raises(ValueError, match="onnx_lsh"):
         ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "fast"})
     with pytest.raises(ex.ExportError, match="sliding-window"):

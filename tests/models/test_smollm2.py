@@ -138,13 +138,16 @@ def test_passkey_static_only_misses_what_sampling_finds(smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["sample", "exact", "none"])
-def test_onnx_export_matches_pytorch_kvpass(smollm2, estimator, tmp_path):
-    """The exported SmolLM2 decode step (portable ONNX) in onnxruntime: at a 1.1k-token real-text
-    context its logits equal the compiled PyTorch kvpass step's from the same state; with sampling, 32
-    greedy tokens driven through onnxruntime equal the PyTorch kvpass tokens."""
+@pytest.mark.parametrize("estimator,onnx_lsh", [("sample", "portable"), ("exact", "portable"),
+                                                ("none", "portable"), ("sample", "custom"), ("exact", "custom"),
+                                                ("none", "custom")])
+def test_onnx_export_matches_pytorch_kvpass(smollm2, estimator, onnx_lsh, tmp_path):
+    """The exported SmolLM2 decode step (portable ONNX, and the kvpass.DecodeStep node of the op
+    library) in onnxruntime: at a 1.1k-token real-text context its logits equal the compiled PyTorch
+    kvpass step's from the same state; with sampling, 32 greedy tokens driven through onnxruntime
+    equal the PyTorch kvpass tokens."""
     import numpy as np
-    import onnxruntime as ort
+    import onnx
     from kvpass.runtime import REGISTRY
     from transformers import DynamicCache
 
@@ -152,9 +155,11 @@ def test_onnx_export_matches_pytorch_kvpass(smollm2, estimator, tmp_path):
     from kvpass.testing import cache_kwarg, compile_kvpass
 
     model, tok = smollm2
-    info = ex.export_onnx(model, tmp_path / "smollm2.onnx", context_len=1024, options={"estimator": estimator})
+    info = ex.export_onnx(model, tmp_path / "smollm2.onnx", context_len=1024,
+                          options={"estimator": estimator, "onnx_lsh": onnx_lsh})
     assert info.layers == 30
-    session = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(str(info.path))
+    session = kvpass.onnx_session(info.path)
     ids = tok(long_document_prompt(tok, 1100, "What is the text about?"), return_tensors="pt")["input_ids"]
     assert ids.shape[1] >= 1024
     compiled = compile_kvpass(kvpass.load_default_model()[0], estimator=estimator)
@@ -164,7 +169,8 @@ def test_onnx_export_matches_pytorch_kvpass(smollm2, estimator, tmp_path):
         stores = {s.site: s for s in REGISTRY.stores()}
         state = [ex.store_state(stores[s]) for s in info.sites]
         ref = compiled(input_ids=nxt, use_cache=True, **{cache_kwarg(): cache}).logits[:, -1]
-    feed = dict(zip(info.input_names, [t.numpy() for t in ex.flat_inputs(nxt, ids.shape[1], state)]))
+    fed = ex.with_capacity(state, 1) if onnx_lsh == "custom" else state
+    feed = dict(zip(info.input_names, [t.numpy() for t in ex.flat_inputs(nxt, ids.shape[1], fed)]))
     logits = session.run(["logits"], feed)[0][:, -1]
     assert np.abs(logits - ref.numpy()).max() <= 1e-3
     if estimator == "sample":
