@@ -12,15 +12,11 @@ The timed steps are greedy decode steps after warm-up (compilation excluded).
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
 import kvpass
-from kvpass.testing import cache_kwarg
-from kvpass.text import reference_text
+from kvpass.testing import Decoder, reference_prompt
 
 CONTEXTS = {"2k": 2048, "8k": 8192}
 STEPS, WARMUP = 12, 3
@@ -31,48 +27,12 @@ def smollm2():
     return kvpass.load_default_model()
 
 
-def _prompt(tok, n: int) -> torch.Tensor:
-    text = reference_text(("assignment", "compound", "datamodel", "execmodel", "exprlists", "import"))
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n]
-    assert ids.shape[1] == n
-    return ids
-
-
-class Decoder:
-    """Prefill once, then one greedy decode step per call (the cache grows)."""
-
-    def __init__(self, model, forward, ids):
-        from transformers import DynamicCache
-
-        self.forward, self.kw = forward, {cache_kwarg(): DynamicCache(config=model.config), "use_cache": True}
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = forward(input_ids=ids, **self.kw)
-        self.prefill_s = time.perf_counter() - t0
-        self.token = out.logits[:, -1:].argmax(-1)
-
-    def step(self):
-        with torch.no_grad():
-            out = self.forward(input_ids=self.token, **self.kw)
-        self.token = out.logits[:, -1:].argmax(-1)
-
-    def median_step(self, steps: int = STEPS, warmup: int = WARMUP) -> float:
-        for _ in range(warmup):
-            self.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            self.step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
 @pytest.mark.parametrize("pairing", ["eager", "inductor"])
 @pytest.mark.parametrize("context", list(CONTEXTS))
 def test_e2e_decode(benchmark, smollm2, context, pairing):
     model, tok = smollm2
     n = CONTEXTS[context]
-    ids = _prompt(tok, n)
+    ids = reference_prompt(tok, n)
     fwd = model.forward
     torch._dynamo.reset()
     kvpass.reset()

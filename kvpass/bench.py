@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TRACKED = ("speedup_vs_best_dense", "kvpass_vs_dense")  # higher is better
+TRACKED = ("speedup_vs_best_dense", "kvpass_vs_dense", "onnx_vs_pytorch")  # higher is better
 DEFAULT_TOLERANCE = 0.30
 
 
@@ -24,10 +24,10 @@ def suite_dir() -> Path:
     return here
 
 
-SUITES = ("test_decode_attention.py", "test_end_to_end.py")
-# --quick: the kernel at 8k (both layouts) and SmolLM2 end to end at 2k, eager pairing (no Inductor
-# compiles): a smoke run of every suite in a few minutes on 2 cores
-QUICK = "(decode_attention and 8k and not 128k) or (e2e and 2k and eager)"
+SUITES = ("test_decode_attention.py", "test_end_to_end.py", "test_onnx_step.py")
+# --quick: the kernel at 8k (both layouts), SmolLM2 end to end and its ONNX step at 2k, eager pairing (no
+# Inductor compiles): a smoke run of every suite in a few minutes on 2 cores
+QUICK = "(decode_attention and 8k and not 128k) or (e2e and 2k and eager) or (onnx and 2k and eager)"
 
 
 def run(output: Path, quick: bool = False, extra: list[str] | None = None) -> int:

@@ -130,3 +130,50 @@ def compile_kvpass(model, **options):
     options.setdefault("inductor", False)
     model.forward = torch.compile(model.forward, backend="kvpass", options=options)
     return model
+
+
+def reference_prompt(tok, n: int) -> torch.Tensor:
+    """The first ``n`` tokens of a fixed run of CPython's Language Reference chapters (pydoc_data) —
+    real text, the same on every machine (the benchmarks' prompt)."""
+    from kvpass.text import reference_text
+
+    text = reference_text(("assignment", "compound", "datamodel", "execmodel", "exprlists", "import"))
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n]
+    if ids.shape[1] != n:
+        raise ValueError(f"the reference text has only {ids.shape[1]} tokens, {n} asked")
+    return ids
+
+
+class Decoder:
+    """Prefill once with ``forward`` (a model's forward, compiled or not), then one greedy decode step
+    per ``step()`` call (the cache grows); ``median_step`` times steps."""
+
+    def __init__(self, model, forward, ids):
+        import time
+
+        from transformers import DynamicCache
+
+        self.forward, self.kw = forward, {cache_kwarg(): DynamicCache(config=model.config), "use_cache": True}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = forward(input_ids=ids, **self.kw)
+        self.prefill_s = time.perf_counter() - t0
+        self.token = out.logits[:, -1:].argmax(-1)
+
+    def step(self):
+        with torch.no_grad():
+            out = self.forward(input_ids=self.token, **self.kw)
+        self.token = out.logits[:, -1:].argmax(-1)
+
+    def median_step(self, steps: int = 12, warmup: int = 3) -> float:
+        import statistics
+        import time
+
+        for _ in range(warmup):
+            self.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)

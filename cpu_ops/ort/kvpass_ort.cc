@@ -173,18 +173,41 @@ struct Views {
   int64_t B, H, Hkv, G, D, NS, CAP, L, N;
 };
 
-// Attention of query head h of batch row b over the updated state: static slots (exact) and host keys
-// 0..N (the estimator), one softmax over both.
-KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t h, std::vector<float>& score,
-                              std::vector<float>& y, std::vector<int32_t>& qc, std::vector<int32_t>& cand) {
-  const int64_t D = v.D, L = v.L, hk = h / v.G, bh = b * v.Hkv + hk, n = v.N + 1;
+constexpr int64_t kChunk = 2048;  // keys per retrieval task
+
+// Retrieval for the G query heads of (batch row b, kv head hk) over host keys [j0, j1): one pass over
+// the keys' codes for the whole group (the codes are the bytes this op streams; the group shares them),
+// keys with >= T collisions appended to cand[g] in key order.
+KVPASS_CLONES void retrieve_chunk(const Views& v, const Step& st, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+                                  const int32_t* qcodes, std::vector<int32_t>* cand) {
+  const int64_t L = v.L, G = v.G;
+  const int32_t* codes = v.codes + (b * v.Hkv + hk) * v.CAP * L;
+  const int32_t* qc0 = qcodes + (b * v.H + hk * G) * L;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int32_t* c = codes + j * L;
+    for (int64_t g = 0; g < G; ++g) {
+      const int32_t* want = qc0 + g * L;
+      int32_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+      for (int64_t l = 0; l < L; ++l) hits += c[l] == want[l];
+      if (hits >= st.T) cand[g].push_back(int32_t(j));
+    }
+  }
+}
+
+// Attention of query head h of batch row b over the updated state: static slots (exact) and the host
+// candidates (all keys 0..N for "exact"; the retrieved ones, weighted, for "sample"), one softmax.
+KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t h, const int32_t* cand, int64_t m,
+                              std::vector<float>& score) {
+  const int64_t D = v.D, hk = h / v.G, bh = b * v.Hkv + hk;
   const float* q = v.q + (b * v.H + h) * D;
   const float* sk = v.sk + bh * v.NS * D;
   const float* sv = v.sv + bh * v.NS * D;
   const float* hkey = v.hk + bh * v.CAP * D;
   const float* hval = v.hv + bh * v.CAP * D;
+  const bool all = cand == nullptr;  // exact: keys 0..m-1
   float mx = -INFINITY;
-  score.resize(v.NS + n);
+  score.resize(v.NS + m);
   float* ss = score.data();
   for (int64_t j = 0; j < v.NS; ++j) {
     float qk = 0.f;
@@ -193,25 +216,6 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
     ss[j] = qk * st.scale;
     mx = std::max(mx, ss[j]);
   }
-  int64_t m = 0;  // host candidates
-  cand.resize(n);
-  if (st.est == kExact) {
-    for (int64_t j = 0; j < n; ++j) cand[m++] = int32_t(j);
-  } else if (st.est == kSample) {
-    qc.resize(L);
-    y.resize(st.K * L);
-    hash_row(q, v.proj + hk * D * st.K * L, D, st.K, L, y.data(), qc.data());
-    const int32_t* codes = v.codes + bh * v.CAP * L;
-    const int32_t* want = qc.data();
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t* c = codes + j * L;
-      int32_t hits = 0;
-#pragma omp simd reduction(+ : hits)
-      for (int64_t l = 0; l < L; ++l) hits += c[l] == want[l];
-      cand[m] = int32_t(j);
-      m += hits >= st.T;
-    }
-  }
   float* hs = ss + v.NS;
   if (m > 0) {
     const float* mu = v.mu + bh * D;
@@ -219,7 +223,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
     for (int64_t i = 0; i < D; ++i) qmu += q[i] * mu[i], qq += q[i] * q[i], mumu += mu[i] * mu[i];
     const float qnorm = std::sqrt(qq);
     for (int64_t jj = 0; jj < m; ++jj) {
-      const float* k = hkey + int64_t(cand[jj]) * D;
+      const float* k = hkey + (all ? jj : int64_t(cand[jj])) * D;
       float qk = 0.f, sc;
       if (st.est == kSample) {
         float kmu = 0.f, kk = 0.f;
@@ -248,7 +252,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
     }
     for (int64_t jj = 0; jj < m; ++jj) {
       const float p = std::exp(hs[jj] - mx);
-      const float* vr = hval + int64_t(cand[jj]) * D;
+      const float* vr = hval + (all ? jj : int64_t(cand[jj])) * D;
       den += p;
 #pragma omp simd
       for (int64_t i = 0; i < D; ++i) acc[i] += p * vr[i];
@@ -349,13 +353,46 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
     std::memcpy(krow, v.kn + bh * D, D * sizeof(float));
     std::memcpy(vrow, v.vn + bh * D, D * sizeof(float));
   }
-  if (st.est == kNone) v.N = -1;  // no host keys attended
+  const int64_t n = st.est == kNone ? 0 : v.N + 1;  // host keys attended
+  const int64_t rows = v.B * v.H, groups = v.B * v.Hkv, chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int32_t> qcodes;
+  std::vector<std::vector<int32_t>> cand;  // [group][chunk][g] candidate lists
+  if (st.est == kSample) {
+    qcodes.resize(rows * v.L);
+    cand.resize(groups * chunks * v.G);
+#pragma omp parallel
+    {
+      std::vector<float> y(KL);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r)  // SimHash of the raw queries (no centring)
+        hash_row(v.q + r * D, v.proj + ((r % v.H) / v.G) * D * KL, D, st.K, v.L, y.data(), qcodes.data() + r * v.L);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < groups * chunks; ++t) {
+        const int64_t g = t / chunks, c = t % chunks;
+        retrieve_chunk(v, st, g / v.Hkv, g % v.Hkv, c * kChunk, std::min(n, (c + 1) * kChunk), qcodes.data(),
+                       cand.data() + t * v.G);
+      }
+    }
+  }
 #pragma omp parallel
   {
-    std::vector<float> score, y;
-    std::vector<int32_t> qc, cand;
+    std::vector<float> score;
+    std::vector<int32_t> mine;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < v.B * v.H; ++r) attend_row(v, st, r / v.H, r % v.H, score, y, qc, cand);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / v.H, h = r % v.H;
+      if (st.est != kSample) {
+        attend_row(v, st, b, h, nullptr, n, score);
+        continue;
+      }
+      mine.clear();
+      const int64_t grp = b * v.Hkv + h / v.G, g = h % v.G;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const std::vector<int32_t>& part = cand[(grp * chunks + c) * v.G + g];
+        mine.insert(mine.end(), part.begin(), part.end());
+      }
+      attend_row(v, st, b, h, mine.data(), int64_t(mine.size()), score);
+    }
   }
 }
 
