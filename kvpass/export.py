@@ -305,11 +305,15 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
     if onnx_lsh == "custom" and dtype != torch.float32:
         raise ExportError(f"kvpass: the onnxruntime op library (onnx_lsh='custom') computes float32 state; "
                           f"this model is {dtype} (export a float32 copy: model.float())")
+    if onnx_lsh == "custom" and opts.lsh_k > 15:
+        raise ExportError(f"kvpass: onnx_lsh='custom' stores the codes as int16: lsh_k <= 15 (got {opts.lsh_k})")
     min_ctx = opts.sink_size + opts.window_size + 256
     if context_len < min_ctx:
         raise ExportError(f"kvpass: context_len must be >= sink_size + window_size + 256 = {min_ctx} (the "
                           f"exported step runs with the window full and the LSH index built)")
     states = example_state(model, context_len, opts, spare=16 if onnx_lsh == "custom" else 0)
+    if onnx_lsh == "custom":
+        states = with_capacity(states, 0)  # int16 codes
     args = flat_inputs(torch.zeros(1, 1, dtype=torch.int64), context_len, states)
     host = torch.export.Dim("host_len", min=256, max=1 << 24)
     dyn = (None, None, tuple({2: host} if name in ("host_k", "host_v", "codes") else None
@@ -393,10 +397,15 @@ def onnx_session(path: str | Path, *, threads: int | None = None):
 
 
 def with_capacity(states: list[dict[str, torch.Tensor]], spare: int) -> list[dict[str, torch.Tensor]]:
-    """The state in the capacity layout: host tensors followed by ``spare`` free rows."""
+    """The state in the capacity layout: host tensors followed by ``spare`` free rows, codes as int16."""
     pad = {"host_k", "host_v", "codes"}
-    return [{k: torch.cat([v, v.new_zeros(*v.shape[:2], spare, v.shape[3])], 2) if k in pad else v
-             for k, v in st.items()} for st in states]
+    out = []
+    for st in states:
+        new = {k: torch.cat([v, v.new_zeros(*v.shape[:2], spare, v.shape[3])], 2) if k in pad else v
+               for k, v in st.items()}
+        new["codes"] = new["codes"].to(torch.int16)
+        out.append(new)
+    return out
 
 
 class OnnxDecoder:
@@ -450,7 +459,7 @@ class OnnxDecoder:
         return torch.from_numpy(logits[0, -1].copy())
 
     def state(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer ``layer``'s current state (the used host rows only), as torch tensors (copies)."""
+        """Layer ``layer``'s current state (the used host rows only; codes int32), as torch tensors (copies)."""
         src = self.values if self.capacity else None
         st = {}
         for name in STATE:
@@ -462,6 +471,7 @@ class OnnxDecoder:
             n = self.position - meta_opts.sink_size - meta_opts.window_size
             for name in ("host_k", "host_v", "codes"):
                 st[name] = st[name][:, :, :n]
+            st["codes"] = st["codes"].to(torch.int32)
         return st
 
 

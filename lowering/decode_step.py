@@ -140,7 +140,8 @@ def _(q, k_new, v_new, static_k, static_v, host_k, host_v, codes, mu, proj, logp
 # The custom onnxruntime op updates the state in place when the caller binds each state output to its
 # input's buffer, so there the host tensors do not grow: host_k/host_v/codes are [B, Hkv, CAP, ·]
 # buffers whose first N = position − S − W rows are the host tokens (the rest free capacity), and a
-# step writes row N.  Same maths as above; only the layout differs.
+# step writes row N; the codes are int16 (lsh_k ≤ 15; half the bytes the op streams each step).  Same
+# maths as above; only the layout differs.
 
 def decode_step_capacity_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, static_k: torch.Tensor,
                                    static_v: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor,
@@ -155,10 +156,10 @@ def decode_step_capacity_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: 
         raise ValueError(f"kvpass: the step at position {int(position)} writes host row {n}; the host buffers "
                          f"hold {cap} rows (need 0 <= row < capacity)")
     out, sk, sv, hk, hv, c = decode_step_reference(
-        q, k_new, v_new, static_k, static_v, host_k[:, :, :n], host_v[:, :, :n], codes[:, :, :n], mu, proj, logp,
-        position, sink_size, window_size, lsh_k, threshold, estimator, scale)
+        q, k_new, v_new, static_k, static_v, host_k[:, :, :n], host_v[:, :, :n], codes[:, :, :n].to(torch.int32), mu,
+        proj, logp, position, sink_size, window_size, lsh_k, threshold, estimator, scale)
     new_hk, new_hv, new_codes = host_k.clone(), host_v.clone(), codes.clone()
-    new_hk[:, :, n], new_hv[:, :, n], new_codes[:, :, n] = hk[:, :, n], hv[:, :, n], c[:, :, n]
+    new_hk[:, :, n], new_hv[:, :, n], new_codes[:, :, n] = hk[:, :, n], hv[:, :, n], c[:, :, n].to(codes.dtype)
     return out, sk, sv, new_hk, new_hv, new_codes
 
 
@@ -196,14 +197,14 @@ def register_onnx_schema() -> None:
     if defs.has("DecodeStep", "kvpass"):
         return
     P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
-    kind = {"codes": "I", "position": "P"}
+    kind = {"codes": "I", "position": "P"}  # codes: int16 (capacity layout)
     schema = defs.OpSchema(
         "DecodeStep", "kvpass", 1,
         doc="One kvpass decode step of an attention site, state in the capacity layout "
             "(kvpass/lowering/decode_step.py); computed by kvpass's onnxruntime op library.",
         inputs=[P(n, kind.get(n, "F")) for n in _STEP_INPUTS],
         outputs=[P(n, "I" if n == "codes_out" else "F") for n in _STEP_OUTPUTS],
-        type_constraints=[("F", ["tensor(float)"], "float32 tensors"), ("I", ["tensor(int32)"], "SimHash codes"),
+        type_constraints=[("F", ["tensor(float)"], "float32 tensors"), ("I", ["tensor(int16)"], "SimHash codes"),
                           ("P", ["tensor(int64)"], "the new token's position")],
         attributes=[A("sink_size", defs.OpSchema.AttrType.INT, "S"),
                     A("window_size", defs.OpSchema.AttrType.INT, "W"),

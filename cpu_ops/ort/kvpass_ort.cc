@@ -10,7 +10,7 @@
 //
 // The node (one per attention site), state in the capacity layout (see lowering/decode_step.py):
 //   inputs   q [B,H,1,D] f32, k_new/v_new [B,Hkv,1,D] f32, static_k/static_v [B,Hkv,S+W,D] f32,
-//            host_k/host_v [B,Hkv,CAP,D] f32, codes [B,Hkv,CAP,L] i32, mu [B,Hkv,D] f32,
+//            host_k/host_v [B,Hkv,CAP,D] f32, codes [B,Hkv,CAP,L] i16 (K <= 15), mu [B,Hkv,D] f32,
 //            proj [Hkv,D,K·L] f32, logp [16385] f32, position [] i64
 //   attrs    sink_size, window_size, lsh_k, threshold (int), estimator ("exact"|"sample"|"none"), scale
 //   outputs  out [B,H,1,D] f32, then static_k, static_v, host_k, host_v, codes after the step.
@@ -75,7 +75,7 @@ enum Slot : int {
 };
 
 constexpr int kOrtFail = 1, kOrtInvalidArgument = 2;
-constexpr int kFloat = 1, kInt32 = 6, kInt64 = 7;  // ONNX TensorProto element types
+constexpr int kFloat = 1, kInt16 = 5, kInt64 = 7;  // ONNX TensorProto element types
 
 const void* const* g_api = nullptr;
 
@@ -150,7 +150,7 @@ inline float lookup_logp(const float* tab, float c) {
 }
 
 // SimHash codes of one row x [D] with the site's projection R [D, K·L]: bit j of table l = [x·R[:, lK+j] > 0].
-KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K, int64_t L, float* y, int32_t* code) {
+KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K, int64_t L, float* y, int16_t* code) {
   const int64_t KL = K * L;
   std::fill(y, y + KL, 0.f);
   for (int64_t i = 0; i < D; ++i) {
@@ -162,14 +162,14 @@ KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K
   for (int64_t l = 0; l < L; ++l) {
     int32_t v = 0;
     for (int64_t j = 0; j < K; ++j) v |= int32_t(y[l * K + j] > 0.f) << j;
-    code[l] = v;
+    code[l] = int16_t(v);  // K <= 15 bits
   }
 }
 
 struct Views {
   const float *q, *kn, *vn, *mu, *proj, *logp;
   float *sk, *sv, *hk, *hv, *out;
-  int32_t* codes;
+  int16_t* codes;
   int64_t B, H, Hkv, G, D, NS, CAP, L, N;
 };
 
@@ -179,15 +179,15 @@ constexpr int64_t kChunk = 2048;  // keys per retrieval task
 // the keys' codes for the whole group (the codes are the bytes this op streams; the group shares them),
 // keys with >= T collisions appended to cand[g] in key order.
 KVPASS_CLONES void retrieve_chunk(const Views& v, const Step& st, int64_t b, int64_t hk, int64_t j0, int64_t j1,
-                                  const int32_t* qcodes, std::vector<int32_t>* cand) {
+                                  const int16_t* qcodes, std::vector<int32_t>* cand) {
   const int64_t L = v.L, G = v.G;
-  const int32_t* codes = v.codes + (b * v.Hkv + hk) * v.CAP * L;
-  const int32_t* qc0 = qcodes + (b * v.H + hk * G) * L;
+  const int16_t* codes = v.codes + (b * v.Hkv + hk) * v.CAP * L;
+  const int16_t* qc0 = qcodes + (b * v.H + hk * G) * L;
   for (int64_t j = j0; j < j1; ++j) {
-    const int32_t* c = codes + j * L;
+    const int16_t* c = codes + j * L;
     for (int64_t g = 0; g < G; ++g) {
-      const int32_t* want = qc0 + g * L;
-      int32_t hits = 0;
+      const int16_t* want = qc0 + g * L;
+      uint16_t hits = 0;  // L <= 65535: 16-bit lanes, twice as many per vector
 #pragma omp simd reduction(+ : hits)
       for (int64_t l = 0; l < L; ++l) hits += c[l] == want[l];
       if (hits >= st.T) cand[g].push_back(int32_t(j));
@@ -267,7 +267,7 @@ struct Kernel {
 };
 
 void expect(const Tensor& t, int type, size_t rank, const char* name) {
-  static const char* names[] = {"?", "float32", "?", "?", "?", "?", "int32", "int64"};
+  static const char* names[] = {"?", "float32", "?", "?", "?", "int16", "?", "int64"};
   if (t.type != type || t.shape.size() != rank)
     throw Error{std::string("kvpass.DecodeStep: input ") + name + " must be a rank-" + std::to_string(rank) + " " +
                 names[type] + " tensor"};
@@ -284,7 +284,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   }
   const char* names[] = {"q", "k_new", "v_new", "static_k", "static_v", "host_k", "host_v", "codes", "mu", "proj", "logp", "position"};
   for (int i : {0, 1, 2, 3, 4, 5, 6}) expect(in[i], kFloat, 4, names[i]);
-  expect(in[7], kInt32, 4, names[7]);
+  expect(in[7], kInt16, 4, names[7]);
   expect(in[8], kFloat, 3, names[8]);
   expect(in[9], kFloat, 3, names[9]);
   expect(in[10], kFloat, 1, names[10]);
@@ -324,7 +324,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   for (int i = 1; i < 6; ++i) {
     const Tensor& src = in[i + 2];
     if (out[i].data != src.data)
-      std::memcpy(out[i].data, src.data, size_t(src.numel()) * (i == 5 ? sizeof(int32_t) : sizeof(float)));
+      std::memcpy(out[i].data, src.data, size_t(src.numel()) * (i == 5 ? sizeof(int16_t) : sizeof(float)));
   }
   v.q = static_cast<const float*>(in[0].data);
   v.kn = static_cast<const float*>(in[1].data);
@@ -337,7 +337,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   v.sv = static_cast<float*>(out[2].data);
   v.hk = static_cast<float*>(out[3].data);
   v.hv = static_cast<float*>(out[4].data);
-  v.codes = static_cast<int32_t*>(out[5].data);
+  v.codes = static_cast<int16_t*>(out[5].data);
   const int64_t D = v.D, slot = st.S + ((pos - st.S) % st.W + st.W) % st.W;
   const int64_t KL = st.K * v.L;
 #pragma omp parallel for schedule(static)
@@ -355,7 +355,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   }
   const int64_t n = st.est == kNone ? 0 : v.N + 1;  // host keys attended
   const int64_t rows = v.B * v.H, groups = v.B * v.Hkv, chunks = (n + kChunk - 1) / kChunk;
-  std::vector<int32_t> qcodes;
+  std::vector<int16_t> qcodes;
   std::vector<std::vector<int32_t>> cand;  // [group][chunk][g] candidate lists
   if (st.est == kSample) {
     qcodes.resize(rows * v.L);
@@ -444,8 +444,8 @@ OrtStatus* create_kernel(const CustomOp*, const void*, const OrtKernelInfo* info
     else if (e == "sample") st.est = kSample;
     else if (e == "none") st.est = kNone;
     else throw Error{"kvpass.DecodeStep: estimator must be exact, sample or none, got '" + e + "'"};
-    if (st.S < 0 || st.W < 1 || st.K < 1 || st.K > 16 || st.T < 1)
-      throw Error{"kvpass.DecodeStep: bad attributes (sink_size >= 0, window_size >= 1, 1 <= lsh_k <= 16, threshold >= 1)"};
+    if (st.S < 0 || st.W < 1 || st.K < 1 || st.K > 15 || st.T < 1)
+      throw Error{"kvpass.DecodeStep: bad attributes (sink_size >= 0, window_size >= 1, 1 <= lsh_k <= 15, threshold >= 1)"};
     *out = new Kernel{st};
     return nullptr;
   } catch (const Error& e) {
@@ -480,9 +480,9 @@ CustomOp make_op() {
   };
   op.GetName = [](const CustomOp*) { return "DecodeStep"; };
   op.GetExecutionProviderType = [](const CustomOp*) -> const char* { return nullptr; };  // CPU
-  op.GetInputType = [](const CustomOp*, size_t i) { return i == 7 ? kInt32 : i == 11 ? kInt64 : kFloat; };
+  op.GetInputType = [](const CustomOp*, size_t i) { return i == 7 ? kInt16 : i == 11 ? kInt64 : kFloat; };
   op.GetInputTypeCount = [](const CustomOp*) -> size_t { return 12; };
-  op.GetOutputType = [](const CustomOp*, size_t i) { return i == 5 ? kInt32 : kFloat; };
+  op.GetOutputType = [](const CustomOp*, size_t i) { return i == 5 ? kInt16 : kFloat; };
   op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 6; };
   op.KernelCompute = compute_v1;
   op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };

@@ -129,6 +129,8 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path):
         ex.export_program(model, context_len=CONTEXT, options={"estimator": "topk"})
     with pytest.raises(ex.ExportError, match="context_len must be >= "):
         ex.export_program(model, context_len=200)
+    with pytest.raises(ex.ExportError, match="int16"):
+        ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "custom", "lsh_k": 16})
     with pytest.raises(ex.ExportError, match="float32"):
         ex.export_program(tiny_model("llama").to(torch.bfloat16), context_len=CONTEXT,
                           options={"onnx_lsh": "custom"})

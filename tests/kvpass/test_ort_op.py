@@ -20,7 +20,7 @@ from kvpass.lowering.decode_step import (
 )
 from kvpass.runtime.lsh import hash_codes
 
-TYPES = {"codes": onnx.TensorProto.INT32, "position": onnx.TensorProto.INT64}
+TYPES = {"codes": onnx.TensorProto.INT16, "position": onnx.TensorProto.INT64}
 RANKS = {"mu": 3, "proj": 3, "logp": 1, "position": 0}
 
 
@@ -32,7 +32,7 @@ def _session(estimator, S, W, K, T, scale, threads=1):
                             window_size=W, lsh_k=K, threshold=T, estimator=estimator, scale=scale)
     ins = [helper.make_tensor_value_info(n, TYPES.get(n, onnx.TensorProto.FLOAT),
                                          [f"{n}{i}" for i in range(RANKS.get(n, 4))]) for n in _STEP_INPUTS]
-    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT32 if n == "codes_out" else onnx.TensorProto.FLOAT,
+    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.INT16 if n == "codes_out" else onnx.TensorProto.FLOAT,
                                           [f"{n}{i}" for i in range(4)]) for n in _STEP_OUTPUTS]
     model = helper.make_model(helper.make_graph([node], "step", ins, outs),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("kvpass", 1)])
@@ -51,7 +51,7 @@ def _state(B, H, Hkv, D, S, W, K, L, n, cap, seed=0):
     hk[:, :, n:] = 0  # free capacity
     hv = torch.randn(B, Hkv, cap, D, generator=g)
     hv[:, :, n:] = 0
-    codes = hash_codes(hk - mu[:, :, None], proj, K)
+    codes = hash_codes(hk - mu[:, :, None], proj, K).to(torch.int16)  # the capacity layout's dtype
     codes[:, :, n:] = 0
     return {"q": torch.randn(B, H, 1, D, generator=g) * 2, "k_new": torch.randn(B, Hkv, 1, D, generator=g),
             "v_new": torch.randn(B, Hkv, 1, D, generator=g), "static_k": torch.randn(B, Hkv, S + W, D, generator=g),
