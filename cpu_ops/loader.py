@@ -38,7 +38,7 @@ def _cpu_signature() -> str:
 def _source_signature() -> str:
     """Hash of the sources and of the torch build they compile against (its ABI and headers)."""
     h = hashlib.sha1(torch.__version__.encode())
-    for src in _SOURCES:
+    for src in [*_SOURCES, *sorted(_CSRC.glob("*.h"))]:  # the headers they include change the build too
         h.update(src.read_bytes())
     return h.hexdigest()[:8]
 

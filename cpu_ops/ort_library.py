@@ -22,6 +22,7 @@ from kvpass.cpu_ops.loader import _cpu_signature
 log = logging.getLogger("kvpass")
 
 _SOURCE = Path(__file__).parent / "ort" / "kvpass_ort.cc"
+_HEADERS = [Path(__file__).parent / "csrc" / "logp_table.h"]  # shared with the torch kernels
 _FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-fvisibility=hidden"]
 _lock = threading.Lock()
 
@@ -36,7 +37,8 @@ def ort_library_path() -> str:
     """Path of the built library (built on first use, ~3 s; cached).  Raises ``RuntimeError`` naming what
     is missing when there is no C++ compiler, with the compiler's message when the build fails."""
     compiler = os.environ.get("CXX", "c++")
-    h = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:10]
+    h = hashlib.sha1(b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS)) + " ".join(_FLAGS).encode())
+    h = h.hexdigest()[:10]
     out = _cache_dir() / f"libkvpass_ort_{h}_{_cpu_signature()}.so"
     with _lock:
         if out.exists():

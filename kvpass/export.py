@@ -259,16 +259,14 @@ def _check_model(model) -> int:
     return cfg.num_hidden_layers
 
 
-def example_state(model, context_len: int, opts: Options, batch: int = 1, spare: int = 0
-                  ) -> list[dict[str, torch.Tensor]]:
-    """Random state of the right shapes for tracing (``context_len`` tokens, all but S + W on the host,
-    plus ``spare`` free host rows)."""
+def example_state(model, context_len: int, opts: Options, batch: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random state of the right shapes for tracing (``context_len`` tokens, all but S + W on the host)."""
     cfg = model.config
     Hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = next(model.parameters()).dtype
     S, W = opts.sink_size, opts.window_size
-    n = context_len - S - W + spare
+    n = context_len - S - W
     return [{"static_k": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
              "static_v": torch.randn(batch, Hkv, S + W, D, dtype=dtype),
              "host_k": torch.randn(batch, Hkv, n, D, dtype=dtype),
@@ -311,9 +309,9 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
     if context_len < min_ctx:
         raise ExportError(f"kvpass: context_len must be >= sink_size + window_size + 256 = {min_ctx} (the "
                           f"exported step runs with the window full and the LSH index built)")
-    states = example_state(model, context_len, opts, spare=16 if onnx_lsh == "custom" else 0)
+    states = example_state(model, context_len, opts)
     if onnx_lsh == "custom":
-        states = with_capacity(states, 0)  # int16 codes
+        states = with_capacity(states, 16)  # the step writes host row N: free rows, int16 codes
     args = flat_inputs(torch.zeros(1, 1, dtype=torch.int64), context_len, states)
     host = torch.export.Dim("host_len", min=256, max=1 << 24)
     dyn = (None, None, tuple({2: host} if name in ("host_k", "host_v", "codes") else None
@@ -421,6 +419,8 @@ class OnnxDecoder:
 
         meta = _meta(session)
         self.session, self.position, self.layers = session, position, meta["layers"]
+        opts = parse_options(meta["options"])
+        self.static_len = opts.sink_size + opts.window_size  # host rows in use = position - static_len
         self.capacity = meta.get("layout", "grow") == "capacity"
         inputs, self.outputs = io_names(self.layers)
         if self.capacity:
@@ -467,8 +467,7 @@ class OnnxDecoder:
             arr = src[key].numpy() if src is not None else self.feed[key]
             st[name] = torch.from_numpy(arr.copy())
         if self.capacity:
-            meta_opts = parse_options(_meta(self.session)["options"])
-            n = self.position - meta_opts.sink_size - meta_opts.window_size
+            n = self.position - self.static_len
             for name in ("host_k", "host_v", "codes"):
                 st[name] = st[name][:, :, :n]
             st["codes"] = st["codes"].to(torch.int32)

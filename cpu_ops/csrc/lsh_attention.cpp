@@ -18,6 +18,8 @@
 #include <torch/library.h>
 #include <omp.h>
 
+#include "logp_table.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -72,7 +74,7 @@ int64_t packed_bytes(int64_t n, int w) { return (n * w + 7) / 8 + 4; }
 // P(collide in >= T of L tables), one table colliding with p = (1 - θ/π)^K, as log P over a grid
 // of cos θ in [-1, 1].  Double precision; the small-p end sums the upper tail directly (the
 // complement 1 - Σ_{t<T} would cancel).  Cached per (K, L, T).
-constexpr int kTable = 16384;
+using kvpass_logp::kTable;
 
 double log_retrieval_probability(double cos_theta, int64_t K, int64_t L, int64_t T) {
   cos_theta = std::min(1.0, std::max(-1.0, cos_theta));
@@ -108,13 +110,7 @@ const std::vector<float>& logp_table(int64_t K, int64_t L, int64_t T) {
   return tab;
 }
 
-KVPASS_INLINE float lookup_logp(const float* tab, float c) {
-  c = std::min(1.f, std::max(-1.f, c));
-  const float x = (c + 1.f) * 0.5f * kTable;
-  const int i = std::min(kTable - 1, int(x));
-  const float f = x - float(i);
-  return tab[i] + f * (tab[i + 1] - tab[i]);
-}
+using kvpass_logp::lookup_logp;
 
 // ---------------------------------------------------------------- building a segment
 

@@ -21,6 +21,8 @@
 // (O(1) bytes written); otherwise the input is copied to the output first (plain ONNX semantics).
 #include <omp.h>
 
+#include "../csrc/logp_table.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -132,7 +134,7 @@ Tensor describe(const OrtValue* v) {
 
 // ---------------------------------------------------------------- the step
 
-constexpr int kTable = 16384;  // intervals of the log P table (lowering/decode_step.LOGP_GRID)
+using kvpass_logp::kTable;
 enum Estimator { kExact, kSample, kNone };
 
 struct Step {
@@ -141,13 +143,7 @@ struct Step {
   float scale;
 };
 
-inline float lookup_logp(const float* tab, float c) {
-  c = std::min(1.f, std::max(-1.f, c));
-  const float x = (c + 1.f) * 0.5f * kTable;
-  const int i = std::min(kTable - 1, int(x));
-  const float f = x - float(i);
-  return tab[i] + f * (tab[i + 1] - tab[i]);
-}
+using kvpass_logp::lookup_logp;
 
 // SimHash codes of one row x [D] with the site's projection R [D, K·L]: bit j of table l = [x·R[:, lK+j] > 0].
 KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K, int64_t L, float* y, int16_t* code) {
