@@ -35,6 +35,9 @@
 #define KVPASS_CLONES
 #endif
 #define KVPASS_INLINE inline __attribute__((always_inline))
+// lambdas in the per-row code must inline too: an outlined lambda is compiled for the baseline ISA,
+// not for the SIMD clone that calls it
+#define KVPASS_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace kvpass_cpu {
 namespace {
@@ -229,6 +232,18 @@ struct Scratch {
   std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
 };
 
+// Prefetch one cache line (into L1).  Not __builtin_prefetch: GCC 12 deleted the K/V row prefetch loops
+// (a loop whose body is only that builtin counts as side-effect free) — the built kernel had none, and
+// every candidate row cost a full memory latency (one layer at 128k: 11 -> 5 ms with them back).  An
+// asm volatile statement cannot be dropped.
+KVPASS_INLINE void prefetch_line(const char* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 template <typename T>
 KVPASS_INLINE float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
@@ -362,39 +377,18 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     mumu += mu[i] * mu[i];
   }
   const float qnorm = std::sqrt(qq);
-  s.score.resize(m);
-  float mx = kNegInf;
-  const bool keep_all = P.estimator == kSample || P.budget >= m;
-  // Candidates are scattered over the host store: the loop is bound by memory latency, not bandwidth,
-  // unless the rows a few iterations ahead are already on their way.
-  auto k_row = [&](int64_t key) {
+  auto k_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
     return static_cast<const T*>(P.kb[key / P.block_size]) + b * P.kb_s0 + hk * P.kb_s1 +
            (key % P.block_size) * P.kb_s2;
   };
-  auto v_row = [&](int64_t key) {
+  auto v_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
     return static_cast<const T*>(P.vb[key / P.block_size]) + b * P.vb_s0 + hk * P.vb_s1 +
            (key % P.block_size) * P.vb_s2;
   };
-  const int64_t row_bytes = D * int64_t(sizeof(T));
-  auto prefetch = [&](const T* p) {
-    const char* c = reinterpret_cast<const char*>(p);
-    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
-  };
-  // K rows of the next candidates, and their V rows too: the V pass below then finds them in L2
-  // (a row's candidates take ~100-500 KiB), which keeps far more misses in flight than it could alone.
-  constexpr int64_t kAhead = 16;
-  for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
-    prefetch(k_row(s.cand[j]));
-    if (keep_all) prefetch(v_row(s.cand[j]));
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    if (j + kAhead < m) {
-      prefetch(k_row(s.cand[j + kAhead]));
-      if (keep_all) prefetch(v_row(s.cand[j + kAhead]));  // adjacent to K in the host store
-    }
-    const T* k = k_row(s.cand[j]);
+  // The score of one candidate: q·k scaled, and for "sample" its importance weight 1 / P(retrieved)
+  // as -log P (from the angle between q and the centred key k - μ).
+  auto score = [&](const T* k) KVPASS_LAMBDA_INLINE {
     float qk = 0.f;
-    float sc;
     if (P.estimator == kSample) {
       float kmu = 0.f, kk = 0.f;
 #pragma omp simd reduction(+ : qk, kmu, kk)
@@ -407,53 +401,92 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       const float cn = std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));  // |k - μ|
       const float denom = qnorm * cn;
       const float cosv = denom > 0.f ? (qk - qmu) / denom : 0.f;
-      sc = qk * P.scale - lookup_logp(P.logp, cosv);  // e^{s} / P(retrieved)
-    } else {
-#pragma omp simd reduction(+ : qk)
-      for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
-      sc = qk * P.scale;
+      return qk * P.scale - lookup_logp(P.logp, cosv);  // e^{s} / P(retrieved)
     }
-    s.score[j] = sc;
-    mx = std::max(mx, sc);
-  }
-  int64_t keep = m;
-  if (P.estimator != kSample && P.budget < m) {  // topk / oracle: the `budget` largest scores
-    keep = std::max<int64_t>(P.budget, 0);
+#pragma omp simd reduction(+ : qk)
+    for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
+    return qk * P.scale;
+  };
+  // Candidates are scattered over the host store: the loops are bound by memory latency unless the
+  // rows a few iterations ahead are already on their way (K and V of a token are adjacent).
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  auto prefetch = [&](const T* p) KVPASS_LAMBDA_INLINE {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0; o < row_bytes; o += 64) prefetch_line(c + o);
+  };
+  constexpr int64_t kAhead = 16;
+  s.acc.assign(D, 0.f);
+  float* acc = s.acc.data();
+  float mx = smx;
+  double denom = 0.0;
+  auto add_static = [&]() KVPASS_LAMBDA_INLINE {  // the static keys' terms at the current mx
+    for (int64_t j = 0; j < P.NS; ++j) {
+      if (s.sscore[j] == kNegInf) continue;
+      const T* v = sv + j * P.sv_s2;
+      const float p = std::exp(s.sscore[j] - mx);
+      denom += p;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+    }
+  };
+  if (P.estimator == kSample || P.budget >= m) {
+    // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
+    add_static();
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
+      prefetch(k_row(s.cand[j]));
+      prefetch(v_row(s.cand[j]));
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) {
+        prefetch(k_row(s.cand[j + kAhead]));
+        prefetch(v_row(s.cand[j + kAhead]));
+      }
+      const int64_t key = s.cand[j];
+      const float sc = score(k_row(key));
+      if (sc > mx) {  // a new maximum: rescale what is summed so far (rare after the first few)
+        const float c = mx == kNegInf ? 0.f : std::exp(mx - sc);
+        denom *= c;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) acc[i] *= c;
+        mx = sc;
+      }
+      const float p = std::exp(sc - mx);
+      denom += p;
+      const T* v = v_row(key);
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+    }
+  } else {
+    // topk / oracle: score every candidate, keep the `budget` largest, then read their V
+    s.score.resize(m);
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(k_row(s.cand[j]));
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
+      s.score[j] = score(k_row(s.cand[j]));
+    }
+    const int64_t keep = std::max<int64_t>(P.budget, 0);
     s.order.resize(m);
     std::iota(s.order.begin(), s.order.end(), 0);
     std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
                      [&](int32_t a, int32_t c) { return s.score[a] > s.score[c]; });
     s.order.resize(keep);
-    mx = kNegInf;
     for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
-  }
-  mx = std::max(mx, smx);
-  if (mx == kNegInf) {
-    std::fill(o, o + D, 0.f);
-    P.lse[r] = kNegInf;
-    return;
-  }
-  s.acc.assign(D, 0.f);
-  float* acc = s.acc.data();
-  double denom = 0.0;
-  auto kept = [&](int64_t jj) { return keep == m ? jj : int64_t(s.order[jj]); };
-  for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[kept(jj)]));
-  for (int64_t jj = 0; jj < keep; ++jj) {
-    const int64_t j = kept(jj);
-    if (jj + kAhead < keep) prefetch(v_row(s.cand[kept(jj + kAhead)]));
-    const T* v = v_row(s.cand[j]);
-    const float p = std::exp(s.score[j] - mx);
-    denom += p;
+    if (mx == kNegInf) {
+      std::fill(o, o + D, 0.f);
+      P.lse[r] = kNegInf;
+      return;
+    }
+    add_static();
+    for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[s.order[jj]]));
+    for (int64_t jj = 0; jj < keep; ++jj) {
+      if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
+      const int32_t j = s.order[jj];
+      const T* v = v_row(s.cand[j]);
+      const float p = std::exp(s.score[j] - mx);
+      denom += p;
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
-  }
-  for (int64_t j = 0; j < P.NS; ++j) {
-    if (s.sscore[j] == kNegInf) continue;
-    const T* v = sv + j * P.sv_s2;
-    const float p = std::exp(s.sscore[j] - mx);
-    denom += p;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+    }
   }
   const float inv = float(1.0 / denom);
   for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
