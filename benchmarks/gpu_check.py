@@ -106,19 +106,33 @@ def check_model(device, smoke: bool) -> str:
     ref_ids, ref_logits = greedy(model, ids, steps)
     t_dense = time.perf_counter() - t
     fwd = model.forward
-    model.forward = torch.compile(fwd, backend="kvpass", options={"estimator": "exact", "inductor": not smoke})
-    greedy(model, ids, 2)  # compile
-    t = time.perf_counter()
-    got_ids, logits = greedy(model, ids, steps)
-    t_kvpass = time.perf_counter() - t
-    model.forward = fwd
+    runs = {}
+    try:
+        for est in ("exact", "sample"):
+            for overlap in (True, False):
+                torch._dynamo.reset()
+                kvpass.reset()
+                model.forward = torch.compile(fwd, backend="kvpass", options={
+                    "estimator": est, "overlap": overlap, "inductor": not smoke})
+                greedy(model, ids, 2)  # compile
+                t = time.perf_counter()
+                got_ids, logits = greedy(model, ids, steps)
+                runs[est, overlap] = (got_ids, logits, time.perf_counter() - t, kvpass.runtime_stats())
+    finally:
+        model.forward = fwd
+    got_ids, logits, t_kvpass, stats = runs["exact", True]
     same = int((got_ids == ref_ids).sum() - ids.shape[1])
     diff = (logits - ref_logits).abs().max().item()
-    stats = kvpass.runtime_stats()
-    return (f"{ids.shape[1]}-token prompt, {steps} greedy tokens, estimator=exact: {same}/{steps} tokens equal, "
-            f"max |logit diff| {diff:.2e}; whole generate: kvpass {t_kvpass:.2f} s vs dense {t_dense:.2f} s; "
-            f"device KV {stats['device_kv_bytes'] / 2**20:.2f} MiB, host KV {stats['host_kv_bytes'] / 2**20:.2f} MiB")
-
+    lines = [(f"{ids.shape[1]}-token prompt, {steps} greedy tokens, estimator=exact: {same}/{steps} tokens equal "
+             f"to dense, max |logit diff| {diff:.2e}; whole generate: kvpass {t_kvpass:.2f} s vs dense "
+             f"{t_dense:.2f} s; device KV {stats['device_kv_bytes'] / 2**20:.2f} MiB, host KV "
+             f"{stats['host_kv_bytes'] / 2**20:.2f} MiB")]
+    for est in ("exact", "sample"):  # the overlapped step must not change a single token
+        (a_ids, a_log, a_t, _), (b_ids, b_log, b_t, _) = runs[est, True], runs[est, False]
+        lines.append(f"  {est}: overlap on vs off: tokens {'EQUAL' if torch.equal(a_ids, b_ids) else 'DIFFER'}, "
+                     f"max |logit diff| {(a_log - b_log).abs().max().item():.2e}; generate {a_t:.2f} s vs "
+                     f"{b_t:.2f} s")
+    return "\n".join(lines)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,7 +8,8 @@ runs ``KVStore.attend``; the baselines get the same keys and values in fp32:
 figure of merit is the ratio to the faster baseline, measured in the same test (these machines are
 noisy; absolute times are not comparable across runs).  ``extra_info`` carries the ratio, the
 fraction of keys read, and the kernel's effective bandwidth (bytes it must touch / time) against
-this machine's copy bandwidth.
+this machine's copy bandwidth, and the time per row read against torch's ``index_select`` of as many
+rows of the same size (a roofline for scattered reads on this machine).
 
     pytest benchmarks/test_decode_attention.py --benchmark-only              # 8k, 32k, 128k
     pytest benchmarks/test_decode_attention.py --benchmark-only -k "8k and not 128k"   # quick
@@ -113,6 +114,13 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
     static_bytes = 2 * HKV * (store.sink_size + store.window_size) * D * itemsize
     proj_bytes = idx.projection_bytes
     touched = kv_bytes + index_bytes + static_bytes + proj_bytes
+    # a roofline for the scattered reads: torch gathering as many rows of the same size (sorted random
+    # ids, as the kernel's candidates are sorted per segment) out of a buffer as large as the host store
+    row_elems = 2 * D * itemsize // 4  # fp32 elements of one K+V row (512 B at d=128)
+    flat = k.view(-1)[: (k.numel() // row_elems) * row_elems].view(-1, row_elems)
+    n_rows = max(1, round(rows * read))
+    ids = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(1))[:n_rows].sort().values
+    t_gather = best_of(lambda: flat.index_select(0, ids), 5)
     benchmark.extra_info.update({
         "layout": f"{H} q / {HKV} kv heads, d={D}",
         "context": ctx,
@@ -126,8 +134,12 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
         "effective_GBps": round(touched / t_kvpass / 1e9, 2),
         "copy_GBps": round(copy_bandwidth / 1e9, 2),
         "dense_GBps": round(2 * k.nbytes / baseline / 1e9, 2),
+        "ns_per_row_kvpass": round(t_kvpass / n_rows * 1e9, 1),
+        "ns_per_row_torch_gather": round(t_gather / n_rows * 1e9, 1),
         "index_bytes_per_token_per_table": round(store.index_bytes / (n * HKV * idx.lsh_l), 3),
     })
     print(f"\n{layout} {context}: kvpass sample {t_kvpass * 1e3:.2f} ms | sdpa {t_sdpa * 1e3:.2f} ms | grouped "
           f"{t_grouped * 1e3:.2f} ms | speed-up {baseline / t_kvpass:.1f}x | keys read {read / n:.2%} | "
-          f"{touched / t_kvpass / 1e9:.1f} GB/s effective vs {copy_bandwidth / 1e9:.1f} GB/s copy")
+          f"{touched / t_kvpass / 1e9:.1f} GB/s effective vs {copy_bandwidth / 1e9:.1f} GB/s copy | "
+          f"{t_kvpass / n_rows * 1e9:.0f} ns per row read vs {t_gather / n_rows * 1e9:.0f} ns for torch "
+          f"index_select of as many rows")

@@ -27,6 +27,8 @@ class Options:
     on_unmatched: str = "fallback"  # a site kvpass cannot rewrite: "fallback" (dense, reported) | "error"
     inductor: bool = True           # compile the rewritten graph with Inductor (False: run it eagerly)
     static_backend: str = "auto"    # static part: "triton" (GPU kernel) | "torch" | "auto" (triton on CUDA)
+    overlap: bool = True            # CUDA: CPU part concurrent with the device's static part (copy stream,
+                                    # pinned buffers); False: one after the other
     dryrun: bool = False            # report only: run the original graph unchanged
     host_block_size: int = 4096     # tokens per host-store block
     onnx_lsh: str = "portable"      # ONNX export of the host part: "portable" (standard ONNX ops) |
@@ -38,7 +40,7 @@ class Options:
         return json.dumps({"sink_size": self.sink_size, "window_size": self.window_size,
                            "host_block_size": self.host_block_size, "lsh_k": self.lsh_k, "lsh_l": self.lsh_l,
                            "lsh_threshold": self.lsh_threshold, "seed": self.seed, "budget": self.budget,
-                           "static_backend": self.static_backend},
+                           "static_backend": self.static_backend, "overlap": self.overlap},
                           sort_keys=True)
 
 
@@ -81,6 +83,8 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
         raise ValueError(f"kvpass: estimator must be one of {list(ESTIMATORS)}, got {opts.estimator!r}")
     if opts.static_backend not in ("auto", "triton", "torch"):
         raise ValueError(f"kvpass: static_backend must be 'auto', 'triton' or 'torch', got {opts.static_backend!r}")
+    if opts.overlap is not True and opts.overlap is not False:
+        raise ValueError(f"kvpass: overlap must be True or False, got {opts.overlap!r}")
     if opts.onnx_lsh not in ("portable", "custom"):
         raise ValueError(f"kvpass: onnx_lsh must be 'portable' or 'custom', got {opts.onnx_lsh!r}")
     if opts.on_unmatched not in ("fallback", "error"):
