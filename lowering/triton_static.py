@@ -88,23 +88,49 @@ def _static_attention_kernel(
 
 
 def _block_n(rows: int, block_d: int) -> int:
-    """Slots per tile: the [rows, BLOCK_N, BLOCK_D] products stay within ~16K fp32 elements per program
-    (register budget); a power of two in [16, 64].  (Triton's autotuner times candidates with CUDA
-    events, so it cannot run under the CPU interpreter; this heuristic picks the tile everywhere.)"""
+    """Slots per tile where nothing is tuned (the CPU interpreter, ``tune=False``): the [rows, BLOCK_N,
+    BLOCK_D] products stay within ~16K fp32 elements per program (register budget); a power of two in
+    [16, 64]."""
     bn = 64
     while bn > 16 and rows * bn * block_d > 16384:
         bn //= 2
     return bn
 
 
+# On CUDA the tile is autotuned from a small list (per kv-slot count, head_dim, rows per program and
+# variant; the dtype is part of Triton's key).  The autotuner times candidates with CUDA events, so the
+# interpreter uses the heuristic above; tests drive the tuned launcher with a stand-in timer.
+TUNE_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 32, 64) for w in (2, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose [rows, BLOCK_N, BLOCK_D] products exceed ~32K fp32 elements (they spill)."""
+    rows, block_d = kwargs["BLOCK_R"], kwargs["BLOCK_D"]
+    kept = [c for c in configs if rows * c.kwargs["BLOCK_N"] * block_d <= 32768]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps))]
+
+
+def make_tuned(do_bench=None):
+    """The autotuned launcher of the kernel (``do_bench``: Triton's timer unless given)."""
+    extra = {"do_bench": do_bench} if do_bench is not None else {}
+    return triton.autotune(configs=TUNE_CONFIGS, key=["N", "D", "BLOCK_R", "FUSE_MERGE"],
+                           prune_configs_by={"early_config_prune": _prune}, **extra)(_static_attention_kernel)
+
+
+_TUNED = None
+
+
 def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
                             q_pos: torch.Tensor, scale: float, out_d: torch.Tensor | None = None,
-                            lse_d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            lse_d: torch.Tensor | None = None, *, tune: bool | None = None,
+                            _tuned=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``kvpass.lowering.static_attention`` (same arguments and results); with
     ``out_d`` [B, H, Tq, D] fp32 and ``lse_d`` [B, H, Tq] fp32 given, returns the merge of both parts.
 
     q: [B, H, Tq, D] (Tq <= 8); k, v: [B, Hkv, N, D], head_dim contiguous; k_pos: [N] int64 (-1 =
-    empty slot); q_pos: [Tq] int64.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32."""
+    empty slot); q_pos: [Tq] int64.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
+    tune: autotune the tile from TUNE_CONFIGS (default: on CUDA); ``_tuned`` (tests) a launcher from
+    ``make_tuned``."""
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if H % Hkv or k.stride(3) != 1 or v.stride(3) != 1:
@@ -118,12 +144,20 @@ def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     rows = (H // Hkv) * Tq
     block_r = max(2, triton.next_power_of_2(rows))
     block_d = max(16, triton.next_power_of_2(D))
-    _static_attention_kernel[(B * Hkv,)](
-        q, k, v, k_pos.contiguous(), q_pos.contiguous(), out, lse, od, ld,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        od.stride(0), od.stride(1), od.stride(2),
-        H, Hkv, Tq, N, float(scale),
-        D=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse,
-    )
+    args = (q, k, v, k_pos.contiguous(), q_pos.contiguous(), out, lse, od, ld,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            od.stride(0), od.stride(1), od.stride(2),
+            H, Hkv, Tq, N, float(scale))
+    if tune is None:
+        tune = q.device.type == "cuda"
+    if tune:
+        global _TUNED
+        if _tuned is None:
+            _TUNED = _TUNED or make_tuned()
+            _tuned = _TUNED
+        _tuned[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r, FUSE_MERGE=fuse)
+    else:
+        _static_attention_kernel[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r,
+                                             BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse)
     return out, lse
