@@ -27,7 +27,7 @@ def _ring(S, W, filled, Hkv, B, D, dtype, gen):
 
 @settings(max_examples=30, deadline=None)
 @given(G=st.sampled_from([1, 2, 4, 8]), Hkv=st.integers(1, 2), B=st.integers(1, 2), Tq=st.integers(1, 8),
-       D=st.sampled_from([16, 64, 80]), S=st.integers(0, 4), W=st.sampled_from([8, 13]),
+       D=st.sampled_from([16, 64, 80, 96, 128, 256]), S=st.integers(0, 4), W=st.sampled_from([8, 13]),
        extra=st.integers(-6, 40), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        fuse=st.booleans(), seed=st.integers(0, 100))
 def test_kernel_matches_the_reference(G, Hkv, B, Tq, D, S, W, extra, dtype, fuse, seed):
