@@ -1,6 +1,11 @@
 """The LSH kernel (retrieve → score → softmax → V) against the plain-torch definition of each estimator."""
 
 import math
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +154,31 @@ def test_sample_is_consistent_over_random_projections():
     se_num = nums.std(0) / math.sqrt(len(nums))
     assert ((nums.mean(0) - true_num).abs() <= 5 * se_num + 1e-6).all()
     assert 0 < sum(reads) / len(reads) < 0.5  # it really sampled
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None or
+                    not Path("/proc/self/maps").exists(), reason="inspects an x86-64 ELF build with objdump")
+def test_built_kernel_keeps_its_row_prefetches_and_inlined_lambdas():
+    """Guards two build regressions that cost 2x speed silently: GCC dropping the K/V row prefetches (a
+    loop of nothing but __builtin_prefetch is "side-effect free"), and a per-row lambda outlined out of
+    the SIMD clones (compiled for the baseline ISA).  Every clone of every per-row function must prefetch,
+    and no lambda of the row template may exist as a function of its own."""
+    from kvpass.cpu_ops import loader
+
+    loader.load()
+    so = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if "kvpass_cpu_" in line and line.endswith(".so"))
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True,
+                         check=True).stdout
+    prefetches: dict[str, int] = {}
+    fn = ""
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            fn = line[line.index("<") + 1:-2]
+            if "::row_" in fn and ".resolver" not in fn and "@plt" not in fn:  # each SIMD clone
+                prefetches.setdefault(fn, 0)
+        elif "prefetcht0" in line and fn in prefetches:
+            prefetches[fn] += 1
+    assert len(prefetches) >= 3, f"no per-row functions found in {so}"
+    assert all(n > 0 for n in prefetches.values()), prefetches
+    assert not [f for f in re.findall(r"<([^>]*row<[^>]*lambda[^>]*)>:", asm)], "a per-row lambda was outlined"
