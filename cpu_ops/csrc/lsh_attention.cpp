@@ -498,19 +498,42 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
 KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::vector<float>& y) {
   const int64_t D = P.D, L = P.L, KL = P.K * L, rows = P.G * P.Tq;
   const c10::BFloat16* R = P.proj + hk * D * KL;  // bf16: half the bytes to stream, and exact (see lsh.py)
-  const int64_t r0 = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
+  const int64_t r0g = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
   y.assign(rows * KL, 0.f);
-  for (int64_t i = 0; i < D; ++i) {
-    const c10::BFloat16* Ri = R + i * KL;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float qi = P.q[(r0 + r) * D + i];
-      float* yr = y.data() + r * KL;
+  // register-blocked: a tile of 4 rows x 16 columns accumulates over all of D in registers, so each
+  // element of R is loaded and widened once per 4 rows, and y is written once
+  constexpr int64_t kR = 4, kC = 16;
+  std::vector<float> qpad(kR * D);  // the tile's rows, zero-padded when fewer than kR are left
+  for (int64_t r0 = 0; r0 < rows; r0 += kR) {
+    const int64_t nr = std::min(kR, rows - r0);
+    std::fill(qpad.begin(), qpad.end(), 0.f);
+    std::copy(P.q + (r0g + r0) * D, P.q + (r0g + r0 + nr) * D, qpad.begin());
+    const float* q0 = qpad.data();
+    for (int64_t c0 = 0; c0 < KL; c0 += kC) {
+      const int64_t nc = std::min(kC, KL - c0);
+      float acc[kR][kC] = {};
+      if (nc == kC) {
+        for (int64_t i = 0; i < D; ++i) {
+          float rv[kC];
 #pragma omp simd
-      for (int64_t c = 0; c < KL; ++c) yr[c] += qi * static_cast<float>(Ri[c]);
+          for (int64_t c = 0; c < kC; ++c) rv[c] = static_cast<float>(R[i * KL + c0 + c]);
+          for (int64_t rr = 0; rr < kR; ++rr) {
+            const float qi = q0[rr * D + i];
+#pragma omp simd
+            for (int64_t c = 0; c < kC; ++c) acc[rr][c] += qi * rv[c];
+          }
+        }
+      } else {  // edge tiles
+        for (int64_t i = 0; i < D; ++i)
+          for (int64_t rr = 0; rr < nr; ++rr)
+            for (int64_t c = 0; c < nc; ++c) acc[rr][c] += q0[rr * D + i] * static_cast<float>(R[i * KL + c0 + c]);
+      }
+      for (int64_t rr = 0; rr < nr; ++rr)
+        for (int64_t c = 0; c < nc; ++c) y[(r0 + rr) * KL + c0 + c] = acc[rr][c];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    int32_t* qc = P.qcode + (r0 + r) * L;
+    int32_t* qc = P.qcode + (r0g + r) * L;
     const float* yr = y.data() + r * KL;
     for (int64_t l = 0; l < L; ++l) {
       int32_t code = 0;
