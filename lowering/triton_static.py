@@ -11,6 +11,7 @@ head_dim (padded to a power of two inside the kernel).  On a CPU machine the ker
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -110,14 +111,13 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_warps))]
 
 
+@functools.cache
 def make_tuned(do_bench=None):
-    """The autotuned launcher of the kernel (``do_bench``: Triton's timer unless given)."""
+    """The autotuned launcher of the kernel (``do_bench``: Triton's timer unless given); one per timer,
+    so its tuning results are kept across calls."""
     extra = {"do_bench": do_bench} if do_bench is not None else {}
     return triton.autotune(configs=TUNE_CONFIGS, key=["N", "D", "BLOCK_R", "FUSE_MERGE"],
                            prune_configs_by={"early_config_prune": _prune}, **extra)(_static_attention_kernel)
-
-
-_TUNED = None
 
 
 def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
@@ -152,11 +152,7 @@ def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     if tune is None:
         tune = q.device.type == "cuda"
     if tune:
-        global _TUNED
-        if _tuned is None:
-            _TUNED = _TUNED or make_tuned()
-            _tuned = _TUNED
-        _tuned[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r, FUSE_MERGE=fuse)
+        (_tuned or make_tuned())[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r, FUSE_MERGE=fuse)
     else:
         _static_attention_kernel[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r,
                                              BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse)

@@ -225,7 +225,7 @@ struct Scratch {
   std::vector<uint8_t> count;  // per key, collisions of the current row, saturating (cleared via `touched`)
   std::vector<uint16_t> tail_count;
   std::vector<int32_t> touched, cand;
-  std::vector<float> score, kf, acc, proj, sscore;
+  std::vector<float> score, acc, proj, sscore;
   std::vector<int32_t> order;
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
@@ -419,15 +419,15 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   float* acc = s.acc.data();
   float mx = smx;
   double denom = 0.0;
-  auto add_static = [&]() KVPASS_LAMBDA_INLINE {  // the static keys' terms at the current mx
-    for (int64_t j = 0; j < P.NS; ++j) {
-      if (s.sscore[j] == kNegInf) continue;
-      const T* v = sv + j * P.sv_s2;
-      const float p = std::exp(s.sscore[j] - mx);
-      denom += p;
+  auto accumulate = [&](const T* v, float sc) KVPASS_LAMBDA_INLINE {  // one key's term at the current mx
+    const float p = std::exp(sc - mx);
+    denom += p;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
-    }
+    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+  };
+  auto add_static = [&]() KVPASS_LAMBDA_INLINE {
+    for (int64_t j = 0; j < P.NS; ++j)
+      if (s.sscore[j] != kNegInf) accumulate(sv + j * P.sv_s2, s.sscore[j]);
   };
   if (P.estimator == kSample || P.budget >= m) {
     // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
@@ -444,17 +444,13 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       const int64_t key = s.cand[j];
       const float sc = score(k_row(key));
       if (sc > mx) {  // a new maximum: rescale what is summed so far (rare after the first few)
-        const float c = mx == kNegInf ? 0.f : std::exp(mx - sc);
+        const float c = std::exp(mx - sc);  // 0 while nothing is summed (mx = -inf)
         denom *= c;
 #pragma omp simd
         for (int64_t i = 0; i < D; ++i) acc[i] *= c;
         mx = sc;
       }
-      const float p = std::exp(sc - mx);
-      denom += p;
-      const T* v = v_row(key);
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+      accumulate(v_row(key), sc);
     }
   } else {
     // topk / oracle: score every candidate, keep the `budget` largest, then read their V
@@ -481,11 +477,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t jj = 0; jj < keep; ++jj) {
       if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
       const int32_t j = s.order[jj];
-      const T* v = v_row(s.cand[j]);
-      const float p = std::exp(s.score[j] - mx);
-      denom += p;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+      accumulate(v_row(s.cand[j]), s.score[j]);
     }
   }
   const float inv = float(1.0 / denom);
