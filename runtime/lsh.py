@@ -70,6 +70,11 @@ class LSHIndex:
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.lsh_k, self.lsh_l, self.threshold, self.seed, self.site = lsh_k, lsh_l, threshold, seed, site
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
+        # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
+        # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
+        # codes per query row: 0.3 ms of a SmolLM2 layer's step, where its ~150 bucket visits cost ~0.03).
+        # From 2^K keys on, a segment's bucket starts (2^K x 2 B per table) cost <= 2 B per key per table.
+        self.bulk_seal = min(self.seal_size, max(1024, 1 << lsh_k))
         self.mu: torch.Tensor | None = None  # [B, Hkv, D] fp32 (CPU), once built
         self.seg_ids: list[torch.Tensor] = []
         self.seg_starts: list[torch.Tensor] = []
@@ -112,12 +117,14 @@ class LSHIndex:
 
     def _add_codes(self, codes: torch.Tensor) -> None:
         """codes: int32 [B, Hkv, n, L] of the next n offloaded keys.  Whenever the tail and the new keys
-        reach ``seal_size`` together, they are sealed as one segment as large as possible (up to
-        MAX_SEGMENT): bulk appends (prefill, chunked prefill) make few large segments, whose ids pack
-        tighter; token-by-token decode seals every ``seal_size`` tokens."""
+        reach ``seal_size`` together (``bulk_seal`` when the new keys alone are that many), they are sealed
+        as one segment as large as possible (up to MAX_SEGMENT): bulk appends (prefill, chunked prefill)
+        make few large segments, whose ids pack tighter; token-by-token decode seals every ``seal_size``
+        tokens."""
         t, n = 0, codes.shape[2]
+        seal_at = self.bulk_seal if n >= self.bulk_seal else self.seal_size
         while t < n:
-            if self.tail_len + (n - t) >= self.seal_size:
+            if self.tail_len + (n - t) >= seal_at:
                 m = min(n - t, MAX_SEGMENT - self.tail_len)
                 tail = self.tail[..., :self.tail_len].permute(0, 1, 3, 2).int() & 0xFFFF
                 self._seal(torch.cat([tail, codes[:, :, t:t + m]], 2))

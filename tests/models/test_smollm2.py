@@ -138,9 +138,10 @@ def test_passkey_static_only_misses_what_sampling_finds(smollm2):
 
 
 @pytest.mark.slow
+# exact/none through the op library's node are covered on the small models (tests/kvpass/test_export.py);
+# on the 30-layer model the node is run with sampling, the estimator it exists for (CI time: 2 min less)
 @pytest.mark.parametrize("estimator,onnx_lsh", [("sample", "portable"), ("exact", "portable"),
-                                                ("none", "portable"), ("sample", "custom"), ("exact", "custom"),
-                                                ("none", "custom")])
+                                                ("none", "portable"), ("sample", "custom")])
 def test_onnx_export_matches_pytorch_kvpass(smollm2, estimator, onnx_lsh, tmp_path):
     """The exported SmolLM2 decode step (portable ONNX, and the kvpass.DecodeStep node of the op
     library) in onnxruntime: at a 1.1k-token real-text context its logits equal the compiled PyTorch

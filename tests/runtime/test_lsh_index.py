@@ -24,3 +24,26 @@ def test_index_is_at_most_two_bytes_per_token_per_table_at_32k():
     assert idx.tail_base + idx.tail_len == store.tokens_offloaded == tokens + 300
     q = torch.randn(1, 2 * Hkv, 1, D, generator=gen)
     assert torch.isfinite(store.attend(q)).all()
+
+
+def test_a_prompt_is_sealed_at_once_and_the_layout_does_not_change_the_estimate():
+    """A 2,000-token prompt is sealed into a bucket-table segment at once (left in the tail, its codes
+    would be scanned whole at every decode step); sampling over it retrieves and weights exactly what
+    the same keys give from the tail."""
+    Hkv, D, n = 2, 64, 2068
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(1, Hkv, n, D, generator=gen), torch.randn(1, Hkv, n, D, generator=gen)
+    k = k + 2.0 * torch.randn(1, Hkv, 1, D, generator=gen)  # a shared direction, as real keys have
+    q = torch.randn(1, 4 * Hkv, 1, D, generator=gen) + k[:, :1, 1500:1501].repeat(1, 4 * Hkv, 1, 1)
+    sealed = KVStore(Hkv, D, batch=1, dtype=torch.float32)
+    sealed.append(k, v)
+    assert sealed.index.tail_len == 0 and [m[1] for m in sealed.index.seg_meta] == [n - 4 - 64]
+    tail = KVStore(Hkv, D, batch=1, dtype=torch.float32)
+    tail.index.bulk_seal = tail.index.seal_size  # the former rule: < 4096 keys stay in the tail
+    tail.append(k, v)
+    assert tail.index.tail_len == n - 4 - 64 and not tail.index.seg_meta
+    out_sealed = sealed.attend(q, estimator="sample")
+    read = sealed.last_keys_read
+    out_tail = tail.attend(q, estimator="sample")
+    assert read == tail.last_keys_read > 0
+    torch.testing.assert_close(out_sealed, out_tail, rtol=1e-5, atol=1e-6)
