@@ -485,13 +485,15 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   P.lse[r] = mx + float(std::log(denom));
 }
 
-// SimHash of the raw queries of one (batch row, kv head): bit j of table l = [q·R[:, lK + j] > 0].
-// The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
-KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::vector<float>& y) {
-  const int64_t D = P.D, L = P.L, KL = P.K * L, rows = P.G * P.Tq;
+// SimHash of the raw queries of one (batch row, kv head), tables [l0, l1): bit j of table l =
+// [q·R[:, lK + j] > 0].  The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
+KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t l0, int64_t l1,
+                                std::vector<float>& y) {
+  const int64_t D = P.D, KL = P.K * P.L, rows = P.G * P.Tq;
+  const int64_t c_lo = l0 * P.K, nc_all = (l1 - l0) * P.K;  // this range's columns of R
   const c10::BFloat16* R = P.proj + hk * D * KL;  // bf16: half the bytes to stream, and exact (see lsh.py)
   const int64_t r0g = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
-  y.assign(rows * KL, 0.f);
+  y.assign(rows * nc_all, 0.f);
   // register-blocked: a tile of 4 rows x 16 columns accumulates over all of D in registers, so each
   // element of R is loaded and widened once per 4 rows, and y is written once
   constexpr int64_t kR = 4, kC = 16;
@@ -501,14 +503,15 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::ve
     std::fill(qpad.begin(), qpad.end(), 0.f);
     std::copy(P.q + (r0g + r0) * D, P.q + (r0g + r0 + nr) * D, qpad.begin());
     const float* q0 = qpad.data();
-    for (int64_t c0 = 0; c0 < KL; c0 += kC) {
-      const int64_t nc = std::min(kC, KL - c0);
+    for (int64_t c0 = 0; c0 < nc_all; c0 += kC) {
+      const int64_t nc = std::min(kC, nc_all - c0);
+      const c10::BFloat16* Rc = R + c_lo + c0;
       float acc[kR][kC] = {};
       if (nc == kC) {
         for (int64_t i = 0; i < D; ++i) {
           float rv[kC];
 #pragma omp simd
-          for (int64_t c = 0; c < kC; ++c) rv[c] = static_cast<float>(R[i * KL + c0 + c]);
+          for (int64_t c = 0; c < kC; ++c) rv[c] = static_cast<float>(Rc[i * KL + c]);
           for (int64_t rr = 0; rr < kR; ++rr) {
             const float qi = q0[rr * D + i];
 #pragma omp simd
@@ -518,21 +521,32 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, std::ve
       } else {  // edge tiles
         for (int64_t i = 0; i < D; ++i)
           for (int64_t rr = 0; rr < nr; ++rr)
-            for (int64_t c = 0; c < nc; ++c) acc[rr][c] += q0[rr * D + i] * static_cast<float>(R[i * KL + c0 + c]);
+            for (int64_t c = 0; c < nc; ++c) acc[rr][c] += q0[rr * D + i] * static_cast<float>(Rc[i * KL + c]);
       }
       for (int64_t rr = 0; rr < nr; ++rr)
-        for (int64_t c = 0; c < nc; ++c) y[(r0 + rr) * KL + c0 + c] = acc[rr][c];
+        for (int64_t c = 0; c < nc; ++c) y[(r0 + rr) * nc_all + c0 + c] = acc[rr][c];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    int32_t* qc = P.qcode + (r0g + r) * L;
-    const float* yr = y.data() + r * KL;
-    for (int64_t l = 0; l < L; ++l) {
+    int32_t* qc = P.qcode + (r0g + r) * P.L;
+    const float* yr = y.data() + r * nc_all;
+    for (int64_t l = l0; l < l1; ++l) {
       int32_t code = 0;
-      for (int64_t j = 0; j < P.K; ++j) code |= int32_t(yr[l * P.K + j] > 0.f) << j;
+      for (int64_t j = 0; j < P.K; ++j) code |= int32_t(yr[(l - l0) * P.K + j] > 0.f) << j;
       qc[l] = code;
     }
   }
+}
+
+// Tables per hashing work unit: a whole number of 16-column tiles (K = 10: 8 tables, 80 columns), at
+// least 64 columns.  Splitting the tables, not just (batch, kv head), keeps every thread busy when there
+// are fewer kv heads than threads (SmolLM2: 3 kv heads; a 32-core host and Llama's 8).  Each code is the
+// same sum in the same order either way.
+int64_t hash_chunk_tables(int64_t K, int64_t L) {
+  const int64_t per_tile = 16 / std::gcd<int64_t>(K, 16);  // tables per whole number of tiles
+  int64_t t = per_tile;
+  while (t * K < 64) t += per_tile;
+  return std::min(t, L);
 }
 
 KVPASS_CLONES void row_f32(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
@@ -554,9 +568,12 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   {
     Scratch s;
     if (P.estimator != kOracle) {
-#pragma omp for collapse(2) schedule(static)
+      const int64_t chunk = hash_chunk_tables(P.K, P.L), n_chunks = (P.L + chunk - 1) / chunk;
+#pragma omp for collapse(3) schedule(static)
       for (int64_t b = 0; b < P.B; ++b)
-        for (int64_t hk = 0; hk < P.Hkv; ++hk) hash_queries(P, b, hk, s.proj);
+        for (int64_t hk = 0; hk < P.Hkv; ++hk)
+          for (int64_t c = 0; c < n_chunks; ++c)
+            hash_queries(P, b, hk, c * chunk, std::min(P.L, (c + 1) * chunk), s.proj);
     }  // (the implicit barrier: every row's codes exist before retrieval starts)
     // each key enters each list at most once (+1: the branch-free stores write one slot past the end
     // before deciding to keep it)
