@@ -538,15 +538,17 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
   }
 }
 
-// Tables per hashing work unit: a whole number of 16-column tiles (K = 10: 8 tables, 80 columns), at
-// least 64 columns.  Splitting the tables, not just (batch, kv head), keeps every thread busy when there
-// are fewer kv heads than threads (SmolLM2: 3 kv heads; a 32-core host and Llama's 8).  Each code is the
-// same sum in the same order either way.
-int64_t hash_chunk_tables(int64_t K, int64_t L) {
+// Tables per hashing work unit.  (batch row, kv head) units alone leave threads idle when there are
+// fewer of them than threads, or a count that does not divide evenly (SmolLM2: 3 kv heads on 2 threads;
+// one kv head; Llama's 8 on a 32-core host): then each unit's tables are split into chunks of whole
+// 16-column tiles (K = 10: multiples of 8 tables), about 4 units per thread.  Otherwise one chunk per
+// unit, which streams R in one sweep.  Each code is the same sum in the same order either way.
+int64_t hash_chunk_tables(int64_t K, int64_t L, int64_t units, int64_t threads) {
+  if (units % threads == 0 || units >= 4 * threads) return L;
   const int64_t per_tile = 16 / std::gcd<int64_t>(K, 16);  // tables per whole number of tiles
-  int64_t t = per_tile;
-  while (t * K < 64) t += per_tile;
-  return std::min(t, L);
+  const int64_t want = (4 * threads + units - 1) / units;  // chunks per unit
+  const int64_t t = (L + want - 1) / want;
+  return std::min(L, (t + per_tile - 1) / per_tile * per_tile);
 }
 
 KVPASS_CLONES void row_f32(const Problem& P, int64_t b, int64_t h, int64_t t, Scratch& s) {
@@ -568,7 +570,8 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   {
     Scratch s;
     if (P.estimator != kOracle) {
-      const int64_t chunk = hash_chunk_tables(P.K, P.L), n_chunks = (P.L + chunk - 1) / chunk;
+      const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
+      const int64_t n_chunks = (P.L + chunk - 1) / chunk;
 #pragma omp for collapse(3) schedule(static)
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk)

@@ -184,13 +184,20 @@ def test_built_kernel_keeps_its_row_prefetches_and_inlined_lambdas():
     assert not [f for f in re.findall(r"<([^>]*row<[^>]*lambda[^>]*)>:", asm)], "a per-row lambda was outlined"
 
 
+@pytest.mark.parametrize("Hkv", [1, 3])
 @pytest.mark.parametrize("K,L", [(10, 150), (7, 37), (16, 5), (3, 50)])
-def test_query_codes_hashed_in_table_chunks_equal_torch(K, L):
-    """The kernel hashes queries in work units of (batch row, kv head, a chunk of tables) — several
-    chunks here, the last one partial for L = 150 / 37 / 50 — and every table's code must still be
-    torch's (up to q·R rounding across 0)."""
-    store = _store(3, 64, torch.bfloat16, [600], K=K, L=L, T=2, min_keys=20, seal=4096, B=2)
-    q = torch.randn(2, 9, 2, 64, generator=torch.Generator().manual_seed(7))
-    store.attend(q, estimator="sample")
+def test_query_codes_hashed_in_table_chunks_equal_torch(K, L, Hkv):
+    """With fewer (batch row, kv head) units than threads, or a count the threads do not divide (1 or 3
+    kv heads on 2 threads), the kernel hashes queries in chunks of tables — several here, the last one
+    partial for L = 150 / 37 / 50 — and every table's code must still be torch's (up to q·R rounding
+    across 0)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        store = _store(Hkv, 64, torch.bfloat16, [600], K=K, L=L, T=2, min_keys=20, seal=4096)
+        q = torch.randn(1, 3 * Hkv, 2, 64, generator=torch.Generator().manual_seed(7))
+        store.attend(q, estimator="sample")
+    finally:
+        torch.set_num_threads(threads)
     agree = (store.last_query_codes == store.index.query_codes(q)).float().mean().item()
     assert agree > 0.995, agree
