@@ -124,7 +124,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   seg_starts: list[torch.Tensor], seg_meta: torch.Tensor, tail_codes: torch.Tensor,
                   tail_base: int, tail_len: int, *, lsh_k: int, threshold: int, estimator: str, budget: int,
                   scale: float, static_k: torch.Tensor | None = None, static_v: torch.Tensor | None = None,
-                  static_allowed: torch.Tensor | None = None, target_error: float = 0.0
+                  static_allowed: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
@@ -134,15 +134,13 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     (base, n); tail_codes: int16 [B, Hkv, L, cap], the codes of keys [tail_base, tail_base + tail_len).
     Optionally the static keys static_k/static_v [B, Hkv, NS, D] (KV dtype) with static_allowed
     [Tq, NS] bool are attended exactly in the same pass (then out/lse cover both parts).
-    target_error > 0 ("sample" only): a row whose estimated relative error of the offloaded part exceeds
-    it is retrieved again with 1, then 2 code bits fewer (see ``reference_attention``).
-    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored at
-    the row's last retrieval) and the query codes [B, H, Tq, L] int32 it used."""
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored) and
+    the query codes [B, H, Tq, L] int32 it used."""
     load()
     return torch.ops.kvpass_cpu.lsh_attention(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
                                               threshold, ESTIMATOR_IDS[estimator], budget, scale, static_k,
-                                              static_v, static_allowed, float(target_error))
+                                              static_v, static_allowed)
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

@@ -298,9 +298,6 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
                           f"{list(EXPORT_ESTIMATORS)}")
     if onnx_lsh not in ONNX_LSH:
         raise ExportError(f"kvpass: onnx_lsh={onnx_lsh!r} is not available; one of {list(ONNX_LSH)}")
-    if opts.target_error > 0 and opts.estimator == "sample":
-        raise ExportError("kvpass: target_error (per-row error control) is not in the exported decode step "
-                          "yet; export with target_error=0 (every row reads its lsh_k-bit buckets)")
     n_layers = _check_model(model)
     dtype = next(model.parameters()).dtype
     if onnx_lsh == "custom" and dtype != torch.float32:

@@ -35,7 +35,6 @@ def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
                    sink_size=cfg["sink_size"], window_size=cfg["window_size"],
                    host_block_size=cfg["host_block_size"], lsh_k=cfg["lsh_k"], lsh_l=cfg["lsh_l"],
                    lsh_threshold=cfg["lsh_threshold"], seed=cfg["seed"], budget=cfg["budget"],
-                   target_error=cfg.get("target_error", 0.0),
                    static_backend=cfg["static_backend"], overlap=cfg["overlap"])
 
 

@@ -22,9 +22,6 @@ class Options:
     lsh_l: int = 150                # SimHash tables
     lsh_threshold: int = 2          # collisions (of lsh_l tables) that retrieve a key
     seed: int = 0                   # seeds the SimHash projections (one per site and kv head)
-    target_error: float = 0.0       # sample: a query row whose estimated relative error (offloaded part)
-                                    # exceeds this is retrieved again with 1, then 2 code bits fewer
-                                    # (more keys; 0: off, every row reads the lsh_k-bit buckets)
     dense_layers: tuple[int, ...] = ()  # layer indices left dense (the model keeps their cache)
     cpu_threads: int | None = None  # OpenMP threads of the CPU kernel (None: torch's setting)
     on_unmatched: str = "fallback"  # a site kvpass cannot rewrite: "fallback" (dense, reported) | "error"
@@ -43,7 +40,6 @@ class Options:
         return json.dumps({"sink_size": self.sink_size, "window_size": self.window_size,
                            "host_block_size": self.host_block_size, "lsh_k": self.lsh_k, "lsh_l": self.lsh_l,
                            "lsh_threshold": self.lsh_threshold, "seed": self.seed, "budget": self.budget,
-                           "target_error": self.target_error,
                            "static_backend": self.static_backend, "overlap": self.overlap},
                           sort_keys=True)
 
@@ -83,9 +79,6 @@ def parse_options(options: dict[str, Any] | Options | None, mode: str | None = N
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):
         raise ValueError(f"kvpass: budget must be a fraction in (0, 1] (float) or a token count (int > 0), "
                          f"got {b!r}")
-    te = opts.target_error
-    if isinstance(te, bool) or not isinstance(te, (int, float)) or not 0 <= te < float("inf"):
-        raise ValueError(f"kvpass: target_error must be a finite number >= 0 (0: off), got {te!r}")
     if opts.estimator not in ESTIMATORS:
         raise ValueError(f"kvpass: estimator must be one of {list(ESTIMATORS)}, got {opts.estimator!r}")
     if opts.static_backend not in ("auto", "triton", "torch"):

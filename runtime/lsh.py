@@ -22,7 +22,6 @@ import torch
 from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments
 
 MAX_SEGMENT = 32768
-MIN_SAMPLE = 16  # error control judges no estimate from fewer retrieved keys (lsh_attention.cpp: kMinSample)
 
 
 @functools.lru_cache(maxsize=256)
@@ -180,21 +179,13 @@ class LSHIndex:
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
                         q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                         mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
-                        budget: int | None = None, target_error: float = 0.0
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch definition of the estimators over offloaded keys (dense cost, same result).
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, n, D]; q_codes: [B, H, Tq, L], k_codes: [B, Hkv, n, L]; mu: [B, Hkv, D].
     "sample": keys colliding in >= threshold tables, score s − log P(retrieved | cos θ(q, k − μ));
     "topk": the ``budget`` best exact scores among those; "oracle": the ``budget`` best of all keys;
     "exact": all keys.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32.
-
-    target_error > 0 ("sample" only) controls the error per query row: with a = e^{s}/u the weights of
-    the retrieved keys and o = Σ a v / Σ a their estimate, Σ (1 − u) a² |v − o|² / (Σ a)² estimates the
-    variance of o (first order, from the sample itself).  Where its square root exceeds target_error·|o|
-    — or fewer than MIN_SAMPLE keys were retrieved, too few to judge by — the row is retrieved again ignoring the lowest code bit of every table
-    (the query's bucket and its neighbour: a (K − 1)-bit index, a superset of the keys), then the lowest
-    two; the row keeps the first level under the target, or the last.
     """
     B, H, Tq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
@@ -202,8 +193,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     qf = q.float().reshape(B, Hkv, G, Tq, D)
     kf, vf = k.float(), v.float()
     s = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * scale  # [B, Hkv, G, Tq, n]
-    if estimator == "sample" and target_error > 0:
-        return _error_controlled(qf, kf, vf, s, q_codes, k_codes, mu, lsh_k, lsh_l, threshold, target_error)
     if estimator in ("sample", "topk"):
         qc = q_codes.reshape(B, Hkv, G, Tq, 1, -1)
         coll = (qc == k_codes[:, :, None, None]).sum(-1)  # [B, Hkv, G, Tq, n]
@@ -227,34 +216,3 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()
-
-
-def _error_controlled(qf, kf, vf, s, q_codes, k_codes, mu, lsh_k, lsh_l, threshold, target_error):
-    """``reference_attention``'s "sample" with target_error > 0 (qf [B, Hkv, G, Tq, D], s the scaled scores)."""
-    B, Hkv, G, Tq, D = qf.shape
-    kc = kf - mu[:, :, None]
-    cos = torch.einsum("bhgtd,bhnd->bhgtn", qf, kc) / (
-        qf.norm(dim=-1, keepdim=True) * kc.norm(dim=-1)[:, :, None, None]).clamp_min(1e-30)
-    qc = q_codes.reshape(B, Hkv, G, Tq, 1, -1)
-    done = torch.zeros(B, Hkv, G, Tq, dtype=torch.bool)
-    out = torch.zeros(B, Hkv, G, Tq, D)
-    lse = torch.full((B, Hkv, G, Tq), float("-inf"))
-    n_read = torch.zeros(B, Hkv, G, Tq, dtype=torch.int32)
-    levels = min(3, lsh_k)
-    for drop in range(levels):
-        high = ~((1 << drop) - 1)
-        keep = ((qc & high) == (k_codes[:, :, None, None] & high)).sum(-1) >= threshold
-        logu = log_retrieval_probability(cos.double().clamp(-1, 1).flatten(), lsh_k - drop, lsh_l,
-                                         threshold).view(cos.shape)
-        a_log = (s.double() - logu).masked_fill(~keep, float("-inf"))  # log a
-        lse_l = torch.logsumexp(a_log, -1)
-        w = torch.exp(a_log - torch.where(torch.isinf(lse_l), torch.zeros_like(lse_l), lse_l)[..., None])
-        o = torch.einsum("bhgtn,bhnd->bhgtd", w, vf.double())  # Σ a v / Σ a
-        dv = ((vf.double()[:, :, None, None] - o[..., None, :]) ** 2).sum(-1)  # |v − o|²
-        var = ((1 - logu.exp()) * w * w * dv).sum(-1)  # w = a / Σ a
-        ok = (keep.sum(-1) >= MIN_SAMPLE) & (var <= target_error ** 2 * (o * o).sum(-1))
-        take = ~done & (ok | (drop == levels - 1))
-        out[take], lse[take] = o[take].float(), lse_l[take].float()
-        n_read[take] = keep.sum(-1)[take].int()
-        done |= take
-    return out.reshape(B, Hkv * G, Tq, D), lse.reshape(B, Hkv * G, Tq), n_read.reshape(B, Hkv * G, Tq)

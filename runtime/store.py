@@ -122,7 +122,7 @@ class KVStore:
                  lsh_k: int = 10, lsh_l: int = 150, lsh_threshold: int = 2, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  host_block_size: int = 4096, batch: int | None = None, site: str = "kvstore",
-                 budget: float = 0.02, static_backend: str = "auto", target_error: float = 0.0):
+                 budget: float = 0.02, static_backend: str = "auto"):
         if window_size < 1:
             raise ValueError(f"kvpass: window_size must be >= 1, got {window_size}")
         if sink_size < 0:
@@ -134,11 +134,7 @@ class KVStore:
         self.sink_size, self.window_size = sink_size, window_size
         self.lsh = {"lsh_k": lsh_k, "lsh_l": lsh_l, "threshold": lsh_threshold, "seed": seed}
         LSHIndex(1, 1, 1, **self.lsh)  # validate the LSH knobs now, not at the first offload
-        if isinstance(target_error, bool) or not isinstance(target_error, (int, float)) or \
-                not 0 <= target_error < float("inf"):
-            raise ValueError(f"kvpass: target_error must be a finite number >= 0 (0: off), got {target_error!r}")
         self.host_block_size, self.budget = host_block_size, budget
-        self.target_error = float(target_error)  # "sample": per-row error control (see lsh_attention)
         self.static_backend = static_backend  # "auto" | "triton" | "torch" (the static part's kernel)
         self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
@@ -260,8 +256,7 @@ class KVStore:
         out, lse, n_read, self.last_query_codes = lsh_attention(
             qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.host_block_size, n, idx.seg_ids,
             idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
-            estimator=estimator, budget=budget_n, scale=scale,
-            target_error=self.target_error if estimator == "sample" else 0.0, **static)
+            estimator=estimator, budget=budget_n, scale=scale, **static)
         self.last_keys_read = float(n_read.float().mean())
         return out.to(q.device), lse.to(q.device)
 

@@ -9,10 +9,6 @@
 //   tail = the newest tokens not yet sealed: codes[l][j] (uint16), scanned (bounded by the seal size).
 // Retrieval visits the query's bucket in every table of every segment and counts collisions per key;
 // keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
-// Error control ("sample" with target_error > 0): a row whose estimate of its own relative error is
-// above the target retrieves again ignoring the lowest 1, then 2 bits of every code — the 2 or 4
-// adjacent buckets sharing the query's high bits, i.e. a (K-1)- or (K-2)-bit index over the same codes,
-// with the matching importance weights — and keeps the first estimate under the target (or the last).
 //
 // SIMD: the hot functions are compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline, and the
 // loader picks one at run time (GCC target_clones / ifunc): never assumed at build time.
@@ -48,8 +44,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kMaxSegment = 32768;
-constexpr int64_t kMaxDrop = 2;  // error control retrieves with at most 2 code bits fewer
-constexpr int64_t kMinSample = 16;  // ... and judges no estimate from fewer keys (retrieves more)
 
 enum Estimator : int64_t { kSample = 1, kTopK = 2, kOracle = 3 };
 
@@ -219,11 +213,6 @@ struct Problem {
   int64_t NS = 0, sk_s0 = 0, sk_s1 = 0, sk_s2 = 0, sv_s0 = 0, sv_s1 = 0, sv_s2 = 0;
   const uint16_t* tail;  // [B, Hkv, L, tail_cap]
   const float* logp;     // kTable + 1
-  // error-controlled sampling (sample only): while a row's estimated relative error exceeds `target`,
-  // retrieve again with one code bit fewer (up to `max_drop`); logp_lv[d] is the table for K - d bits
-  float target = 0.f;
-  int64_t max_drop = 0;
-  const float* logp_lv[3] = {nullptr, nullptr, nullptr};
   std::vector<Segment> segs;
   std::vector<const void*> kb, vb;  // per host block, at (b=0, hk=0, token 0)
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
@@ -236,7 +225,7 @@ struct Scratch {
   std::vector<uint8_t> count;  // per key, collisions of the current row, saturating (cleared via `touched`)
   std::vector<uint16_t> tail_count;
   std::vector<int32_t> touched, cand;
-  std::vector<float> score, acc, proj, sscore, dacc, cv;
+  std::vector<float> score, acc, proj, sscore;
   std::vector<int32_t> order;
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
@@ -269,296 +258,231 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const float* q = P.q + r * D;
   const int64_t bh = b * P.Hkv + hk;
   const int32_t* qc = P.qcode + r * L;  // filled by hash_queries
-  const int64_t levels = P.estimator == kSample && P.target > 0.f ? P.max_drop + 1 : 1;
-  for (int64_t drop = 0; drop < levels; ++drop) {
-    // `drop` low bits of every code are ignored: the query's bucket becomes the 2^drop adjacent buckets
-    // that share its high bits (contiguous in a segment's table), the retrieval of a (K - drop)-bit index
-    const int64_t low = (int64_t(1) << drop) - 1;
-    s.n_touched = s.n_cand = 0;  // s.cand / s.touched are sized once per thread (n_keys + 1): never
-    if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
-      std::iota(s.cand.begin(), s.cand.begin() + P.n_keys, 0);
-      s.n_cand = P.n_keys;
-    } else {
-      const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
-      const int64_t buckets = int64_t(1) << P.K;
-      // Each table costs two dependent cache misses (its bucket's start, then the bucket's ids) at a
-      // random place: issue all L of a kind before using any, so they overlap instead of queueing.
-      s.lo.resize(L);
-      s.hi.resize(L);
-      for (const Segment& g : P.segs) {
-        for (int64_t l = 0; l < L; ++l)
-          __builtin_prefetch(g.starts + (bh * L + l) * buckets + (qc[l] & (buckets - 1) & ~low), 0, 0);
-        for (int64_t l = 0; l < L; ++l) {
-          const uint16_t* st = g.starts + (bh * L + l) * buckets;
-          const int64_t c = qc[l] & (buckets - 1) & ~low, c_end = c + low + 1;
-          s.lo[l] = st[c];
-          s.hi[l] = c_end < buckets ? st[c_end] : g.n;
-          const uint8_t* ids = g.ids + (bh * L + l) * g.nb + ((s.lo[l] * g.w) >> 3);
-          __builtin_prefetch(ids, 0, 0);
-          __builtin_prefetch(ids + 64, 0, 0);
-        }
-        // locals, not members: the counters are uint8_t, which may alias anything, so the compiler
-        // would otherwise reload every member after each increment
-        const int w = g.w;
-        const int32_t base = int32_t(g.base);
-        uint8_t* const count = s.count.data();
-        int32_t* const touched = s.touched.data();
-        int32_t* const cand = s.cand.data();
-        int64_t n_touched = s.n_touched, n_cand = s.n_cand;
-        if (P.T <= 2) {
-          // threshold 1 or 2 (the default): per segment (a key lives in one segment, so counting per
-          // segment is exact), two bitsets "seen" / "seen twice", interleaved so that one cache line
-          // serves both — 2 bits per key, 8 KiB for the largest segment: L1-resident, where byte
-          // counters over all keys would spill to L2.  Candidates come out in key order.
-          uint64_t* const seen = s.seen.data();
-          for (int64_t l = 0; l < L; ++l) {
-            const int64_t lo = s.lo[l], hi = s.hi[l];
-            const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
-            for (int64_t i = lo; i < hi; ++i) {
-              const uint32_t key = unpack_id(ids, i, w);  // segment-local
-              const uint64_t b = uint64_t(1) << (key & 63);
-              uint64_t* pair = seen + 2 * (key >> 6);
-              pair[1] |= pair[0] & b;
-              pair[0] |= b;
-            }
-          }
-          const int64_t words = (g.n + 63) / 64, pick = P.T == 2 ? 1 : 0;
-          for (int64_t wd = 0; wd < words; ++wd) {
-            for (uint64_t x = seen[2 * wd + pick]; x; x &= x - 1)
-              cand[n_cand++] = base + int32_t(wd * 64 + __builtin_ctzll(x));
-          }
-          std::fill(seen, seen + 2 * words, 0);
-          s.n_cand = n_cand;
-          continue;
-        }
+  s.n_touched = s.n_cand = 0;  // s.cand / s.touched are sized once per thread (n_keys + 1): never
+  if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
+    std::iota(s.cand.begin(), s.cand.begin() + P.n_keys, 0);
+    s.n_cand = P.n_keys;
+  } else {
+    const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
+    const int64_t buckets = int64_t(1) << P.K;
+    // Each table costs two dependent cache misses (its bucket's start, then the bucket's ids) at a
+    // random place: issue all L of a kind before using any, so they overlap instead of queueing.
+    s.lo.resize(L);
+    s.hi.resize(L);
+    for (const Segment& g : P.segs) {
+      for (int64_t l = 0; l < L; ++l)
+        __builtin_prefetch(g.starts + (bh * L + l) * buckets + (qc[l] & (buckets - 1)), 0, 0);
+      for (int64_t l = 0; l < L; ++l) {
+        const uint16_t* st = g.starts + (bh * L + l) * buckets;
+        const int64_t c = qc[l] & (buckets - 1);
+        s.lo[l] = st[c];
+        s.hi[l] = c + 1 < buckets ? st[c + 1] : g.n;
+        const uint8_t* ids = g.ids + (bh * L + l) * g.nb + ((s.lo[l] * g.w) >> 3);
+        __builtin_prefetch(ids, 0, 0);
+        __builtin_prefetch(ids + 64, 0, 0);
+      }
+      // locals, not members: the counters are uint8_t, which may alias anything, so the compiler
+      // would otherwise reload every member after each increment
+      const int w = g.w;
+      const int32_t base = int32_t(g.base);
+      uint8_t* const count = s.count.data();
+      int32_t* const touched = s.touched.data();
+      int32_t* const cand = s.cand.data();
+      int64_t n_touched = s.n_touched, n_cand = s.n_cand;
+      if (P.T <= 2) {
+        // threshold 1 or 2 (the default): per segment (a key lives in one segment, so counting per
+        // segment is exact), two bitsets "seen" / "seen twice", interleaved so that one cache line
+        // serves both — 2 bits per key, 8 KiB for the largest segment: L1-resident, where byte
+        // counters over all keys would spill to L2.  Candidates come out in key order.
+        uint64_t* const seen = s.seen.data();
         for (int64_t l = 0; l < L; ++l) {
           const int64_t lo = s.lo[l], hi = s.hi[l];
           const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
           for (int64_t i = lo; i < hi; ++i) {
-            const int32_t key = base + int32_t(unpack_id(ids, i, w));
-            const uint8_t c = count[key];
-            touched[n_touched] = key;
-            n_touched += c == 0;
-            const uint8_t c1 = c + (c < 255);  // saturates: a threshold above 255 is refused at the entry
-            count[key] = c1;
-            cand[n_cand] = key;
-            n_cand += c1 == thr;
+            const uint32_t key = unpack_id(ids, i, w);  // segment-local
+            const uint64_t b = uint64_t(1) << (key & 63);
+            uint64_t* pair = seen + 2 * (key >> 6);
+            pair[1] |= pair[0] & b;
+            pair[0] |= b;
           }
         }
-        s.n_touched = n_touched, s.n_cand = n_cand;
-      }
-      for (int64_t i = 0; i < s.n_touched; ++i) s.count[s.touched[i]] = 0;
-      if (P.tail_len > 0) {
-        uint16_t* tc = s.tail_count.data();
-        std::fill(tc, tc + P.tail_len, 0);
-        for (int64_t l = 0; l < L; ++l) {
-          const uint16_t* codes = P.tail + (bh * L + l) * P.tail_cap;
-          const uint16_t want = uint16_t(qc[l] & ~low), keep_bits = uint16_t(~low);
-#pragma omp simd
-          for (int64_t j = 0; j < P.tail_len; ++j) tc[j] += (codes[j] & keep_bits) == want;
+        const int64_t words = (g.n + 63) / 64, pick = P.T == 2 ? 1 : 0;
+        for (int64_t wd = 0; wd < words; ++wd) {
+          for (uint64_t x = seen[2 * wd + pick]; x; x &= x - 1)
+            cand[n_cand++] = base + int32_t(wd * 64 + __builtin_ctzll(x));
         }
-        for (int64_t j = 0; j < P.tail_len; ++j)
-          if (tc[j] >= P.T) s.cand[s.n_cand++] = int32_t(P.tail_base + j);
+        std::fill(seen, seen + 2 * words, 0);
+        s.n_cand = n_cand;
+        continue;
       }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t lo = s.lo[l], hi = s.hi[l];
+        const uint8_t* ids = g.ids + (bh * L + l) * g.nb;
+        for (int64_t i = lo; i < hi; ++i) {
+          const int32_t key = base + int32_t(unpack_id(ids, i, w));
+          const uint8_t c = count[key];
+          touched[n_touched] = key;
+          n_touched += c == 0;
+          const uint8_t c1 = c + (c < 255);  // saturates: a threshold above 255 is refused at the entry
+          count[key] = c1;
+          cand[n_cand] = key;
+          n_cand += c1 == thr;
+        }
+      }
+      s.n_touched = n_touched, s.n_cand = n_cand;
     }
-    const int64_t m = s.n_cand;
-    P.n_read[r] = int32_t(m);
-    float* o = P.out + r * D;
-    // the static keys (sinks + window) when the caller fuses them in: exact scores, always kept
-    const T* sk = static_cast<const T*>(P.sk) + b * P.sk_s0 + hk * P.sk_s1;
-    const T* sv = static_cast<const T*>(P.sv) + b * P.sv_s0 + hk * P.sv_s1;
-    s.sscore.assign(P.NS, kNegInf);
-    float smx = kNegInf;
-    for (int64_t j = 0; j < P.NS; ++j) {
-      if (!P.s_allowed[t * P.NS + j]) continue;
-      const T* k = sk + j * P.sk_s2;
-      float qk = 0.f;
+    for (int64_t i = 0; i < s.n_touched; ++i) s.count[s.touched[i]] = 0;
+    if (P.tail_len > 0) {
+      uint16_t* tc = s.tail_count.data();
+      std::fill(tc, tc + P.tail_len, 0);
+      for (int64_t l = 0; l < L; ++l) {
+        const uint16_t* codes = P.tail + (bh * L + l) * P.tail_cap;
+        const uint16_t want = uint16_t(qc[l]);
+#pragma omp simd
+        for (int64_t j = 0; j < P.tail_len; ++j) tc[j] += codes[j] == want;
+      }
+      for (int64_t j = 0; j < P.tail_len; ++j)
+        if (tc[j] >= P.T) s.cand[s.n_cand++] = int32_t(P.tail_base + j);
+    }
+  }
+  const int64_t m = s.n_cand;
+  P.n_read[r] = int32_t(m);
+  float* o = P.out + r * D;
+  // the static keys (sinks + window) when the caller fuses them in: exact scores, always kept
+  const T* sk = static_cast<const T*>(P.sk) + b * P.sk_s0 + hk * P.sk_s1;
+  const T* sv = static_cast<const T*>(P.sv) + b * P.sv_s0 + hk * P.sv_s1;
+  s.sscore.assign(P.NS, kNegInf);
+  float smx = kNegInf;
+  for (int64_t j = 0; j < P.NS; ++j) {
+    if (!P.s_allowed[t * P.NS + j]) continue;
+    const T* k = sk + j * P.sk_s2;
+    float qk = 0.f;
 #pragma omp simd reduction(+ : qk)
-      for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
-      s.sscore[j] = qk * P.scale;
-      smx = std::max(smx, s.sscore[j]);
+    for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
+    s.sscore[j] = qk * P.scale;
+    smx = std::max(smx, s.sscore[j]);
+  }
+  if (m == 0 && smx == kNegInf) {
+    std::fill(o, o + D, 0.f);
+    P.lse[r] = kNegInf;
+    return;
+  }
+  // q·μ and |q| for the angle to the centred key (sample only)
+  const float* mu = P.mu + bh * D;
+  float qmu = 0.f, qq = 0.f, mumu = 0.f;
+#pragma omp simd reduction(+ : qmu, qq, mumu)
+  for (int64_t i = 0; i < D; ++i) {
+    qmu += q[i] * mu[i];
+    qq += q[i] * q[i];
+    mumu += mu[i] * mu[i];
+  }
+  const float qnorm = std::sqrt(qq);
+  auto k_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
+    return static_cast<const T*>(P.kb[key / P.block_size]) + b * P.kb_s0 + hk * P.kb_s1 +
+           (key % P.block_size) * P.kb_s2;
+  };
+  auto v_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
+    return static_cast<const T*>(P.vb[key / P.block_size]) + b * P.vb_s0 + hk * P.vb_s1 +
+           (key % P.block_size) * P.vb_s2;
+  };
+  // The score of one candidate: q·k scaled, and for "sample" its importance weight 1 / P(retrieved)
+  // as -log P (from the angle between q and the centred key k - μ).
+  auto score = [&](const T* k) KVPASS_LAMBDA_INLINE {
+    float qk = 0.f;
+    if (P.estimator == kSample) {
+      float kmu = 0.f, kk = 0.f;
+#pragma omp simd reduction(+ : qk, kmu, kk)
+      for (int64_t i = 0; i < D; ++i) {
+        const float x = load(k, i);
+        qk += q[i] * x;
+        kmu += x * mu[i];
+        kk += x * x;
+      }
+      const float cn = std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));  // |k - μ|
+      const float denom = qnorm * cn;
+      const float cosv = denom > 0.f ? (qk - qmu) / denom : 0.f;
+      return qk * P.scale - lookup_logp(P.logp, cosv);  // e^{s} / P(retrieved)
     }
-    if (m == 0 && smx == kNegInf) {
-      if (drop + 1 < levels) continue;  // nothing retrieved: no estimate to judge, retrieve more
+#pragma omp simd reduction(+ : qk)
+    for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
+    return qk * P.scale;
+  };
+  // Candidates are scattered over the host store: the loops are bound by memory latency unless the
+  // rows a few iterations ahead are already on their way (K and V of a token are adjacent).
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  auto prefetch = [&](const T* p) KVPASS_LAMBDA_INLINE {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0; o < row_bytes; o += 64) prefetch_line(c + o);
+  };
+  constexpr int64_t kAhead = 16;
+  s.acc.assign(D, 0.f);
+  float* acc = s.acc.data();
+  float mx = smx;
+  double denom = 0.0;
+  auto accumulate = [&](const T* v, float sc) KVPASS_LAMBDA_INLINE {  // one key's term at the current mx
+    const float p = std::exp(sc - mx);
+    denom += p;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
+  };
+  auto add_static = [&]() KVPASS_LAMBDA_INLINE {
+    for (int64_t j = 0; j < P.NS; ++j)
+      if (s.sscore[j] != kNegInf) accumulate(sv + j * P.sv_s2, s.sscore[j]);
+  };
+  if (P.estimator == kSample || P.budget >= m) {
+    // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
+    add_static();
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
+      prefetch(k_row(s.cand[j]));
+      prefetch(v_row(s.cand[j]));
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) {
+        prefetch(k_row(s.cand[j + kAhead]));
+        prefetch(v_row(s.cand[j + kAhead]));
+      }
+      const int64_t key = s.cand[j];
+      const float sc = score(k_row(key));
+      if (sc > mx) {  // a new maximum: rescale what is summed so far (rare after the first few)
+        const float c = std::exp(mx - sc);  // 0 while nothing is summed (mx = -inf)
+        denom *= c;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) acc[i] *= c;
+        mx = sc;
+      }
+      accumulate(v_row(key), sc);
+    }
+  } else {
+    // topk / oracle: score every candidate, keep the `budget` largest, then read their V
+    s.score.resize(m);
+    for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(k_row(s.cand[j]));
+    for (int64_t j = 0; j < m; ++j) {
+      if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
+      s.score[j] = score(k_row(s.cand[j]));
+    }
+    const int64_t keep = std::max<int64_t>(P.budget, 0);
+    s.order.resize(m);
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
+                     [&](int32_t a, int32_t c) { return s.score[a] > s.score[c]; });
+    s.order.resize(keep);
+    for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
+    if (mx == kNegInf) {
       std::fill(o, o + D, 0.f);
       P.lse[r] = kNegInf;
       return;
     }
-    // q·μ and |q| for the angle to the centred key (sample only)
-    const float* mu = P.mu + bh * D;
-    float qmu = 0.f, qq = 0.f, mumu = 0.f;
-#pragma omp simd reduction(+ : qmu, qq, mumu)
-    for (int64_t i = 0; i < D; ++i) {
-      qmu += q[i] * mu[i];
-      qq += q[i] * q[i];
-      mumu += mu[i] * mu[i];
+    add_static();
+    for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[s.order[jj]]));
+    for (int64_t jj = 0; jj < keep; ++jj) {
+      if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
+      const int32_t j = s.order[jj];
+      accumulate(v_row(s.cand[j]), s.score[j]);
     }
-    const float qnorm = std::sqrt(qq);
-    auto k_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
-      return static_cast<const T*>(P.kb[key / P.block_size]) + b * P.kb_s0 + hk * P.kb_s1 +
-             (key % P.block_size) * P.kb_s2;
-    };
-    auto v_row = [&](int64_t key) KVPASS_LAMBDA_INLINE {
-      return static_cast<const T*>(P.vb[key / P.block_size]) + b * P.vb_s0 + hk * P.vb_s1 +
-             (key % P.block_size) * P.vb_s2;
-    };
-    // The score of one candidate: q·k scaled, and for "sample" its importance weight 1 / P(retrieved)
-    // as -log P (from the angle between q and the centred key k - μ).
-    const float* logp = P.logp_lv[drop];
-    auto score = [&](const T* k, float& lu) KVPASS_LAMBDA_INLINE {
-      float qk = 0.f;
-      if (P.estimator == kSample) {
-        float kmu = 0.f, kk = 0.f;
-#pragma omp simd reduction(+ : qk, kmu, kk)
-        for (int64_t i = 0; i < D; ++i) {
-          const float x = load(k, i);
-          qk += q[i] * x;
-          kmu += x * mu[i];
-          kk += x * x;
-        }
-        const float cn = std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));  // |k - μ|
-        const float denom = qnorm * cn;
-        const float cosv = denom > 0.f ? (qk - qmu) / denom : 0.f;
-        lu = lookup_logp(logp, cosv);
-        return qk * P.scale - lu;  // e^{s} / P(retrieved)
-      }
-#pragma omp simd reduction(+ : qk)
-      for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
-      return qk * P.scale;
-    };
-    // Candidates are scattered over the host store: the loops are bound by memory latency unless the
-    // rows a few iterations ahead are already on their way (K and V of a token are adjacent).
-    const int64_t row_bytes = D * int64_t(sizeof(T));
-    auto prefetch = [&](const T* p) KVPASS_LAMBDA_INLINE {
-      const char* c = reinterpret_cast<const char*>(p);
-      for (int64_t o = 0; o < row_bytes; o += 64) prefetch_line(c + o);
-    };
-    constexpr int64_t kAhead = 16;
-    s.acc.assign(D, 0.f);
-    float* acc = s.acc.data();
-    float mx = smx;
-    double denom = 0.0;
-    auto accumulate = [&](const T* v, float sc) KVPASS_LAMBDA_INLINE {  // one key's term at the current mx
-      const float p = std::exp(sc - mx);
-      denom += p;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
-    };
-    auto add_static = [&]() KVPASS_LAMBDA_INLINE {
-      for (int64_t j = 0; j < P.NS; ++j)
-        if (s.sscore[j] != kNegInf) accumulate(sv + j * P.sv_s2, s.sscore[j]);
-    };
-    // error control: the offloaded part's estimate o_d = Σ a v / Σ a (a = e^{s}/u over the retrieved
-    // keys) has, to first order, the variance Σ_all (1 - u) e^{2s}/u |v - o_d|² / (Σ a)², estimated
-    // from the sample by Σ_retrieved c |v - o_d|² / (Σ a)² with c = (1 - u) a².  One pass: with m_c the
-    // c-weighted mean of v, Σ c |v - o_d|² = Σ c |v - m_c|² + Σc |m_c - o_d|², the first sum by West's
-    // weighted update (no cancellation: a single key gives exactly 0).  Sums at the same running maximum
-    // as the rest; the offloaded part's own softmax sums (dden, dacc) apart from the static part's
-    const bool track = levels > 1;
-    double dden = 0.0, cs = 0.0, cvv = 0.0;  // cs = Σc, cvv = Σ c |v - m_c|²  (s.cv holds m_c)
-    if (track) {
-      s.dacc.assign(D, 0.f);
-      s.cv.assign(D, 0.f);
-    }
-    float lu = 0.f;
-    if (P.estimator == kSample || P.budget >= m) {
-      // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
-      add_static();
-      for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
-        prefetch(k_row(s.cand[j]));
-        prefetch(v_row(s.cand[j]));
-      }
-      for (int64_t j = 0; j < m; ++j) {
-        if (j + kAhead < m) {
-          prefetch(k_row(s.cand[j + kAhead]));
-          prefetch(v_row(s.cand[j + kAhead]));
-        }
-        const int64_t key = s.cand[j];
-        const float sc = score(k_row(key), lu);
-        if (sc > mx) {  // a new maximum: rescale what is summed so far (rare after the first few)
-          const float c = std::exp(mx - sc);  // 0 while nothing is summed (mx = -inf)
-          denom *= c;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) acc[i] *= c;
-          if (track) {  // m_c is a ratio: unchanged
-            const double c2 = double(c) * c;
-            dden *= c, cs *= c2, cvv *= c2;
-            float* da = s.dacc.data();
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) da[i] *= c;
-          }
-          mx = sc;
-        }
-        accumulate(v_row(key), sc);
-        if (track) {
-          const T* v = v_row(key);
-          const float p = std::exp(sc - mx);
-          const double cq = (1.0 - std::exp(double(lu))) * p * p;
-          float* da = s.dacc.data();
-          float* mc = s.cv.data();
-          dden += p;
-          if (cq > 0.0) {
-            cs += cq;
-            const float f = float(cq / cs);
-            float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < D; ++i) {
-              const float x = load(v, i), d = x - mc[i];
-              da[i] += p * x;
-              mc[i] += f * d;
-              ss += d * (x - mc[i]);
-            }
-            cvv += cq * ss;
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) da[i] += p * load(v, i);
-          }
-        }
-      }
-      if (track && drop + 1 < levels) {
-        // relative error of o_d, estimated; above the target (or nothing retrieved): one bit fewer
-        double oo = 0.0, dm = 0.0;
-        for (int64_t i = 0; i < D; ++i) {
-          const double od = s.dacc[i] / dden, e = s.cv[i] - od;
-          oo += od * od;
-          dm += e * e;
-        }
-        const double var = (cvv + cs * dm) / (dden * dden);
-        if (m < kMinSample || !(dden > 0.0) || !(var <= double(P.target) * P.target * oo)) continue;
-      }
-    } else {
-      // topk / oracle: score every candidate, keep the `budget` largest, then read their V
-      s.score.resize(m);
-      for (int64_t j = 0; j < std::min(m, kAhead); ++j) prefetch(k_row(s.cand[j]));
-      for (int64_t j = 0; j < m; ++j) {
-        if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
-        s.score[j] = score(k_row(s.cand[j]), lu);
-      }
-      const int64_t keep = std::max<int64_t>(P.budget, 0);
-      s.order.resize(m);
-      std::iota(s.order.begin(), s.order.end(), 0);
-      std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
-                       [&](int32_t a, int32_t c) { return s.score[a] > s.score[c]; });
-      s.order.resize(keep);
-      for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
-      if (mx == kNegInf) {
-        std::fill(o, o + D, 0.f);
-        P.lse[r] = kNegInf;
-        return;
-      }
-      add_static();
-      for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[s.order[jj]]));
-      for (int64_t jj = 0; jj < keep; ++jj) {
-        if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
-        const int32_t j = s.order[jj];
-        accumulate(v_row(s.cand[j]), s.score[j]);
-      }
-    }
-    const float inv = float(1.0 / denom);
-    for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
-    P.lse[r] = mx + float(std::log(denom));
-    return;
   }
+  const float inv = float(1.0 / denom);
+  for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+  P.lse[r] = mx + float(std::log(denom));
 }
 
 // SimHash of the raw queries of one (batch row, kv head), tables [l0, l1): bit j of table l =
@@ -679,10 +603,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
     int64_t tail_len, int64_t lsh_k, int64_t threshold, int64_t estimator, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
-    const std::optional<at::Tensor>& static_allowed, double target_error) {
+    const std::optional<at::Tensor>& static_allowed) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
-  TORCH_CHECK(target_error >= 0.0 && std::isfinite(target_error), fn,
-              "target_error must be a finite number >= 0 (0: off), got ", target_error);
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
@@ -759,12 +681,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   P.mu = muc.data_ptr<float>();
   P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
   P.logp = logp_table(lsh_k, L, threshold).data();
-  P.logp_lv[0] = P.logp;
-  if (estimator == kSample && target_error > 0.0) {
-    P.target = float(target_error);
-    P.max_drop = std::min<int64_t>(kMaxDrop, lsh_k - 1);
-    for (int64_t d = 1; d <= P.max_drop; ++d) P.logp_lv[d] = logp_table(lsh_k - d, L, threshold).data();
-  }
   const int64_t* meta = seg_meta.data_ptr<int64_t>();
   for (size_t i = 0; i < seg_ids.size(); ++i) {
     const auto &ids = seg_ids[i], &st = seg_starts[i];
@@ -820,8 +736,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
   m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale, Tensor? static_k=None, "
-        "Tensor? static_v=None, Tensor? static_allowed=None, float target_error=0.0) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? static_v=None, Tensor? static_allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("simd_level() -> str", &kvpass_cpu::simd_level);
 }

@@ -134,8 +134,6 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path):
     with pytest.raises(ex.ExportError, match="float32"):
         ex.export_program(tiny_model("llama").to(torch.bfloat16), context_len=CONTEXT,
                           options={"onnx_lsh": "custom"})
-    with pytest.raises(ex.ExportError, match="target_error"):
-        ex.export_program(model, context_len=CONTEXT, options={"target_error": 0.1})
     with pytest.raises(ValueError, match="onnx_lsh"):
         ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "fast"})
     with pytest.raises(ex.ExportError, match="sliding-window"):
