@@ -12,9 +12,10 @@ from kvpass.cpu_ops.loader import (
     lsh_attention,
     lsh_build_segment,
     lsh_merge_segments,
+    sign_codes,
     simd_level,
 )
 from kvpass.cpu_ops.ort_library import ort_library_path
 
 __all__ = ["ESTIMATOR_IDS", "host_attention", "load", "log_retrieval_probability", "lsh_attention",
-           "lsh_build_segment", "lsh_merge_segments", "ort_library_path", "simd_level"]
+           "lsh_build_segment", "lsh_merge_segments", "ort_library_path", "sign_codes", "simd_level"]

@@ -150,6 +150,13 @@ def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, t
     return torch.ops.kvpass_cpu.log_retrieval_probability(cos_theta, lsh_k, lsh_l, threshold)
 
 
+def sign_codes(y: torch.Tensor, lsh_k: int) -> torch.Tensor:
+    """SimHash codes from CPU projections y [..., K·L] fp32: int32 [..., L], bit j of code l = [y[lK + j] > 0]
+    (the same bits as ``runtime.lsh.hash_codes``'s torch packing, in one pass)."""
+    load()
+    return torch.ops.kvpass_cpu.sign_codes(y, lsh_k)
+
+
 def simd_level() -> str:
     """The SIMD level the kernels dispatch to on this CPU: "avx512", "avx2" or "scalar"."""
     load()

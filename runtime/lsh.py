@@ -19,7 +19,7 @@ import functools
 import zlib
 
 import torch
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments
+from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments, sign_codes
 
 MAX_SEGMENT = 32768
 
@@ -39,20 +39,26 @@ def hash_codes(x: torch.Tensor, proj: torch.Tensor, lsh_k: int) -> torch.Tensor:
     """SimHash of already-centred fp32 x [B, Hkv, n, D] with proj [Hkv, D, K·L] fp32 → int32 [B, Hkv, n, L].
     One GEMM; written with exportable ops only (powers of two, not shifts), so the exported decode step
     hashes with this same function."""
-    bits = (x @ proj[None]) > 0  # [B, Hkv, n, K·L]
-    B, Hkv, n = x.shape[:3]
-    weights = torch.pow(2, torch.arange(lsh_k, device=x.device, dtype=torch.int32))
-    return (bits.reshape(B, Hkv, n, -1, lsh_k).to(torch.int32) * weights).sum(-1).to(torch.int32)
+    return pack_bits(x @ proj[None], lsh_k)
+
+
+def pack_bits(y: torch.Tensor, lsh_k: int) -> torch.Tensor:
+    """int32 [B, Hkv, n, L] codes from projections y [B, Hkv, n, K·L]: bit j of code l = [y[..., lK + j] > 0]."""
+    B, Hkv, n = y.shape[:3]
+    weights = torch.pow(2, torch.arange(lsh_k, device=y.device, dtype=torch.int32))
+    return ((y > 0).reshape(B, Hkv, n, -1, lsh_k).to(torch.int32) * weights).sum(-1).to(torch.int32)
 
 
 def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
     """Codes of x: [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L], on x's device.
 
     mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] (bf16 values, computed in fp32).  In token chunks (a GEMM
-    each)."""
+    each).  On the CPU the bits are packed by the C++ ``sign_codes`` (one pass; the torch packing's
+    temporaries cost more than the GEMM there); elsewhere by ``pack_bits`` — the same codes."""
     B, Hkv, n, _ = x.shape
     proj = proj.to(x.device, torch.float32)
-    out = [hash_codes(x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None], proj, lsh_k)
+    pack = sign_codes if x.device.type == "cpu" else pack_bits
+    out = [pack((x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None]) @ proj[None], lsh_k)
            for t0 in range(0, n, chunk)]
     return torch.cat(out, 2) if out else torch.empty(B, Hkv, 0, proj.shape[-1] // lsh_k, dtype=torch.int32,
                                                     device=x.device)

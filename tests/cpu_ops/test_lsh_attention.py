@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments
-from kvpass.runtime.lsh import reference_attention
+from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments, sign_codes
+from kvpass.runtime.lsh import hash_codes, pack_bits, projection, reference_attention, simhash
 
 from kvpass import KVStore
 
@@ -201,3 +201,21 @@ def test_query_codes_hashed_in_table_chunks_equal_torch(K, L, Hkv):
         torch.set_num_threads(threads)
     agree = (store.last_query_codes == store.index.query_codes(q)).float().mean().item()
     assert agree > 0.995, agree
+
+
+@pytest.mark.parametrize("K,L", [(10, 150), (1, 3), (16, 5), (7, 37)])
+def test_sign_codes_are_the_torch_packing(K, L):
+    """The C++ bit packing used on the CPU gives the exportable torch packing's codes, zeros (+0 and -0:
+    bit 0) and NaN (bit 0) included; simhash on the CPU equals hash_codes of the same centred keys."""
+    gen = torch.Generator().manual_seed(K * 100 + L)
+    y = torch.randn(2, 3, 33, K * L, generator=gen)
+    y[0, 0, :5] = 0.0
+    y[0, 1, :5] = -0.0
+    y[1, 2, 3, ::3] = float("nan")
+    assert torch.equal(sign_codes(y, K), pack_bits(y, K))
+    x = torch.randn(2, 3, 70, 16, generator=gen)
+    mu = torch.randn(2, 3, 16, generator=gen)
+    proj = projection(0, "t", 3, 16, K, L, "cpu")
+    assert torch.equal(simhash(x, mu, proj, K, chunk=32), hash_codes(x - mu[:, :, None], proj.float(), K))
+    with pytest.raises(RuntimeError, match="multiple of lsh_k"):
+        sign_codes(torch.zeros(4, 2 * K + 1), K) if K > 1 else sign_codes(torch.zeros(4, 5), 16)
