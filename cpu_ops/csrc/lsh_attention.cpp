@@ -225,7 +225,7 @@ struct Scratch {
   std::vector<uint8_t> count;  // per key, collisions of the current row, saturating (cleared via `touched`)
   std::vector<uint16_t> tail_count;
   std::vector<int32_t> touched, cand;
-  std::vector<float> score, acc, proj, sscore;
+  std::vector<float> score, acc, proj, qpad, sscore;
   std::vector<int32_t> order;
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
@@ -488,7 +488,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
 // SimHash of the raw queries of one (batch row, kv head), tables [l0, l1): bit j of table l =
 // [q·R[:, lK + j] > 0].  The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
 KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t l0, int64_t l1,
-                                std::vector<float>& y) {
+                                std::vector<float>& y, std::vector<float>& qpad) {
   const int64_t D = P.D, KL = P.K * P.L, rows = P.G * P.Tq;
   const int64_t c_lo = l0 * P.K, nc_all = (l1 - l0) * P.K;  // this range's columns of R
   const c10::BFloat16* R = P.proj + hk * D * KL;  // bf16: half the bytes to stream, and exact (see lsh.py)
@@ -497,7 +497,7 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
   // register-blocked: a tile of 4 rows x 16 columns accumulates over all of D in registers, so each
   // element of R is loaded and widened once per 4 rows, and y is written once
   constexpr int64_t kR = 4, kC = 16;
-  std::vector<float> qpad(kR * D);  // the tile's rows, zero-padded when fewer than kR are left
+  qpad.resize(kR * D);  // the tile's rows, zero-padded when fewer than kR are left (per-thread scratch)
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
     const int64_t nr = std::min(kR, rows - r0);
     std::fill(qpad.begin(), qpad.end(), 0.f);
@@ -576,7 +576,7 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk)
           for (int64_t c = 0; c < n_chunks; ++c)
-            hash_queries(P, b, hk, c * chunk, std::min(P.L, (c + 1) * chunk), s.proj);
+            hash_queries(P, b, hk, c * chunk, std::min(P.L, (c + 1) * chunk), s.proj, s.qpad);
     }  // (the implicit barrier: every row's codes exist before retrieval starts)
     // each key enters each list at most once (+1: the branch-free stores write one slot past the end
     // before deciding to keep it)
