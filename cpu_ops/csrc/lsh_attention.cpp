@@ -485,6 +485,13 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   P.lse[r] = mx + float(std::log(denom));
 }
 
+// One table's SimHash code from its K projections y[0..K): bit j = [y[j] > 0] (NaN and ±0 give 0).
+KVPASS_INLINE int32_t sign_code(const float* y, int64_t K) {
+  int32_t code = 0;
+  for (int64_t j = 0; j < K; ++j) code |= int32_t(y[j] > 0.f) << j;
+  return code;
+}
+
 // SimHash of the raw queries of one (batch row, kv head), tables [l0, l1): bit j of table l =
 // [q·R[:, lK + j] > 0].  The G·Tq rows of the group share R_hk, so it is streamed once for all of them.
 KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t l0, int64_t l1,
@@ -530,11 +537,7 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     int32_t* qc = P.qcode + (r0g + r) * P.L;
     const float* yr = y.data() + r * nc_all;
-    for (int64_t l = l0; l < l1; ++l) {
-      int32_t code = 0;
-      for (int64_t j = 0; j < P.K; ++j) code |= int32_t(yr[(l - l0) * P.K + j] > 0.f) << j;
-      qc[l] = code;
-    }
+    for (int64_t l = l0; l < l1; ++l) qc[l] = sign_code(yr + (l - l0) * P.K, P.K);
   }
 }
 
@@ -730,11 +733,7 @@ at::Tensor sign_codes(const at::Tensor& y_in, int64_t K) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* yr = yp + r * KL;
     int32_t* o = op + r * L;
-    for (int64_t l = 0; l < L; ++l) {
-      int32_t code = 0;
-      for (int64_t j = 0; j < K; ++j) code |= int32_t(yr[l * K + j] > 0.f) << j;
-      o[l] = code;
-    }
+    for (int64_t l = 0; l < L; ++l) o[l] = sign_code(yr + l * K, K);
   }
   return out;
 }
