@@ -91,7 +91,7 @@ def check_model(device, smoke: bool) -> str:
     import torch
 
     import kvpass
-    from kvpass.testing import greedy
+    from kvpass.hf import greedy
     from kvpass.text import long_document_prompt
 
     try:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvpass.runtime.config import parse_options
 
 import kvpass
 from kvpass import export as ex
-from kvpass.options import parse_options
 from kvpass.testing import Decoder, reference_prompt
 
 CONTEXTS = {"2k": 2048, "8k": 8192}

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from kvpass.api import explain, load_default_model, reset, runtime_stats
 from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
-from kvpass.kvstore import KVStore
-from kvpass.options import Options
 from kvpass.report import Report, SiteReport
+from kvpass.runtime import KVStore, Options
 
 __all__ = [
            "KVStore",

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from kvpass import backend as _backend
-from kvpass.options import parse_options
 from kvpass.report import Report
 from kvpass.runtime import REGISTRY
+from kvpass.runtime.config import parse_options
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

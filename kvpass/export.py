@@ -42,11 +42,12 @@ from kvpass.lowering.decode_step import (
     EXPORT_ESTIMATORS,
     decode_step,
     decode_step_capacity,
-    logp_table,
     onnx_decode_step,
 )
-from kvpass.options import Options, parse_options
+from kvpass.lowering.reference import logp_table
+from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import projection
+from kvpass.sites import analyse
 
 log = logging.getLogger("kvpass")
 
@@ -87,8 +88,8 @@ def prefill_state(model, input_ids: torch.Tensor, options: dict[str, Any] | Opti
     the runtime ``KVStore`` itself, so it is what the compiled path would hold after the same prompt."""
     from transformers import DynamicCache
 
-    from kvpass.kvstore import KVStore
-    from kvpass.testing import cache_kwarg
+    from kvpass.hf import cache_kwarg
+    from kvpass.runtime import KVStore
 
     opts = parse_options(options)
     with torch.no_grad():
@@ -98,9 +99,7 @@ def prefill_state(model, input_ids: torch.Tensor, options: dict[str, Any] | Opti
     sites = sites or [f"model.layers.{i}.self_attn" for i in range(len(layers))]
     states = []
     for (k, v), site in zip(layers, sites):
-        store = KVStore(k.shape[1], k.shape[3], sink_size=opts.sink_size, window_size=opts.window_size,
-                        lsh_k=opts.lsh_k, lsh_l=opts.lsh_l, lsh_threshold=opts.lsh_threshold, seed=opts.seed,
-                        dtype=k.dtype, site=site)
+        store = KVStore(k.shape[1], k.shape[3], options=opts, dtype=k.dtype, site=site)
         store.append(k.detach().cpu(), v.detach().cpu())
         states.append(store_state(store))
     return out.logits[:, -1].float(), states
@@ -121,7 +120,7 @@ class _DecodeStep(torch.nn.Module):
     def forward(self, input_ids, position, *state):
         from transformers import DynamicCache
 
-        from kvpass.testing import cache_kwarg
+        from kvpass.hf import cache_kwarg
 
         cache = DynamicCache(config=self.model.config)
         n = len(STATE)
@@ -130,18 +129,6 @@ class _DecodeStep(torch.nn.Module):
         pos = position.reshape(1, 1).expand(input_ids.shape[0], 1)
         out = self.model(input_ids=input_ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache})
         return (out.logits, *[state[n * i + j] for i in range(self.n_layers) for j in range(len(UPDATED))])
-
-
-_aten = torch.ops.aten
-_REPEAT = {_aten.unsqueeze.default, _aten.expand.default, _aten.reshape.default, _aten.view.default,
-           _aten._unsafe_view.default, _aten.clone.default, _aten.repeat_interleave.self_int}
-_SDPA = _aten.scaled_dot_product_attention.default
-
-
-def _strip_repeat(n: fx.Node) -> fx.Node:
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _REPEAT:
-        n = n.args[0]
-    return n
 
 
 def _state_input(n: fx.Node, state_nodes: dict[fx.Node, int]) -> int | None:
@@ -161,14 +148,6 @@ def _state_input(n: fx.Node, state_nodes: dict[fx.Node, int]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _site_of(node: fx.Node, index: int) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return f"model.layers.{index}.self_attn"
-    path = list(stack.values())[-1][0]
-    return path.removeprefix("model.")
-
-
 @dataclass
 class ExportInfo:
     """What ``export_onnx`` produced."""
@@ -184,8 +163,8 @@ class ExportInfo:
 
 
 def rewrite_decode_graph(gm: fx.GraphModule, n_layers: int, opts: Options) -> list[str]:
-    """Replace every SDPA over a cache fed from the state inputs by ``kvpass::decode_step``; the graph's
-    state outputs become the op's updated state.  Returns the site names, by layer."""
+    """Replace every attention site (``kvpass.sites``, the compile pass's matcher) by ``kvpass::decode_step``;
+    the graph's state outputs become the op's updated state.  Returns the site names, by layer."""
     g = gm.graph
     ph = [n for n in g.nodes if n.op == "placeholder"]
     position = ph[1]
@@ -193,44 +172,33 @@ def rewrite_decode_graph(gm: fx.GraphModule, n_layers: int, opts: Options) -> li
     n_state = len(STATE)
     done: dict[int, tuple[str, list[fx.Node]]] = {}
     gm.register_buffer("kvpass_logp", logp_table(opts.lsh_k, opts.lsh_l, opts.lsh_threshold))
-    for node in list(g.nodes):
-        if not (node.op == "call_function" and node.target is _SDPA):
-            continue
-        q, k, v = node.args[:3]
-        if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
-            raise ExportError("kvpass: an attention over the cache uses is_causal=True (top-left aligned); "
-                              "kvpass will not guess the intended mask")
-        srcs = [_strip_repeat(x) for x in (k, v)]
-        if not all(s.op == "call_function" and s.target is _aten.cat.default and len(s.args[0]) == 2
-                   and (s.args[1] if len(s.args) > 1 else 0) in (2, -2) for s in srcs):
-            raise ExportError(f"kvpass: attention {node.name} does not read a growing KV cache "
-                              f"(cat(past, new) → SDPA); it cannot be exported as a kvpass decode step")
-        (k_past, k_new), (v_past, v_new) = srcs[0].args[0], srcs[1].args[0]
+    for site in analyse(gm, opts, root="model"):
+        rep = site.report
+        if not (rep.rewritten and rep.phase == "decode" and rep.cache == "growing"):
+            raise ExportError(f"kvpass: attention {rep.name} cannot be exported as a kvpass decode step over a "
+                              f"growing KV cache: {rep.reason or rep.phase}")
+        k_past, v_past = site.k.past, site.v.past
         jk, jv = _state_input(k_past, state_nodes), _state_input(v_past, state_nodes)
         if jk is None or jv is None or jk % n_state != 0 or jv != jk + 1:
-            raise ExportError(f"kvpass: could not trace attention {node.name}'s cache back to one layer's state")
+            raise ExportError(f"kvpass: could not trace attention {rep.name}'s cache back to one layer's state")
         layer = jk // n_state
         if layer in done:
             raise ExportError(f"kvpass: two attentions read layer {layer}'s cache")
-        site = _site_of(node, layer)
-        qv = q.meta["val"]
-        Hkv, D = k_new.meta["val"].shape[1], qv.shape[-1]
-        scale = node.kwargs.get("scale")
-        scale = float(scale) if scale is not None else float(D) ** -0.5
+        Hkv, D = site.k.new.meta["val"].shape[1], site.q_val.shape[-1]
         proj_name = f"kvpass_proj_{layer}"
-        gm.register_buffer(proj_name, projection(opts.seed, site, Hkv, D, opts.lsh_k, opts.lsh_l, "cpu").float())
+        gm.register_buffer(proj_name, projection(opts.seed, rep.name, Hkv, D, opts.lsh_k, opts.lsh_l, "cpu").float())
         st = ph[2 + layer * n_state: 2 + (layer + 1) * n_state]
-        with g.inserting_before(node):
+        with g.inserting_before(site.sdpa):
             proj = g.get_attr(proj_name)
             logp = g.get_attr("kvpass_logp")
             op = decode_step_capacity if opts.onnx_lsh == "custom" else decode_step
             call = g.call_function(op._opoverload, (
-                q, k_new, v_new, *st, proj, logp, position, opts.sink_size, opts.window_size, opts.lsh_k,
-                opts.lsh_threshold, opts.estimator, scale))
+                site.q, site.k.new, site.v.new, *st, proj, logp, position, opts.sink_size, opts.window_size,
+                opts.lsh_k, opts.lsh_threshold, opts.estimator, site.scale))
             outs = [g.call_function(operator.getitem, (call, j)) for j in range(6)]
-        node.replace_all_uses_with(outs[0])
-        g.erase_node(node)
-        done[layer] = (site, outs[1:])
+        site.sdpa.replace_all_uses_with(outs[0])
+        g.erase_node(site.sdpa)
+        done[layer] = (rep.name, outs[1:])
     if sorted(done) != list(range(n_layers)):
         missing = sorted(set(range(n_layers)) - set(done))
         raise ExportError(f"kvpass: no exportable attention found for layers {missing}")
@@ -352,14 +320,14 @@ def export_onnx(model, path: str | Path, *, context_len: int, options: dict[str,
                              optimize=optimize, custom_translation_table=table)
     prog.save(str(path), external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
-    meta = {"options": json.loads(opts.key()) | {"estimator": opts.estimator, "onnx_lsh": opts.onnx_lsh},
+    meta = {"options": json.loads(opts.to_op_string()) | {"estimator": opts.estimator, "onnx_lsh": opts.onnx_lsh},
             "sites": sites, "layers": n_layers, "layout": LAYOUT[opts.onnx_lsh]}
     onnx.helper.set_model_props(proto, {"kvpass": json.dumps(meta)})
     onnx.save(proto, str(path))
     if check:
         onnx.checker.check_model(str(path))
     info = ExportInfo(path, n_layers, sites, opts.estimator, opts.onnx_lsh, inputs, outputs,
-                      time.perf_counter() - t0, json.loads(opts.key()))
+                      time.perf_counter() - t0, json.loads(opts.to_op_string()))
     log.info("kvpass: exported %d-layer decode step to %s in %.1f s", n_layers, path, info.seconds)
     return info
 

@@ -7,35 +7,23 @@ drops it (its handle may be unused, at prefill over a static cache) nor reorders
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 
 import torch
 
-from kvpass.kvstore import KVStore
 from kvpass.lowering import dense_attention_with_lse as _dense_ref
 from kvpass.lowering import mask_bias as _mask_bias
 from kvpass.lowering import merge_partials
 from kvpass.lowering import static_attention as _static_ref
-from kvpass.runtime import REGISTRY
+from kvpass.runtime import REGISTRY, KVStore, Options
 
 log = logging.getLogger("kvpass")
 
 
-@functools.cache
-def _config(config: str) -> dict:
-    return json.loads(config)
-
-
 def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
-    cfg = _config(config)
     REGISTRY.sweep(site)
-    return KVStore(k.shape[1], k.shape[3], batch=k.shape[0], dtype=k.dtype, device=k.device, site=site,
-                   sink_size=cfg["sink_size"], window_size=cfg["window_size"],
-                   host_block_size=cfg["host_block_size"], lsh_k=cfg["lsh_k"], lsh_l=cfg["lsh_l"],
-                   lsh_threshold=cfg["lsh_threshold"], seed=cfg["seed"], budget=cfg["budget"],
-                   static_backend=cfg["static_backend"], overlap=cfg["overlap"])
+    return KVStore(k.shape[1], k.shape[3], options=Options.from_op_string(config), batch=k.shape[0], dtype=k.dtype,
+                   device=k.device, site=site)
 
 
 @torch.library.custom_op("kvpass::append_kv", mutates_args=())
@@ -154,53 +142,6 @@ def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: flo
 def _set_threads(cpu_threads: int) -> None:
     if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
         torch.set_num_threads(cpu_threads)
-
-
-@torch.library.custom_op("kvpass::static_attention", mutates_args=())
-def static_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                        site: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the newest query block over the store's sinks + window (on the model's device).
-
-    q: [B, H, Tq, D] (the Tq tokens just appended); mask: the model's mask over its own cache
-    ([.., Tq, L] bool or additive, indexed by absolute position), or None (= causal).  Returns
-    out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
-    """
-    store = _store(handle, site)
-    q_pos = store.last_positions
-    if q.shape[2] != q_pos.shape[0]:
-        raise RuntimeError(f"kvpass: site {site}: {q.shape[2]} queries but {q_pos.shape[0]} new keys")
-    if _masked_path(mask, store, site):
-        return _masked_static(store, q, mask, scale)
-    return _static_ref(q, store.static_k, store.static_v, store.static_pos, q_pos, scale)
-
-
-@static_attention_op.register_fake
-def _(q, handle, mask, scale, site):
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("kvpass::host_attention", mutates_args=())
-def host_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                      estimator: str, cpu_threads: int, site: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the query block over the store's offloaded (host) tokens, computed by the CPU.
-
-    q: [B, H, Tq, D] on the model's device (copied to the host as fp32: B*H*Tq*D floats, the only data
-    that crosses).  estimator: "sample" | "topk" | "oracle" | "exact" (see KVStore.attend_host; the
-    budget is the store's).  cpu_threads <= 0: torch's setting.
-    mask: as for static_attention; offloaded token i sits at absolute position sink_size + i.  A mask
-    that is not plain causal is applied exactly by a plain-torch path (slower; logged once per site).
-    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32 on q's device (-inf where nothing is offloaded).
-    """
-    store = _store(handle, site)
-    _set_threads(cpu_threads)
-    if _masked_path(mask, store, site) and store.tokens_offloaded:
-        return _masked_host(store, q, mask, scale)
-    return store.attend_host(q, estimator=estimator, scale=scale)
-
-
-@host_attention_op.register_fake
-def _(q, handle, mask, scale, estimator, cpu_threads, site):
-    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("kvpass::split_attention", mutates_args=())

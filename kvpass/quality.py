@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvpass.kvstore import KVStore
+from kvpass.runtime import KVStore
 
 
 @dataclass

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from kvpass.hf import cache_kwarg, greedy  # noqa: F401  (tests import them from here too)
+
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
-
-
-def cache_kwarg() -> str:
-    """The keyword transformers' models take the KV cache by: `cache` (5.2x) or `past_key_values` (5.17)."""
-    import inspect
-
-    import transformers as tf
-
-    return "cache" if "cache" in inspect.signature(tf.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def tiny_model(family: str = "llama", **overrides):
@@ -117,12 +110,6 @@ class NanoGPTBlock(torch.nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-def greedy(model, ids, new_tokens, **gen_kwargs):
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen_kwargs)
-    return out.sequences, torch.stack(out.logits, 1)
 
 
 def compile_kvpass(model, **options):

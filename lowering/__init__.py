@@ -1,6 +1,13 @@
-"""How the rewritten ops become code: the static-KV attention (torch reference here; Triton on GPU is
-its own kernel) and the exact log-sum-exp merge of two partial attentions."""
+"""Pure maths and code generation: partial attentions with their LSE and the exact merge, the plain-torch
+definitions of the estimators and of SimHash (``reference``), the Triton static-KV kernel, and the
+explicit-state decode step that the ONNX export carries."""
 
-from kvpass.lowering.attention import dense_attention_with_lse, mask_bias, merge_partials, static_attention
+from kvpass.lowering.attention import (
+    dense_attention_with_lse,
+    mask_bias,
+    merge_partials,
+    softmax_lse,
+    static_attention,
+)
 
-__all__ = ["dense_attention_with_lse", "mask_bias", "merge_partials", "static_attention"]
+__all__ = ["dense_attention_with_lse", "mask_bias", "merge_partials", "softmax_lse", "static_attention"]

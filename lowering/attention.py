@@ -11,6 +11,20 @@ from __future__ import annotations
 import torch
 
 
+def softmax_lse(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-weighted values and the log-sum-exp of scores s [B, Hkv, G, Tq, n] (−inf = not attended)
+    over v [B, Hkv, n, D]: (out [B, Hkv, G, Tq, D], lse [B, Hkv, G, Tq]); a row with no key gets out = 0,
+    lse = −inf.  Max-shifted, exportable ops only (the exported decode step uses it too)."""
+    if s.shape[-1] == 0:
+        return s.new_zeros(*s.shape[:-1], v.shape[-1]), s.new_full(s.shape[:-1], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # no key: keep the exponents finite
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    out = (p @ v[:, :, None]) / torch.where(den > 0, den, torch.ones_like(den))
+    return out, (m + torch.log(den)).squeeze(-1)
+
+
 def dense_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -24,17 +38,13 @@ def dense_attention_with_lse(
     """
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
-    G = H // Hkv
-    qf = q.float().reshape(B, Hkv, G, Tq, D)
-    s = torch.einsum("bhgtd,bhnd->bhgtn", qf, k.float()) * scale  # [B, Hkv, G, Tq, N]
+    qf = q.float().reshape(B, Hkv, H // Hkv, Tq, D)
+    s = (qf @ k.float().transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, Tq, N]
     if bias is not None:
         s = s + bias
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Tq]
-    # rows with no allowed key: lse = -inf; exp(s - 0) = 0 there, so out = 0
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
-    out = torch.einsum("bhgtn,bhnd->bhgtd", p, v.float())
+    out, lse = softmax_lse(s, v.float())
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq)
 
 

@@ -2,7 +2,7 @@
 
 The compiled path keeps each site's KV in a ``KVStore`` (runtime state behind a handle).  An exported
 graph cannot reach Python objects, so there the state travels as tensors, in the store's own layout
-(``runtime.store.KVStore``; B batch, Hkv kv heads, D head_dim, S sinks, W window, N host tokens,
+(``kvpass.runtime.store.KVStore``; B batch, Hkv kv heads, D head_dim, S sinks, W window, N host tokens,
 L tables of K bits):
 
     static_k, static_v  [B, Hkv, S+W, D]   sink slots, then the window ring: position p ≥ S sits in
@@ -12,6 +12,7 @@ L tables of K bits):
     mu                  [B, Hkv, D]        fp32 key centre (frozen when the index was built)
     proj                [Hkv, D, K·L]      fp32 (bf16 values) projection of the site  — a constant
     logp                [16385]            fp32 log P(retrieved | cos θ) on a cos θ grid — a constant
+                                           (``reference.logp_table``)
 
 One step at ``position`` (the new token's absolute position) requires a full ring and a built index —
 position ≥ S + W and N ≥ the index's min_keys — which any prompt of ``S + W + 256`` tokens gives:
@@ -28,39 +29,10 @@ an exported graph shows it as one node; the portable ONNX translation decomposes
 from __future__ import annotations
 
 import torch
-from kvpass.lowering.attention import merge_partials
-from kvpass.runtime.lsh import hash_codes
+from kvpass.lowering.attention import merge_partials, softmax_lse
+from kvpass.lowering.reference import estimator_scores, hash_codes, ring_slot
 
-LOGP_GRID = 16384  # intervals of the cos θ grid; the C++ kernel's kTable
 EXPORT_ESTIMATORS = ("exact", "sample", "none")
-
-
-def logp_table(lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:
-    """log P(retrieved | cos θ) at cos θ = −1 + 2i/16384, i = 0..16384, fp32 — the C++ kernel's table."""
-    from kvpass.cpu_ops import log_retrieval_probability
-
-    grid = -1.0 + 2.0 * torch.arange(LOGP_GRID + 1, dtype=torch.float64) / LOGP_GRID  # the kernel's points
-    return log_retrieval_probability(grid, lsh_k, lsh_l, threshold).float()
-
-
-def _partial(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax-weighted V of scores s [B, Hkv, G, n] (−inf = not attended) → (out [B,Hkv,G,D], lse)."""
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(s - m)
-    den = p.sum(-1, keepdim=True)
-    out = (p @ v) / torch.where(den > 0, den, torch.ones_like(den))
-    return out, (m + torch.log(den)).squeeze(-1)
-
-
-def _lookup_logp(cos: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation in the log P table, as the C++ kernel does it."""
-    x = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * LOGP_GRID
-    i = x.floor().clamp(max=LOGP_GRID - 1)
-    f = x - i
-    i = i.to(torch.int64)
-    lo, hi = logp[i], logp[i + 1]
-    return lo + f * (hi - lo)
 
 
 def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, static_k: torch.Tensor,
@@ -71,11 +43,12 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     """One decode step (see the module docstring).  q [B, H, 1, D]; k_new, v_new [B, Hkv, 1, D].
     Returns (out [B, H, 1, D] in q's dtype, static_k, static_v, host_k, host_v, codes) — the state after
     the step (host tensors one token longer)."""
+    if estimator not in EXPORT_ESTIMATORS:
+        raise ValueError(f"kvpass: estimator {estimator!r} cannot be exported; one of {EXPORT_ESTIMATORS}")
     B, H, _, D = q.shape
     Hkv = k_new.shape[1]
-    G = H // Hkv
     S, W = sink_size, window_size
-    slot = (S + torch.remainder(position - S, W)).reshape(1)
+    slot = ring_slot(position, S, W).reshape(1)
     leaving_k, leaving_v = static_k.index_select(2, slot), static_v.index_select(2, slot)
     here = (torch.arange(S + W, device=q.device) == slot)[:, None]  # [S+W, 1]
     new_sk = torch.where(here, k_new.to(static_k.dtype), static_k)
@@ -84,31 +57,14 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     new_hv = torch.cat([host_v, leaving_v.to(host_v.dtype)], 2)
     new_codes = torch.cat([codes, hash_codes(leaving_k.float() - mu[:, :, None], proj, lsh_k)], 2)
 
-    qg = q.float().reshape(B, Hkv, G, D)
-    s_static = (qg @ new_sk.float().transpose(-1, -2)) * scale  # every slot holds a position ≤ position
-    out, lse = _partial(s_static, new_sv.float())
+    qg = q.float().reshape(B, Hkv, H // Hkv, 1, D)
+    s_static = (qg @ new_sk.float().transpose(-1, -2)[:, :, None]) * scale  # every slot is ≤ position: no mask
+    out, lse = softmax_lse(s_static, new_sv.float())
     if estimator != "none":
-        kf = new_hk.float()
-        qk = qg @ kf.transpose(-1, -2)  # [B, Hkv, G, N]
-        s = qk * scale
-        if estimator == "sample":
-            q_codes = hash_codes(qg, proj, lsh_k)  # the raw query, no centring
-            hits = (q_codes[:, :, :, None, :] == new_codes[:, :, None]).to(torch.int32).sum(-1)
-            mu_f = mu[:, :, None].float()  # [B, Hkv, 1, D]
-            kmu = (kf * mu_f).sum(-1)[:, :, None]  # [B, Hkv, 1, N]
-            kk = (kf * kf).sum(-1)[:, :, None]
-            mumu = (mu_f * mu_f).sum(-1, keepdim=True)  # [B, Hkv, 1, 1]
-            qmu = qg @ mu_f.transpose(-1, -2)  # [B, Hkv, G, 1]
-            qnorm = qg.norm(dim=-1, keepdim=True)
-            denom = qnorm * torch.sqrt((kk - 2 * kmu + mumu).clamp_min(0.0))
-            cos = torch.where(denom > 0, (qk - qmu) / torch.where(denom > 0, denom, torch.ones_like(denom)),
-                              torch.zeros_like(qk))
-            s = s - _lookup_logp(cos, logp)
-            s = torch.where(hits >= threshold, s, torch.full_like(s, float("-inf")))
-        elif estimator != "exact":
-            raise ValueError(f"kvpass: estimator {estimator!r} cannot be exported; one of {EXPORT_ESTIMATORS}")
-        out_d, lse_d = _partial(s, new_hv.float())
-        out, _ = merge_partials(out, lse, out_d, lse_d)
+        q_codes = hash_codes(qg.reshape(B, Hkv, -1, D), proj, lsh_k).reshape(B, Hkv, H // Hkv, 1, -1)
+        s, _ = estimator_scores(qg, new_hk.float(), scale, estimator, q_codes=q_codes, k_codes=new_codes, mu=mu,
+                                logp=logp, threshold=threshold)
+        out, _ = merge_partials(out, lse, *softmax_lse(s, new_hv.float()))
     return (out.reshape(B, H, 1, D).to(q.dtype), new_sk, new_sv, new_hk, new_hv, new_codes)
 
 

@@ -1,4 +1,4 @@
-"""SimHash index over the offloaded keys of one store, and the plain-torch reference of the estimators.
+"""SimHash index over the offloaded keys of one store (the hashing maths: ``lowering/reference.py``).
 
 Shapes: B batch, Hkv kv heads, D head_dim, K = lsh_k bits per table, L = lsh_l tables.
 
@@ -19,7 +19,9 @@ import functools
 import zlib
 
 import torch
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments, sign_codes
+from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
+from kvpass.lowering.reference import simhash
+from kvpass.runtime.config import Options
 
 MAX_SEGMENT = 32768
 
@@ -35,46 +37,14 @@ def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: in
     return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device, torch.bfloat16)
 
 
-def hash_codes(x: torch.Tensor, proj: torch.Tensor, lsh_k: int) -> torch.Tensor:
-    """SimHash of already-centred fp32 x [B, Hkv, n, D] with proj [Hkv, D, K·L] fp32 → int32 [B, Hkv, n, L].
-    One GEMM; written with exportable ops only (powers of two, not shifts), so the exported decode step
-    hashes with this same function."""
-    return pack_bits(x @ proj[None], lsh_k)
-
-
-def pack_bits(y: torch.Tensor, lsh_k: int) -> torch.Tensor:
-    """int32 [B, Hkv, n, L] codes from projections y [B, Hkv, n, K·L]: bit j of code l = [y[..., lK + j] > 0]."""
-    B, Hkv, n = y.shape[:3]
-    weights = torch.pow(2, torch.arange(lsh_k, device=y.device, dtype=torch.int32))
-    return ((y > 0).reshape(B, Hkv, n, -1, lsh_k).to(torch.int32) * weights).sum(-1).to(torch.int32)
-
-
-def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
-    """Codes of x: [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L], on x's device.
-
-    mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] (bf16 values, computed in fp32).  In token chunks (a GEMM
-    each).  On the CPU the bits are packed by the C++ ``sign_codes`` (one pass; the torch packing's
-    temporaries cost more than the GEMM there); elsewhere by ``pack_bits`` — the same codes."""
-    B, Hkv, n, _ = x.shape
-    proj = proj.to(x.device, torch.float32)
-    pack = sign_codes if x.device.type == "cpu" else pack_bits
-    out = [pack((x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None]) @ proj[None], lsh_k)
-           for t0 in range(0, n, chunk)]
-    return torch.cat(out, 2) if out else torch.empty(B, Hkv, 0, proj.shape[-1] // lsh_k, dtype=torch.int32,
-                                                    device=x.device)
-
-
 class LSHIndex:
     """The SimHash index of one store (one sequence batch at one attention site)."""
 
-    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, lsh_k: int = 10, lsh_l: int = 150,
-                 threshold: int = 2, seed: int = 0, site: str = "", min_keys: int = 256, seal_size: int = 4096):
-        if not 1 <= lsh_k <= 16:
-            raise ValueError(f"kvpass: lsh_k must be in [1, 16], got {lsh_k}")
-        if not 1 <= threshold <= min(lsh_l, 255):
-            raise ValueError(f"kvpass: lsh_threshold must be in [1, min(lsh_l={lsh_l}, 255)], got {threshold}")
-        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
-        self.lsh_k, self.lsh_l, self.threshold, self.seed, self.site = lsh_k, lsh_l, threshold, seed, site
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, options: Options, *, site: str = "",
+                 min_keys: int = 256, seal_size: int = 4096):
+        self.batch, self.num_kv_heads, self.head_dim, self.site = batch, num_kv_heads, head_dim, site
+        lsh_k, lsh_l = options.lsh_k, options.lsh_l
+        self.lsh_k, self.lsh_l, self.threshold, self.seed = lsh_k, lsh_l, options.lsh_threshold, options.seed
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -180,45 +150,3 @@ class LSHIndex:
     @property
     def projection_bytes(self) -> int:
         return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 2
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
-                        q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
-                        mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
-                        budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-torch definition of the estimators over offloaded keys (dense cost, same result).
-
-    q: [B, H, Tq, D]; k, v: [B, Hkv, n, D]; q_codes: [B, H, Tq, L], k_codes: [B, Hkv, n, L]; mu: [B, Hkv, D].
-    "sample": keys colliding in >= threshold tables, score s − log P(retrieved | cos θ(q, k − μ));
-    "topk": the ``budget`` best exact scores among those; "oracle": the ``budget`` best of all keys;
-    "exact": all keys.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32.
-    """
-    B, H, Tq, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
-    G = H // Hkv
-    qf = q.float().reshape(B, Hkv, G, Tq, D)
-    kf, vf = k.float(), v.float()
-    s = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * scale  # [B, Hkv, G, Tq, n]
-    if estimator in ("sample", "topk"):
-        qc = q_codes.reshape(B, Hkv, G, Tq, 1, -1)
-        coll = (qc == k_codes[:, :, None, None]).sum(-1)  # [B, Hkv, G, Tq, n]
-        keep = coll >= threshold
-    else:
-        keep = torch.ones_like(s, dtype=torch.bool)
-    n_read = keep.sum(-1)
-    if estimator == "sample":
-        kc = kf - mu[:, :, None]
-        cos = torch.einsum("bhgtd,bhnd->bhgtn", qf, kc) / (
-            qf.norm(dim=-1, keepdim=True) * kc.norm(dim=-1)[:, :, None, None]).clamp_min(1e-30)
-        logp = log_retrieval_probability(cos.double().clamp(-1, 1).flatten(), lsh_k, lsh_l, threshold)
-        s = s - logp.view(cos.shape).float()
-    elif estimator in ("topk", "oracle") and budget is not None and budget < n:
-        masked = s.masked_fill(~keep, float("-inf"))
-        top = masked.topk(max(budget, 0), dim=-1).indices
-        sel = torch.zeros_like(keep).scatter_(-1, top, True)
-        keep = keep & sel
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("bhgtn,bhnd->bhgtd", p, vf)
-    return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()

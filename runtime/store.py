@@ -1,7 +1,9 @@
-"""KV state that outlives one call: per (sequence, attention site) a static part on the model's device
-(S sink slots + a W-slot window ring) and the rest of the tokens in host memory, each token stored once.
+"""``KVStore``, the one store: per (sequence, attention site) a static part on the model's device (S sink
+slots + a W-slot window ring) and the rest of the tokens in host memory, each token stored once, with the
+split attention over them (static part on the device, host part by the C++ kernel, exact LSE merge) and,
+on CUDA, the host <-> device overlap.
 
-Shapes: B batch, Hkv kv heads, D head_dim, S sink_size, W window_size.
+Shapes: B batch, H query heads, Hkv kv heads, Tq query tokens, D head_dim, S sink_size, W window_size.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import math
 import sys
 
 import torch
-from kvpass.cpu_ops import ESTIMATOR_IDS, host_attention, lsh_attention
+from kvpass.cpu_ops import lsh_attention
+from kvpass.lowering import merge_partials, static_attention
+from kvpass.lowering.reference import ESTIMATORS, ring_slot
+from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex
 
 _MADV_HUGEPAGE = 14
@@ -100,15 +105,16 @@ class HostKV:
 
 
 class KVStore:
-    """The KV of one sequence batch at one attention site: static part on the device, the rest on the
-    host with a SimHash index.  Usable without the compiler (serving-engine integration):
+    """The KV of one sequence batch at one attention site: static part on the model's device, the rest on
+    the host with a SimHash index, and the whole split attention over them.  Usable without the compiler
+    (serving-engine integration):
 
         store = KVStore(num_kv_heads=8, head_dim=128, sink_size=4, window_size=64, dtype=torch.bfloat16)
         store.append(k, v)                              # k, v: [B, Hkv, T, D]
         out = store.attend(q, estimator="sample")       # q: [B, H, Tq, D], the newest Tq tokens' queries
 
-    (``attend``, which also runs the static part and the merge, is added by ``kvpass.KVStore``; this
-    room only holds state and the CPU half.)
+    Knobs: an ``Options`` (``options=``) and/or its fields as keywords (sink_size, window_size, lsh_k,
+    lsh_l, lsh_threshold, seed, budget, host_block_size, static_backend, overlap), validated by ``Options``.
 
     Token at absolute position p lives in exactly one place:
       p < S                      → sink slot p                      (device)
@@ -118,24 +124,16 @@ class KVStore:
     The batch size is taken from the first append (or ``batch=``).
     """
 
-    def __init__(self, num_kv_heads: int, head_dim: int, *, sink_size: int = 4, window_size: int = 64,
-                 lsh_k: int = 10, lsh_l: int = 150, lsh_threshold: int = 2, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 host_block_size: int = 4096, batch: int | None = None, site: str = "kvstore",
-                 budget: float = 0.02, static_backend: str = "auto"):
-        if window_size < 1:
-            raise ValueError(f"kvpass: window_size must be >= 1, got {window_size}")
-        if sink_size < 0:
-            raise ValueError(f"kvpass: sink_size must be >= 0, got {sink_size}")
+    def __init__(self, num_kv_heads: int, head_dim: int, *, options: Options | dict | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int | None = None,
+                 site: str = "kvstore", **knobs):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"kvpass: KV dtype {dtype} is not supported (float32, bfloat16, float16)")
+        self.options = opts = parse_options(options, **knobs)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.sink_size, self.window_size = sink_size, window_size
-        self.lsh = {"lsh_k": lsh_k, "lsh_l": lsh_l, "threshold": lsh_threshold, "seed": seed}
-        LSHIndex(1, 1, 1, **self.lsh)  # validate the LSH knobs now, not at the first offload
-        self.host_block_size, self.budget = host_block_size, budget
-        self.static_backend = static_backend  # "auto" | "triton" | "torch" (the static part's kernel)
+        self.sink_size, self.window_size = opts.sink_size, opts.window_size
+        self.overlap = opts.overlap  # CUDA: the CPU part runs while the device computes the static part
         self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
@@ -161,11 +159,8 @@ class KVStore:
         self.static_k = torch.zeros(batch, Hkv, S + W, D, dtype=self.dtype, device=self.device)
         self.static_v = torch.zeros_like(self.static_k)
         self.static_pos = torch.full((S + W,), -1, dtype=torch.long, device=self.device)
-        self.host = HostKV(batch, Hkv, D, self.dtype, self.host_block_size, pin=self.device.type == "cuda")
-        self.index = LSHIndex(batch, Hkv, D, site=self.site, **self.lsh)
-
-    def _ring_slot(self, p: int) -> int:
-        return self.sink_size + (p - self.sink_size) % self.window_size
+        self.host = HostKV(batch, Hkv, D, self.dtype, self.options.host_block_size, pin=self.device.type == "cuda")
+        self.index = LSHIndex(batch, Hkv, D, self.options, site=self.site)
 
     def _to_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.host.append(k, v)
@@ -191,7 +186,7 @@ class KVStore:
         host_from, host_to = max(S, L - W), max(S, end - W)
         old_to = min(host_to, L)  # part still in the ring
         if old_to > host_from:
-            slots = torch.tensor([self._ring_slot(p) for p in range(host_from, old_to)], device=self.device)
+            slots = torch.tensor([ring_slot(p, S, W) for p in range(host_from, old_to)], device=self.device)
             self._to_host(self.static_k.index_select(2, slots), self.static_v.index_select(2, slots))
         new_from = max(host_from, L)
         if host_to > new_from:
@@ -200,7 +195,7 @@ class KVStore:
         ring_from = max(S, L, host_to)
         if end > ring_from:
             positions = list(range(ring_from, end))
-            slots = torch.tensor([self._ring_slot(p) for p in positions], device=self.device)
+            slots = torch.tensor([ring_slot(p, S, W) for p in positions], device=self.device)
             src = torch.arange(ring_from - L, end - L, device=self.device)
             self.static_k.index_copy_(2, slots, k.index_select(2, src))
             self.static_v.index_copy_(2, slots, v.index_select(2, src))
@@ -212,17 +207,11 @@ class KVStore:
 
     def resolve_budget(self, budget: float | None) -> int:
         """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys."""
-        budget = self.budget if budget is None else budget
+        budget = self.options.budget if budget is None else budget
         n = self.host.length if self.batch else 0
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-            raise ValueError(f"kvpass: budget must be a positive token count or a fraction in (0, 1], got "
-                             f"{budget!r}")
-        if isinstance(budget, float):
-            if budget > 1:
-                raise ValueError(f"kvpass: a float budget is a fraction in (0, 1], got {budget}; pass an int "
-                                 f"for a token count")
-            return max(1, round(budget * n))
-        return min(budget, n)
+        if (err := Options.knob("budget").error("budget", budget, self.options)) is not None:
+            raise ValueError(f"kvpass: {err}")
+        return max(1, round(budget * n)) if isinstance(budget, float) else min(budget, n)
 
     def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
                     scale: float | None = None, with_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,18 +223,14 @@ class KVStore:
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
         n, idx = self.host.length, self.index
-        if estimator not in ESTIMATOR_IDS and estimator != "exact":
-            raise ValueError(f"kvpass: unknown estimator {estimator!r}; expected one of "
-                             f"['sample', 'topk', 'oracle', 'exact', 'none']")
+        if estimator not in ESTIMATORS or estimator == "none":
+            raise ValueError(f"kvpass: the host part's estimator must be one of {list(ESTIMATORS[:-1])}, got "
+                             f"{estimator!r}")
         static = {}
         if with_static:
             q_pos = torch.arange(self.length - q.shape[2], self.length)
             allowed = (self.static_pos >= 0)[None, :] & (self.static_pos[None, :] <= q_pos[:, None])
             static = {"static_k": self.static_k, "static_v": self.static_v, "static_allowed": allowed}
-        if estimator == "exact" and not with_static:
-            out, lse = host_attention(qh, *self.host.views(), scale)
-            self.last_keys_read = float(n)
-            return out.to(q.device), lse.to(q.device)
         budget_n = self.resolve_budget(budget) if n else 0
         if estimator == "exact" or (estimator == "sample" and not idx.built):
             estimator, budget_n = "oracle", n  # every key (below min_keys, sampling reads them all)
@@ -254,11 +239,64 @@ class KVStore:
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         out, lse, n_read, self.last_query_codes = lsh_attention(
-            qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.host_block_size, n, idx.seg_ids,
-            idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
+            qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.options.host_block_size, n,
+            idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
             estimator=estimator, budget=budget_n, scale=scale, **static)
         self.last_keys_read = float(n_read.float().mean())
         return out.to(q.device), lse.to(q.device)
+
+    def attend(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
+               scale: float | None = None) -> torch.Tensor:
+        """Attention of the newest Tq tokens' queries q [B, H, Tq, D] over every stored token (causal
+        inside the block): static part on the device + host part by the CPU, merged exactly by LSE.
+        estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only).  Returns
+        [B, H, Tq, D] in q's dtype."""
+        if q.shape[2] > self.length:
+            raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
+        scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
+        backend = self.static_backend()
+        if self.device.type == "cpu" and estimator != "none" and backend == "torch":
+            # one fused CPU pass over the static slots and the host keys, no merge
+            out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True)
+            return out.to(q.device, q.dtype)
+        if self.device.type == "cuda" and estimator != "none" and self.overlap:
+            return attend_overlapped(self, q, _CUDA, estimator=estimator, budget=budget, scale=scale,
+                                     backend=backend)
+        q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
+        if backend == "triton":  # one device pass: static part + merge of the CPU partial
+            from kvpass.lowering.triton_static import static_attention_triton
+
+            o_d = l_d = None
+            if estimator != "none":
+                o_d, l_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
+            out, _ = static_attention_triton(q.to(self.device), self.static_k, self.static_v, self.static_pos,
+                                             q_pos, scale, o_d, l_d)
+            return out.to(q.device, q.dtype)
+        out_s, lse_s = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos,
+                                        scale)
+        if estimator == "none":
+            return out_s.to(q.device, q.dtype)
+        out_d, lse_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
+        out, _ = merge_partials(out_s, lse_s, out_d.to(self.device), lse_d.to(self.device))
+        return out.to(q.device, q.dtype)
+
+    def static_backend(self) -> str:
+        """"triton" or "torch" for this store's device (static_backend "auto": triton on CUDA)."""
+        want = self.options.static_backend
+        if want == "torch" or (want == "auto" and self.device.type != "cuda"):
+            return "torch"
+        try:
+            from kvpass.lowering import triton_static
+        except ImportError as e:
+            if want == "triton":
+                raise RuntimeError("kvpass: static_backend='triton' needs the triton package") from e
+            return "torch"
+        if triton_static.usable(self.device):
+            return "triton" if want == "triton" or self.device.type == "cuda" else "torch"
+        if want == "triton":
+            raise RuntimeError(f"kvpass: static_backend='triton' runs on CUDA devices (or on CPU with "
+                               f"TRITON_INTERPRET=1, for tests); this store is on {self.device}")
+        return "torch"
 
     # ------------------------------------------------------------ accounting
 
@@ -291,3 +329,106 @@ class KVStore:
     @property
     def tokens_offloaded(self) -> int:
         return self.host.length if self.batch else 0
+
+
+# ---------------------------------------------------------------- host <-> device overlap (CUDA)
+#
+# One decode step of one layer on an accelerator, overlapped:
+#
+#   main stream  : ...q ready ─┬─ static part (sinks + window) ────────────────┬─ merge → next ops
+#   copy stream  :             └─ q → pinned host ─┐         ┌─ (o_d, lse_d) → device ─┘
+#   host thread  :                                 └─ CPU kernel (retrieve, score, accumulate)
+#
+# What overlaps: the device's static part with the q transfer and the CPU kernel, and both transfers
+# with whatever the main stream still has queued.  The host thread waits for q alone (an event), not for
+# the device to drain.  What cannot: the next layer needs this layer's attention output, so for one
+# sequence batch the CPU kernel of layer i + 1 cannot start before the merge of layer i — CPU work runs
+# ahead of the device only within a layer.  (Splitting a batch into two halves that alternate between
+# device and CPU would overlap across layers; not built.)
+
+
+class _Streams:
+    """What the overlapped step needs from the accelerator runtime (CUDA here; a test substitutes a
+    synchronous stand-in to run the same code on a CPU)."""
+
+    pin_memory = True
+
+    def __init__(self):
+        self._side: dict = {}
+
+    def current(self, device):
+        return torch.cuda.current_stream(device)
+
+    def side(self, device):
+        key = str(device)
+        if key not in self._side:
+            self._side[key] = torch.cuda.Stream(device)
+        return self._side[key]
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def event(self):
+        return torch.cuda.Event()
+
+
+_CUDA = _Streams()
+
+
+class _Pinned:
+    """A store's page-locked staging buffers for one query block shape: q out, (o_d, lse_d) back."""
+
+    def __init__(self, shape, pin: bool):
+        B, H, Tq, D = shape
+        self.shape = tuple(shape)
+        self.q = torch.empty(B, H, Tq, D, dtype=torch.float32, pin_memory=pin)
+        self.out = torch.empty(B, H, Tq, D, dtype=torch.float32, pin_memory=pin)
+        self.lse = torch.empty(B, H, Tq, dtype=torch.float32, pin_memory=pin)
+        self.free = None  # event: the last results have left self.out / self.lse
+
+
+def attend_overlapped(store: KVStore, q: torch.Tensor, streams: _Streams, *, estimator: str, budget, scale: float,
+                      backend: str) -> torch.Tensor:
+    """``KVStore.attend`` for a store on an accelerator, with the CPU part overlapped with the device's
+    static part (the diagram above).  Same result as the sequential path up to float rounding (the merge
+    runs as a separate step instead of inside the Triton kernel)."""
+    dev = store.device
+    main, side = streams.current(dev), streams.side(dev)
+    pin = getattr(store, "_pinned", None)
+    if pin is None or pin.shape != tuple(q.shape):
+        pin = store._pinned = _Pinned(q.shape, streams.pin_memory)
+    qf = q.detach().float().contiguous()
+    # 1. q to the host on the copy stream, as soon as the main stream has produced it
+    side.wait_stream(main)
+    with streams.use(side):
+        pin.q.copy_(qf, non_blocking=True)
+        q_there = streams.event()
+        q_there.record(side)
+    if qf.device.type != "cpu":
+        qf.record_stream(side)  # read on the copy stream: not to be reused before that copy is done
+    # 2. the static part, queued on the device meanwhile
+    q_pos = torch.arange(store.length - q.shape[2], store.length, device=dev)
+    if backend == "triton":
+        from kvpass.lowering.triton_static import static_attention_triton as static
+    else:
+        static = static_attention
+    out_s, lse_s = static(q.to(dev), store.static_k, store.static_v, store.static_pos, q_pos, scale)
+    # 3. the CPU part, once q (only q) has arrived
+    q_there.synchronize()
+    if pin.free is not None:
+        pin.free.synchronize()
+    out_d, lse_d = store.attend_host(pin.q, estimator=estimator, budget=budget, scale=scale)
+    pin.out.copy_(out_d)
+    pin.lse.copy_(lse_d)
+    # 4. the results back on the copy stream; the main stream waits for them, then merges
+    with streams.use(side):
+        o_dev = pin.out.to(dev, non_blocking=True)
+        l_dev = pin.lse.to(dev, non_blocking=True)
+        pin.free = streams.event()
+        pin.free.record(side)
+    main.wait_stream(side)
+    if o_dev.device.type != "cpu":
+        o_dev.record_stream(main)  # allocated on the copy stream, used on the main one
+        l_dev.record_stream(main)
+    out, _ = merge_partials(out_s, lse_s, o_dev, l_dev)
+    return out.to(q.dtype)

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments, sign_codes
-from kvpass.runtime.lsh import hash_codes, pack_bits, projection, reference_attention, simhash
+from kvpass.lowering.reference import hash_codes, pack_bits, reference_attention, simhash
+from kvpass.runtime.lsh import projection
 
 from kvpass import KVStore
 

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from kvpass.lowering.decode_step import decode_step_reference, logp_table
+from kvpass.lowering.decode_step import decode_step_reference
+from kvpass.lowering.reference import logp_table
 from kvpass.runtime import REGISTRY
 
 import kvpass

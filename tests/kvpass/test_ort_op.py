@@ -15,10 +15,9 @@ from kvpass.lowering.decode_step import (
     _STEP_INPUTS,
     _STEP_OUTPUTS,
     decode_step_capacity_reference,
-    logp_table,
     register_onnx_schema,
 )
-from kvpass.runtime.lsh import hash_codes
+from kvpass.lowering.reference import hash_codes, logp_table
 
 TYPES = {"codes": onnx.TensorProto.INT16, "position": onnx.TensorProto.INT64}
 RANKS = {"mu": 3, "proj": 3, "logp": 1, "position": 0}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 
+import kvpass.runtime.store as kvstore_mod
 import pytest
 import torch
+from kvpass.runtime.store import attend_overlapped
 
-import kvpass.kvstore as kvstore_mod
 from kvpass import KVStore
-from kvpass.kvstore import attend_overlapped
 
 
 class _Stream:
@@ -133,10 +133,10 @@ def test_overlapped_step_runs_in_the_designed_order(monkeypatch):
 
 
 def test_overlap_option_reaches_the_store():
-    from kvpass.options import parse_options
+    from kvpass.runtime.config import parse_options
 
     assert parse_options({"overlap": False}).overlap is False
-    assert '"overlap": false' in parse_options({"overlap": False}).key()
+    assert '"overlap": false' in parse_options({"overlap": False}).to_op_string()
     with pytest.raises(ValueError, match="overlap must be True or False"):
         parse_options({"overlap": "yes"})
     assert KVStore(2, 8, overlap=False).overlap is False and KVStore(2, 8).overlap is True

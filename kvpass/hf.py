@@ -1,0 +1,22 @@
+"""Hugging Face glue that kvpass's own jobs use: the cache keyword of this transformers release, greedy
+generation with the logits kept."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cache_kwarg() -> str:
+    """The keyword transformers' models take the KV cache by: `cache` (5.2x) or `past_key_values` (5.17)."""
+    import inspect
+
+    import transformers as tf
+
+    return "cache" if "cache" in inspect.signature(tf.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def greedy(model, ids, new_tokens, **gen_kwargs):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens: (sequences [B, T + new], logits [B, new, V])."""
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen_kwargs)
+    return out.sequences, torch.stack(out.logits, 1)

@@ -1,0 +1,146 @@
+"""The plain-torch definitions kvpass is built on, each written once: the estimators, SimHash codes, the
+retrieval probability's table, the window ring's slot rule.  The C++ kernels (``cpu_ops``) compute the
+same things fast; the exported decode step (``decode_step.py``), the runtime index (``runtime/lsh.py``)
+and the tests use these.
+
+Shapes: B batch, H query heads, Hkv kv heads (G = H / Hkv), Tq query tokens, n keys, D head_dim,
+K = lsh_k bits per table, L = lsh_l tables.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from kvpass.cpu_ops import log_retrieval_probability, sign_codes
+from kvpass.lowering.attention import softmax_lse
+
+# The estimators of the offloaded part; the C++ kernel spells the same names (lsh_attention.cpp).
+ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
+#   sample  keys colliding in >= threshold of L tables, each weighted by 1 / P(retrieved) (MagicPIG)
+#   topk    the `budget` best exact scores among those candidates
+#   oracle  the `budget` best exact scores of all offloaded keys (evaluation only)
+#   exact   every offloaded key: equals dense attention (validation)
+#   none    no offloaded key: the static part alone (StreamingLLM)
+
+LOGP_GRID = 16384  # intervals of the cos θ grid of the log P table (csrc/kvpass_math.h: kTable)
+
+
+def ring_slot(position, sink_size: int, window_size: int):
+    """The static slot of a token at ``position`` ≥ sink_size: the window is a ring after the sinks.
+    Works on ints and on int64 tensors (floor modulo either way)."""
+    return sink_size + (position - sink_size) % window_size
+
+
+# ---------------------------------------------------------------- SimHash
+
+def pack_bits(y: torch.Tensor, lsh_k: int) -> torch.Tensor:
+    """int32 [..., L] codes from projections y [..., K·L]: bit j of code l = [y[..., lK + j] > 0].  Written
+    with exportable ops only (powers of two, not shifts): the exported decode step hashes with it."""
+    weights = torch.pow(2, torch.arange(lsh_k, device=y.device, dtype=torch.int32))
+    bits = (y > 0).reshape(*y.shape[:-1], -1, lsh_k).to(torch.int32)
+    return (bits * weights).sum(-1).to(torch.int32)
+
+
+def hash_codes(x: torch.Tensor, proj: torch.Tensor, lsh_k: int) -> torch.Tensor:
+    """SimHash of already-centred fp32 x [B, Hkv, n, D] with proj [Hkv, D, K·L] fp32 → int32 [B, Hkv, n, L]."""
+    return pack_bits(x @ proj[None], lsh_k)
+
+
+def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, chunk: int = 4096) -> torch.Tensor:
+    """Codes of x − μ: x [B, Hkv, n, D] (any float dtype, any device) → int32 [B, Hkv, n, L] on x's device.
+
+    mu: [B, Hkv, D] fp32; proj: [Hkv, D, K·L] (bf16 values, computed in fp32).  In token chunks (a GEMM
+    each).  On the CPU the bits are packed by the C++ ``sign_codes`` (one pass; the torch packing's
+    temporaries cost more than the GEMM there); elsewhere by ``pack_bits`` — the same codes."""
+    B, Hkv, n, _ = x.shape
+    proj = proj.to(x.device, torch.float32)
+    pack = sign_codes if x.device.type == "cpu" else pack_bits
+    out = [pack((x[:, :, t0:t0 + chunk].float() - mu.to(x.device)[:, :, None]) @ proj[None], lsh_k)
+           for t0 in range(0, n, chunk)]
+    return torch.cat(out, 2) if out else torch.empty(B, Hkv, 0, proj.shape[-1] // lsh_k, dtype=torch.int32,
+                                                    device=x.device)
+
+
+# ---------------------------------------------------------------- the retrieval probability
+
+@functools.lru_cache(maxsize=16)
+def logp_table(lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:
+    """log P(retrieved | cos θ) at cos θ = −1 + 2i/LOGP_GRID, i = 0..LOGP_GRID, fp32 — the kernels' table.
+    P = P[≥ threshold of lsh_l tables collide], one table colliding with (1 − θ/π)^lsh_k."""
+    grid = -1.0 + 2.0 * torch.arange(LOGP_GRID + 1, dtype=torch.float64) / LOGP_GRID
+    return log_retrieval_probability(grid, lsh_k, lsh_l, threshold).float()
+
+
+def lookup_logp(cos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation in the log P table (cos θ clamped to [−1, 1]), as the kernels do it."""
+    x = (cos.clamp(-1.0, 1.0) + 1.0) * 0.5 * LOGP_GRID
+    i = x.floor().clamp(max=LOGP_GRID - 1)
+    f = x - i
+    i = i.to(torch.int64)
+    lo, hi = table[i], table[i + 1]
+    return lo + f * (hi - lo)
+
+
+def centred_cos(qk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """cos θ between q and k − μ from q·k: (q·k − q·μ) / (|q| |k − μ|), |k − μ|² expanded as the kernels
+    do (k·k − 2 k·μ + μ·μ), 0 where either vector is 0.  qk [.., G, Tq, n]; q [.., G, Tq, D];
+    k [.., n, D]; mu [.., D] (leading dims B, Hkv)."""
+    mu_ = mu[:, :, None, None].float()  # [B, Hkv, 1, 1, D]
+    qmu = (q * mu_).sum(-1, keepdim=True)
+    kk = (k * k).sum(-1)[:, :, None, None]
+    kmu = (k * mu[:, :, None].float()).sum(-1)[:, :, None, None]
+    mumu = (mu_ * mu_).sum(-1, keepdim=True)
+    denom = q.norm(dim=-1, keepdim=True) * torch.sqrt((kk - 2 * kmu + mumu).clamp_min(0.0))
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, (qk - qmu) / safe, torch.zeros_like(qk))
+
+
+# ---------------------------------------------------------------- the estimators
+
+def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: str, *,
+                     q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
+                     mu: torch.Tensor | None = None, logp: torch.Tensor | None = None, threshold: int = 2,
+                     budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores each estimator gives the offloaded keys: −inf where a key is not attended, and for
+    "sample" the importance weight folded in (s − log P(retrieved)).
+
+    q [B, Hkv, G, Tq, D] fp32; k [B, Hkv, n, D] fp32; q_codes [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L];
+    mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  Returns (s [B, Hkv, G, Tq, n] fp32,
+    candidates [B, Hkv, G, Tq] int: keys retrieved, or all n)."""
+    qk = q @ k.transpose(-1, -2)[:, :, None]
+    s = qk * scale
+    if estimator in ("sample", "topk"):
+        hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).to(torch.int32).sum(-1)
+        keep = hits >= threshold
+    elif estimator in ("oracle", "exact"):
+        keep = torch.ones_like(s, dtype=torch.bool)
+    else:
+        raise ValueError(f"kvpass: estimator {estimator!r} attends no offloaded key (one of {list(ESTIMATORS)})")
+    candidates = keep.sum(-1)
+    if estimator == "sample":
+        s = s - lookup_logp(centred_cos(qk, q, k, mu), logp)
+    elif estimator in ("topk", "oracle") and budget is not None and budget < k.shape[2]:
+        top = s.masked_fill(~keep, float("-inf")).topk(max(budget, 0), dim=-1).indices
+        keep = keep & torch.zeros_like(keep).scatter_(-1, top, True)
+    return s.masked_fill(~keep, float("-inf")), candidates
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
+                        q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
+                        mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
+                        budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An estimator over offloaded keys in plain torch (dense cost, the kernel's result).
+
+    q [B, H, Tq, D]; k, v [B, Hkv, n, D]; q_codes [B, H, Tq, L]; k_codes [B, Hkv, n, L]; mu [B, Hkv, D].
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (keys scored)."""
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    qg = q.float().reshape(B, Hkv, G, Tq, D)
+    qc = q_codes.reshape(B, Hkv, G, Tq, -1) if q_codes is not None else None
+    s, n_read = estimator_scores(qg, k.float(), scale, estimator, q_codes=qc, k_codes=k_codes, mu=mu,
+                                 logp=logp_table(lsh_k, lsh_l, threshold) if estimator == "sample" else None,
+                                 threshold=threshold, budget=budget)
+    out, lse = softmax_lse(s, v.float())
+    return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()

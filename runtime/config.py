@@ -1,0 +1,150 @@
+"""kvpass's one configuration: ``Options``, each knob declared once with its type, range and doc.
+
+Validated once where a user hands it in (``torch.compile(..., options=...)``, ``KVStore(...)``,
+``export_onnx``, the CLI), then passed around as the object.  The runtime ops of a compiled graph take
+it as one string (``to_op_string`` / ``from_op_string``, the only serialisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpass.lowering.reference import ESTIMATORS
+
+
+@dataclass
+class Knob:
+    """How one option is checked.  ``kind``: "int" (``lo``/``hi`` bounds, ``None`` = open), "choice"
+    (one of ``choices``), "bool", or "custom" (``check`` returns an error or None).  ``runtime``: the
+    knob changes what a store computes, so it travels to the ops in the op string."""
+    doc: str
+    kind: str = "int"
+    lo: int | None = None
+    hi: int | None = None
+    choices: tuple = ()
+    optional: bool = False  # None is accepted too
+    runtime: bool = False
+    check: Callable[[Any, Options], str | None] | None = None
+
+    def error(self, name: str, val: Any, opts: Options) -> str | None:
+        if val is None and self.optional:
+            return None
+        if self.kind == "int":
+            ok = isinstance(val, int) and not isinstance(val, bool) and (self.lo is None or val >= self.lo) and \
+                (self.hi is None or val <= self.hi)
+            if ok:
+                return None
+            rng = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi}]"
+            return f"{name} must be an int {rng}{' or None' if self.optional else ''}, got {val!r}"
+        if self.kind == "choice":
+            return None if val in self.choices else f"{name} must be one of {list(self.choices)}, got {val!r}"
+        if self.kind == "bool":
+            return None if val is True or val is False else f"{name} must be True or False, got {val!r}"
+        return self.check(val, opts)
+
+
+def knob(default: Any, doc: str, **spec) -> Any:
+    return field(default=default, metadata={"knob": Knob(doc, **spec)})
+
+
+def _budget_error(b, opts) -> str | None:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):
+        return f"budget must be a fraction in (0, 1] (float) or a token count (int > 0), got {b!r}"
+    return None
+
+
+def _threshold_error(t, opts) -> str | None:
+    hi = min(opts.lsh_l, 255)
+    if isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= hi:
+        return None
+    return f"lsh_threshold must be an int in [1, min(lsh_l={opts.lsh_l}, 255)], got {t!r}"
+
+
+def _layers_error(layers, opts) -> str | None:
+    ok = isinstance(layers, tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    return None if ok else f"dense_layers must be a list of layer indices, got {layers!r}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs of kvpass (``torch.compile(..., backend="kvpass", options={...})``, ``KVStore``, export)."""
+    sink_size: int = knob(4, "first tokens kept on the device (attention sinks)", lo=0, runtime=True)
+    window_size: int = knob(64, "most recent tokens kept on the device", lo=1, runtime=True)
+    estimator: str = knob("sample", "offloaded part: 'sample' (LSH importance sampling) | 'topk' (best `budget` "
+                          "of the LSH candidates) | 'oracle' (best `budget` of all) | 'exact' (all: equals dense) "
+                          "| 'none' (static part only)", kind="choice", choices=ESTIMATORS)
+    budget: float | int = knob(0.02, "topk/oracle: a fraction of the offloaded keys (float) or a count (int)",
+                               kind="custom", check=_budget_error, runtime=True)
+    lsh_k: int = knob(10, "SimHash bits per table", lo=1, hi=16, runtime=True)
+    lsh_l: int = knob(150, "SimHash tables", lo=1, hi=65535, runtime=True)
+    lsh_threshold: int = knob(2, "collisions (of lsh_l tables) that retrieve a key", kind="custom",
+                              check=_threshold_error, runtime=True)
+    seed: int = knob(0, "seeds the SimHash projections (one per site and kv head)", lo=0, hi=2**62, runtime=True)
+    dense_layers: tuple[int, ...] = knob((), "layer indices left dense (the model keeps their cache)",
+                                         kind="custom", check=_layers_error)
+    cpu_threads: int | None = knob(None, "OpenMP threads of the CPU kernel (None: torch's setting)", lo=1,
+                                   optional=True)
+    on_unmatched: str = knob("fallback", "a site kvpass cannot rewrite: 'fallback' (dense, reported) | 'error'",
+                             kind="choice", choices=("fallback", "error"))
+    inductor: bool = knob(True, "compile the rewritten graph with Inductor (False: run it eagerly)", kind="bool")
+    static_backend: str = knob("auto", "static part: 'triton' (GPU kernel) | 'torch' | 'auto' (triton on CUDA)",
+                               kind="choice", choices=("auto", "triton", "torch"), runtime=True)
+    overlap: bool = knob(True, "CUDA: CPU part concurrent with the device's static part (copy stream, pinned "
+                         "buffers); False: one after the other", kind="bool", runtime=True)
+    dryrun: bool = knob(False, "report only: run the original graph unchanged", kind="bool")
+    host_block_size: int = knob(4096, "tokens per host-store block", lo=1, runtime=True)
+    onnx_lsh: str = knob("portable", "ONNX export of the host part: 'portable' (standard ONNX ops) | 'custom' "
+                         "(a kvpass-domain op + onnxruntime custom-op library)", kind="choice",
+                         choices=("portable", "custom"))
+
+    def __post_init__(self):
+        if isinstance(self.dense_layers, (list, set)):
+            object.__setattr__(self, "dense_layers", tuple(sorted(self.dense_layers)))
+        for f in dataclasses.fields(self):
+            if (err := f.metadata["knob"].error(f.name, getattr(self, f.name), self)) is not None:
+                raise ValueError(f"kvpass: {err}")
+
+    @classmethod
+    def knob(cls, name: str) -> Knob:
+        """The declaration of one option (its range, choices, doc)."""
+        return cls.__dataclass_fields__[name].metadata["knob"]
+
+    def to_op_string(self) -> str:
+        """The runtime knobs as the string the ops of a compiled graph carry (a graph constant)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                           if f.metadata["knob"].runtime}, sort_keys=True)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_op_string(text: str) -> Options:
+        return Options(**json.loads(text))
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def parse_options(options: dict[str, Any] | Options | None = None, mode: str | None = None,
+                  **overrides) -> Options:
+    """A user's ``options`` (dict, ``Options`` or None) plus keyword overrides, validated once.  Unknown keys
+    and bad values raise ``ValueError`` naming what was expected."""
+    if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"kvpass: unknown mode={mode!r}; kvpass accepts torch.compile's modes")
+    if isinstance(options, Options) and not overrides:
+        return options
+    given = dataclasses.asdict(options) if isinstance(options, Options) else dict(options or {})
+    given.update(overrides)
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"kvpass: unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
+    if "dense_layers" in given and not isinstance(given["dense_layers"], tuple):
+        try:
+            given["dense_layers"] = tuple(sorted(int(i) for i in given["dense_layers"]))
+        except TypeError as e:
+            raise ValueError(f"kvpass: dense_layers must be a list of layer indices, got "
+                             f"{given['dense_layers']!r}") from e
+    return Options(**given)
