@@ -5,8 +5,6 @@ registers the ``kvpass_cpu::*`` ops.  Nothing here knows about FX or the KV stor
 """
 
 from kvpass.cpu_ops.loader import (
-    ESTIMATOR_IDS,
-    host_attention,
     load,
     log_retrieval_probability,
     lsh_attention,
@@ -17,5 +15,5 @@ from kvpass.cpu_ops.loader import (
 )
 from kvpass.cpu_ops.ort_library import ort_library_path
 
-__all__ = ["ESTIMATOR_IDS", "host_attention", "load", "log_retrieval_probability", "lsh_attention",
+__all__ = ["load", "log_retrieval_probability", "lsh_attention",
            "lsh_build_segment", "lsh_merge_segments", "ort_library_path", "sign_codes", "simd_level"]

@@ -1,4 +1,10 @@
-"""Builds and loads the ``kvpass_cpu`` C++ ops (``torch.utils.cpp_extension``), once per process."""
+"""Builds and loads the ``kvpass_cpu`` C++ ops (``torch.utils.cpp_extension``), once per process, and gives
+each its fake (meta) kernel for Dynamo / AOT / export.
+
+``KVPASS_SANITIZE=1`` builds (and loads) the ops — and the onnxruntime op library — with AddressSanitizer +
+UndefinedBehaviorSanitizer, under their own cache names; the process must then be started with the
+sanitizer runtime preloaded (``scripts/sanitize.sh`` does that and runs the kernel fuzz tests).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,20 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = sorted(_CSRC.glob("*.cpp"))
 _lock = threading.Lock()
 _loaded = False
+_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def sanitize() -> bool:
+    """Whether the C++ libraries are built with ASan + UBSan (``KVPASS_SANITIZE=1``)."""
+    return os.environ.get("KVPASS_SANITIZE", "") not in ("", "0")
+
+
+def build_flags() -> tuple[list[str], list[str], str]:
+    """(compile flags, link flags, cache-name suffix) of both C++ libraries."""
+    if sanitize():
+        return _FLAGS + _SANITIZE, ["-fopenmp", "-fsanitize=address,undefined"], "_asan"
+    return list(_FLAGS), ["-fopenmp"], ""
 
 
 def _cpu_signature() -> str:
@@ -66,14 +86,15 @@ def load() -> None:
             cpp_extension.verify_ninja_availability()
         except RuntimeError as e:
             raise RuntimeError("kvpass: building the CPU kernel needs ninja: `pip install ninja`.") from e
-        name = f"kvpass_cpu_{_source_signature()}_{_cpu_signature()}"
+        cflags, ldflags, suffix = build_flags()
+        name = f"kvpass_cpu_{_source_signature()}_{_cpu_signature()}{suffix}"
         log.info("kvpass: loading CPU kernels (%s); the first build takes ~15 s", name)
         try:
             cpp_extension.load(
                 name=name,
                 sources=[str(s) for s in _SOURCES],
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"],
-                extra_ldflags=["-fopenmp"],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
                 is_python_module=False,
                 verbose=False,
             )
@@ -82,23 +103,44 @@ def load() -> None:
                 f"kvpass: building the CPU kernel {name} failed ({type(e).__name__}). If a previous build "
                 f"was killed, remove the stale lock in $TORCH_EXTENSIONS_DIR/{name}. Details:\n{e}"
             ) from e
+        _register_fakes()
         _loaded = True
 
 
-def host_attention(
-    q: torch.Tensor, k_blocks: list[torch.Tensor], v_blocks: list[torch.Tensor], scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of a query block over host KV blocks, GQA-native, fp32 accumulation.
-
-    q: [B, H, Tq, D] float32 (CPU).  k_blocks[i], v_blocks[i]: [B, Hkv, N_i, D] float32/bfloat16/float16
-    (CPU, head_dim contiguous, any other strides).  Returns out [B, H, Tq, D] float32 and
-    lse [B, H, Tq] float32 (natural log of the softmax denominator; -inf and out = 0 when no keys).
-    """
-    load()
-    return torch.ops.kvpass_cpu.host_attention(q, k_blocks, v_blocks, scale)
+def _id_bytes(n: int) -> int:
+    """Bytes of a segment's bit-packed ids for n tokens (lsh_attention.cpp: packed_bytes(n, id_width(n)))."""
+    return (n * max(1, (n - 1).bit_length()) + 7) // 8 + 4
 
 
-ESTIMATOR_IDS = {"sample": 1, "topk": 2, "oracle": 3}
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the C++ ops: shapes and dtypes only, as their docstrings below state."""
+    fake = torch.library.register_fake
+
+    @fake("kvpass_cpu::lsh_build_segment")
+    def _(codes, lsh_k):
+        B, Hkv, n, L = codes.shape
+        return (codes.new_empty(B, Hkv, L, _id_bytes(int(n)), dtype=torch.uint8),
+                codes.new_empty(B, Hkv, L, 1 << lsh_k, dtype=torch.int16))
+
+    @fake("kvpass_cpu::lsh_merge_segments")
+    def _(ids_a, starts_a, n_a, ids_b, starts_b, n_b):
+        return ids_a.new_empty(*starts_a.shape[:3], _id_bytes(n_a + n_b)), torch.empty_like(starts_a)
+
+    @fake("kvpass_cpu::lsh_attention")
+    def _(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids, seg_starts, seg_meta, tail_codes,
+          tail_base, tail_len, lsh_k, threshold, estimator, budget, scale, static_k=None, static_v=None,
+          static_allowed=None):
+        B, H, Tq, _ = q.shape
+        return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
+                q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
+
+    @fake("kvpass_cpu::log_retrieval_probability")
+    def _(cos_theta, lsh_k, lsh_l, threshold):
+        return torch.empty_like(cos_theta, dtype=torch.float64)
+
+    @fake("kvpass_cpu::sign_codes")
+    def _(y, lsh_k):
+        return y.new_empty(*y.shape[:-1], y.shape[-1] // lsh_k, dtype=torch.int32)
 
 
 def lsh_build_segment(codes: torch.Tensor, lsh_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +181,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     load()
     return torch.ops.kvpass_cpu.lsh_attention(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
-                                              threshold, ESTIMATOR_IDS[estimator], budget, scale, static_k,
+                                              threshold, estimator, budget, scale, static_k,
                                               static_v, static_allowed)
 
 
@@ -160,4 +202,4 @@ def sign_codes(y: torch.Tensor, lsh_k: int) -> torch.Tensor:
 def simd_level() -> str:
     """The SIMD level the kernels dispatch to on this CPU: "avx512", "avx2" or "scalar"."""
     load()
-    return torch.ops.kvpass_cpu.simd_level()
+    return ("scalar", "avx2", "avx512")[torch.ops.kvpass_cpu.simd_level()]

@@ -17,13 +17,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from kvpass.cpu_ops.loader import _cpu_signature
+from kvpass.cpu_ops.loader import _cpu_signature, build_flags
 
 log = logging.getLogger("kvpass")
 
 _SOURCE = Path(__file__).parent / "ort" / "kvpass_ort.cc"
-_HEADERS = [Path(__file__).parent / "csrc" / "logp_table.h"]  # shared with the torch kernels
-_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC", "-fvisibility=hidden"]
+_HEADERS = [Path(__file__).parent / "csrc" / "kvpass_math.h"]  # shared with the torch kernels
+_SHARED = ["-shared", "-fPIC", "-fvisibility=hidden"]
 _lock = threading.Lock()
 
 
@@ -37,9 +37,11 @@ def ort_library_path() -> str:
     """Path of the built library (built on first use, ~3 s; cached).  Raises ``RuntimeError`` naming what
     is missing when there is no C++ compiler, with the compiler's message when the build fails."""
     compiler = os.environ.get("CXX", "c++")
-    h = hashlib.sha1(b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS)) + " ".join(_FLAGS).encode())
+    cflags, ldflags, suffix = build_flags()
+    flags = [*cflags, *_SHARED, *ldflags]
+    h = hashlib.sha1(b"".join(p.read_bytes() for p in (_SOURCE, *_HEADERS)) + " ".join(flags).encode())
     h = h.hexdigest()[:10]
-    out = _cache_dir() / f"libkvpass_ort_{h}_{_cpu_signature()}.so"
+    out = _cache_dir() / f"libkvpass_ort_{h}_{_cpu_signature()}{suffix}.so"
     with _lock:
         if out.exists():
             return str(out)
@@ -51,7 +53,7 @@ def ort_library_path() -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], check=False, capture_output=True,
+            res = subprocess.run([compiler, *flags, "-o", tmp, str(_SOURCE)], check=False, capture_output=True,
                                  text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"kvpass: building the onnxruntime op library failed:\n{res.stderr[-4000:]}")

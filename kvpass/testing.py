@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvpass.hf import cache_kwarg, greedy  # noqa: F401  (tests import them from here too)
+
+
+def fuzz_examples(n: int) -> int:
+    """Hypothesis examples of a kernel fuzz test: n, times $KVPASS_FUZZ_SCALE (``scripts/sanitize.sh`` raises it)."""
+    return n * int(os.environ.get("KVPASS_FUZZ_SCALE", "1"))
+
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}

@@ -10,15 +10,15 @@
 // Retrieval visits the query's bucket in every table of every segment and counts collisions per key;
 // keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
 //
-// SIMD: the hot functions are compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline, and the
-// loader picks one at run time (GCC target_clones / ifunc): never assumed at build time.
+// The formulas shared with the onnxruntime op library (score and weight, log P lookup, sign bits, online
+// softmax, SIMD clones) are kvpass_math.h.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 #include <omp.h>
 
-#include "logp_table.h"
+#include "kvpass_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,12 +29,6 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVPASS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVPASS_CLONES
-#endif
-#define KVPASS_INLINE inline __attribute__((always_inline))
 // lambdas in the per-row code must inline too: an outlined lambda is compiled for the baseline ISA,
 // not for the SIMD clone that calls it
 #define KVPASS_LAMBDA_INLINE __attribute__((always_inline))
@@ -42,10 +36,23 @@
 namespace kvpass_cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using kvpass_math::kNegInf;
+using kvpass_math::kTable;
+using kvpass_math::lookup_logp;
+using kvpass_math::OnlineSoftmax;
+using kvpass_math::sign_code;
 constexpr int64_t kMaxSegment = 32768;
 
+// the host part's estimators this kernel computes ("exact" is "oracle" with every key kept)
 enum Estimator : int64_t { kSample = 1, kTopK = 2, kOracle = 3 };
+
+Estimator parse_estimator(const std::string& name) {
+  if (name == "sample") return kSample;
+  if (name == "topk") return kTopK;
+  TORCH_CHECK(name == "oracle", "kvpass_cpu.lsh_attention: estimator must be 'sample', 'topk' or 'oracle', got '",
+              name, "'");
+  return kOracle;
+}
 
 // ---------------------------------------------------------------- bit-packed ids
 
@@ -77,7 +84,6 @@ int64_t packed_bytes(int64_t n, int w) { return (n * w + 7) / 8 + 4; }
 // P(collide in >= T of L tables), one table colliding with p = (1 - θ/π)^K, as log P over a grid
 // of cos θ in [-1, 1].  Double precision; the small-p end sums the upper tail directly (the
 // complement 1 - Σ_{t<T} would cancel).  Cached per (K, L, T).
-using kvpass_logp::kTable;
 
 double log_retrieval_probability(double cos_theta, int64_t K, int64_t L, int64_t T) {
   cos_theta = std::min(1.0, std::max(-1.0, cos_theta));
@@ -112,8 +118,6 @@ const std::vector<float>& logp_table(int64_t K, int64_t L, int64_t T) {
   }
   return tab;
 }
-
-using kvpass_logp::lookup_logp;
 
 // ---------------------------------------------------------------- building a segment
 
@@ -386,7 +390,6 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
            (key % P.block_size) * P.vb_s2;
   };
   // The score of one candidate: q·k scaled, and for "sample" its importance weight 1 / P(retrieved)
-  // as -log P (from the angle between q and the centred key k - μ).
   auto score = [&](const T* k) KVPASS_LAMBDA_INLINE {
     float qk = 0.f;
     if (P.estimator == kSample) {
@@ -398,10 +401,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         kmu += x * mu[i];
         kk += x * x;
       }
-      const float cn = std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));  // |k - μ|
-      const float denom = qnorm * cn;
-      const float cosv = denom > 0.f ? (qk - qmu) / denom : 0.f;
-      return qk * P.scale - lookup_logp(P.logp, cosv);  // e^{s} / P(retrieved)
+      return kvpass_math::sample_score(qk, kmu, kk, qmu, qnorm, mumu, P.scale, P.logp);
     }
 #pragma omp simd reduction(+ : qk)
     for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
@@ -415,22 +415,15 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t o = 0; o < row_bytes; o += 64) prefetch_line(c + o);
   };
   constexpr int64_t kAhead = 16;
-  s.acc.assign(D, 0.f);
-  float* acc = s.acc.data();
-  float mx = smx;
-  double denom = 0.0;
-  auto accumulate = [&](const T* v, float sc) KVPASS_LAMBDA_INLINE {  // one key's term at the current mx
-    const float p = std::exp(sc - mx);
-    denom += p;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) acc[i] += p * load(v, i);
-  };
+  s.acc.resize(D);
+  OnlineSoftmax sm;
   auto add_static = [&]() KVPASS_LAMBDA_INLINE {
     for (int64_t j = 0; j < P.NS; ++j)
-      if (s.sscore[j] != kNegInf) accumulate(sv + j * P.sv_s2, s.sscore[j]);
+      if (s.sscore[j] != kNegInf) sm.add(s.sscore[j], sv + j * P.sv_s2);
   };
   if (P.estimator == kSample || P.budget >= m) {
     // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
+    sm.start(s.acc.data(), D, smx);
     add_static();
     for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
       prefetch(k_row(s.cand[j]));
@@ -442,15 +435,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         prefetch(v_row(s.cand[j + kAhead]));
       }
       const int64_t key = s.cand[j];
-      const float sc = score(k_row(key));
-      if (sc > mx) {  // a new maximum: rescale what is summed so far (rare after the first few)
-        const float c = std::exp(mx - sc);  // 0 while nothing is summed (mx = -inf)
-        denom *= c;
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) acc[i] *= c;
-        mx = sc;
-      }
-      accumulate(v_row(key), sc);
+      sm.add(score(k_row(key)), v_row(key));
     }
   } else {
     // topk / oracle: score every candidate, keep the `budget` largest, then read their V
@@ -466,30 +451,18 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
                      [&](int32_t a, int32_t c) { return s.score[a] > s.score[c]; });
     s.order.resize(keep);
+    float mx = smx;
     for (int32_t j : s.order) mx = std::max(mx, s.score[j]);
-    if (mx == kNegInf) {
-      std::fill(o, o + D, 0.f);
-      P.lse[r] = kNegInf;
-      return;
-    }
+    sm.start(s.acc.data(), D, mx);  // the true maximum: nothing is rescaled below
     add_static();
     for (int64_t jj = 0; jj < std::min(keep, kAhead); ++jj) prefetch(v_row(s.cand[s.order[jj]]));
     for (int64_t jj = 0; jj < keep; ++jj) {
       if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
       const int32_t j = s.order[jj];
-      accumulate(v_row(s.cand[j]), s.score[j]);
+      sm.add(s.score[j], v_row(s.cand[j]));
     }
   }
-  const float inv = float(1.0 / denom);
-  for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
-  P.lse[r] = mx + float(std::log(denom));
-}
-
-// One table's SimHash code from its K projections y[0..K): bit j = [y[j] > 0] (NaN and ±0 give 0).
-KVPASS_INLINE int32_t sign_code(const float* y, int64_t K) {
-  int32_t code = 0;
-  for (int64_t j = 0; j < K; ++j) code |= int32_t(y[j] > 0.f) << j;
-  return code;
+  P.lse[r] = sm.finish(o);
 }
 
 // SimHash of the raw queries of one (batch row, kv head), tables [l0, l1): bit j of table l =
@@ -604,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const at::Tensor& q, const at::Tensor& proj, const at::Tensor& mu, at::TensorList k_blocks,
     at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
-    int64_t tail_len, int64_t lsh_k, int64_t threshold, int64_t estimator, int64_t budget, double scale,
+    int64_t tail_len, int64_t lsh_k, int64_t threshold, c10::string_view estimator_name, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
@@ -618,8 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
                   mu.size(1) == proj.size(0), fn, "mu must be float32 [B, Hkv, D], got ", mu.sizes());
   const int64_t Hkv = mu.size(1);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, fn, H, " query heads are not a multiple of ", Hkv, " kv heads");
-  TORCH_CHECK(estimator == kSample || estimator == kTopK || estimator == kOracle, fn, "unknown estimator id ",
-              estimator);
+  const Estimator estimator = parse_estimator(std::string(estimator_name));
   TORCH_CHECK(lsh_k >= 1 && lsh_k <= 16 && threshold >= 1 && threshold <= L && threshold <= 255, fn,
               "need 1 <= lsh_k <= 16 and 1 <= lsh_threshold <= min(lsh_l, 255), got lsh_k=", lsh_k,
               " lsh_threshold=", threshold, " lsh_l=", L);
@@ -747,12 +719,13 @@ at::Tensor log_retrieval_probability_op(const at::Tensor& cos_theta, int64_t K, 
   return out;
 }
 
-std::string simd_level() {
+// The SIMD clone the dispatcher picks on this CPU: 2 = x86-64-v4 (AVX-512), 1 = v3 (AVX2+FMA), 0 = baseline.
+int64_t simd_level() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+  if (__builtin_cpu_supports("x86-64-v4")) return 2;
+  if (__builtin_cpu_supports("x86-64-v3")) return 1;
 #endif
-  return "scalar";
+  return 0;
 }
 
 }  // namespace
@@ -764,11 +737,11 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "(Tensor, Tensor)");
   m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
-        "int tail_len, int lsh_k, int threshold, int estimator, int budget, float scale, Tensor? static_k=None, "
+        "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");
-  m.def("simd_level() -> str", &kvpass_cpu::simd_level);
+  m.def("simd_level() -> int", &kvpass_cpu::simd_level);
 }
 
 TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {

@@ -21,7 +21,7 @@
 // (O(1) bytes written); otherwise the input is copied to the output first (plain ONNX semantics).
 #include <omp.h>
 
-#include "../csrc/logp_table.h"
+#include "../csrc/kvpass_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,11 +30,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KVPASS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVPASS_CLONES
-#endif
 
 extern "C" {
 struct OrtStatus;
@@ -134,7 +129,7 @@ Tensor describe(const OrtValue* v) {
 
 // ---------------------------------------------------------------- the step
 
-using kvpass_logp::kTable;
+using kvpass_math::kTable;
 enum Estimator { kExact, kSample, kNone };
 
 struct Step {
@@ -142,8 +137,6 @@ struct Step {
   Estimator est;
   float scale;
 };
-
-using kvpass_logp::lookup_logp;
 
 // SimHash codes of one row x [D] with the site's projection R [D, K·L]: bit j of table l = [x·R[:, lK+j] > 0].
 KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K, int64_t L, float* y, int16_t* code) {
@@ -155,11 +148,7 @@ KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K
 #pragma omp simd
     for (int64_t c = 0; c < KL; ++c) y[c] += xi * Ri[c];
   }
-  for (int64_t l = 0; l < L; ++l) {
-    int32_t v = 0;
-    for (int64_t j = 0; j < K; ++j) v |= int32_t(y[l * K + j] > 0.f) << j;
-    code[l] = int16_t(v);  // K <= 15 bits
-  }
+  for (int64_t l = 0; l < L; ++l) code[l] = int16_t(kvpass_math::sign_code(y + l * K, K));  // K <= 15 bits
 }
 
 struct Views {
@@ -202,7 +191,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
   const float* hkey = v.hk + bh * v.CAP * D;
   const float* hval = v.hv + bh * v.CAP * D;
   const bool all = cand == nullptr;  // exact: keys 0..m-1
-  float mx = -INFINITY;
+  float mx = kvpass_math::kNegInf;
   score.resize(v.NS + m);
   float* ss = score.data();
   for (int64_t j = 0; j < v.NS; ++j) {
@@ -225,8 +214,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
         float kmu = 0.f, kk = 0.f;
 #pragma omp simd reduction(+ : qk, kmu, kk)
         for (int64_t i = 0; i < D; ++i) qk += q[i] * k[i], kmu += k[i] * mu[i], kk += k[i] * k[i];
-        const float denom = qnorm * std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));
-        sc = qk * st.scale - lookup_logp(v.logp, denom > 0.f ? (qk - qmu) / denom : 0.f);
+        sc = kvpass_math::sample_score(qk, kmu, kk, qmu, qnorm, mumu, st.scale, v.logp);
       } else {
 #pragma omp simd reduction(+ : qk)
         for (int64_t i = 0; i < D; ++i) qk += q[i] * k[i];
@@ -236,26 +224,12 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
       mx = std::max(mx, sc);
     }
   }
-  float* o = v.out + (b * v.H + h) * D;
-  std::vector<float> acc(D, 0.f);
-  double den = 0.0;
-  if (mx != -INFINITY) {
-    for (int64_t j = 0; j < v.NS; ++j) {
-      const float p = std::exp(ss[j] - mx);
-      den += p;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * sv[j * D + i];
-    }
-    for (int64_t jj = 0; jj < m; ++jj) {
-      const float p = std::exp(hs[jj] - mx);
-      const float* vr = hval + (all ? jj : int64_t(cand[jj])) * D;
-      den += p;
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) acc[i] += p * vr[i];
-    }
-  }
-  const float inv = den > 0.0 ? float(1.0 / den) : 0.f;
-  for (int64_t i = 0; i < D; ++i) o[i] = acc[i] * inv;
+  std::vector<float> acc(D);
+  kvpass_math::OnlineSoftmax sm;
+  sm.start(acc.data(), D, mx);  // the true maximum: nothing is rescaled
+  for (int64_t j = 0; j < v.NS; ++j) sm.add(ss[j], sv + j * D);
+  for (int64_t jj = 0; jj < m; ++jj) sm.add(hs[jj], hval + (all ? jj : int64_t(cand[jj])) * D);
+  sm.finish(v.out + (b * v.H + h) * D);
 }
 
 struct Kernel {
@@ -334,7 +308,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   v.hk = static_cast<float*>(out[3].data);
   v.hv = static_cast<float*>(out[4].data);
   v.codes = static_cast<int16_t*>(out[5].data);
-  const int64_t D = v.D, slot = st.S + ((pos - st.S) % st.W + st.W) % st.W;
+  const int64_t D = v.D, slot = kvpass_math::ring_slot(pos, st.S, st.W);
   const int64_t KL = st.K * v.L;
 #pragma omp parallel for schedule(static)
   for (int64_t bh = 0; bh < v.B * v.Hkv; ++bh) {  // the token leaving the window goes to the host

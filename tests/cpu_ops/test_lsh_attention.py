@@ -11,11 +11,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvpass.cpu_ops import log_retrieval_probability, lsh_build_segment, lsh_merge_segments, sign_codes
+from kvpass.cpu_ops import (
+    loader,
+    log_retrieval_probability,
+    lsh_build_segment,
+    lsh_merge_segments,
+    sign_codes,
+)
 from kvpass.lowering.reference import hash_codes, pack_bits, reference_attention, simhash
 from kvpass.runtime.lsh import projection
 
 from kvpass import KVStore
+from kvpass.testing import fuzz_examples
 
 
 def _store(Hkv, D, dtype, chunks, *, K, L, T, min_keys, seal, B=1, S=2, W=3, seed=0, block=64):
@@ -45,7 +52,7 @@ def _reference(store, q, estimator, budget):
                                threshold=idx.threshold, budget=store.resolve_budget(budget), **kw)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=fuzz_examples(60), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), Tq=st.integers(1, 3),
        D=st.sampled_from([8, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), estimator=st.sampled_from(["sample", "topk", "oracle"]),
@@ -70,7 +77,7 @@ def test_kernel_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, es
         assert store.last_keys_read == pytest.approx(ref_read.float().mean().item())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=fuzz_examples(25), deadline=None)
 @given(G=st.sampled_from([1, 3]), Tq=st.integers(1, 4), n=st.integers(1, 200),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), estimator=st.sampled_from(["exact", "oracle"]))
 def test_attend_is_dense_causal_attention_over_every_token(G, Tq, n, dtype, estimator):
@@ -159,13 +166,12 @@ def test_sample_is_consistent_over_random_projections():
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None or
                     not Path("/proc/self/maps").exists(), reason="inspects an x86-64 ELF build with objdump")
+@pytest.mark.skipif(loader.sanitize(), reason="inspects the optimised build, not the sanitizer build")
 def test_built_kernel_keeps_its_row_prefetches_and_inlined_lambdas():
     """Guards two build regressions that cost 2x speed silently: GCC dropping the K/V row prefetches (a
     loop of nothing but __builtin_prefetch is "side-effect free"), and a per-row lambda outlined out of
     the SIMD clones (compiled for the baseline ISA).  Every clone of every per-row function must prefetch,
     and no lambda of the row template may exist as a function of its own."""
-    from kvpass.cpu_ops import loader
-
     loader.load()
     so = next(line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
               if "kvpass_cpu_" in line and line.endswith(".so"))

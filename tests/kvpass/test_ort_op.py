@@ -19,6 +19,8 @@ from kvpass.lowering.decode_step import (
 )
 from kvpass.lowering.reference import hash_codes, logp_table
 
+from kvpass.testing import fuzz_examples
+
 TYPES = {"codes": onnx.TensorProto.INT16, "position": onnx.TensorProto.INT64}
 RANKS = {"mu": 3, "proj": 3, "logp": 1, "position": 0}
 
@@ -58,7 +60,7 @@ def _state(B, H, Hkv, D, S, W, K, L, n, cap, seed=0):
             "mu": mu, "proj": proj, "logp": logp_table(K, L, 2), "position": torch.tensor(S + W + n)}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=fuzz_examples(25), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]),
        D=st.sampled_from([16, 64, 80]), S=st.integers(0, 4), W=st.integers(1, 40), n=st.integers(0, 300),
        spare=st.integers(1, 5), estimator=st.sampled_from(["exact", "sample", "none"]), K=st.integers(6, 11))
