@@ -53,7 +53,6 @@ log = logging.getLogger("kvpass")
 
 STATE = ("static_k", "static_v", "host_k", "host_v", "codes", "mu")
 UPDATED = STATE[:5]  # mu is frozen: not an output
-ONNX_LSH = ("portable", "custom")
 # how the host tensors travel: "grow" — exactly the N host tokens, outputs one longer (portable);
 # "capacity" — fixed buffers, the first N = position − S − W rows used, updated in place when the caller
 # binds outputs to inputs (custom)
@@ -264,8 +263,6 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
     if opts.estimator not in EXPORT_ESTIMATORS:
         raise ExportError(f"kvpass: estimator {opts.estimator!r} cannot be exported yet; one of "
                           f"{list(EXPORT_ESTIMATORS)}")
-    if onnx_lsh not in ONNX_LSH:
-        raise ExportError(f"kvpass: onnx_lsh={onnx_lsh!r} is not available; one of {list(ONNX_LSH)}")
     n_layers = _check_model(model)
     dtype = next(model.parameters()).dtype
     if onnx_lsh == "custom" and dtype != torch.float32:

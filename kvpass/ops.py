@@ -53,6 +53,12 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
                 raise RuntimeError(f"kvpass: site {site}: the cache says {past_len} past tokens but the "
                                    f"kvpass store holds {store.length}; was the cache cropped or edited?")
         else:  # real KV from a cache filled without kvpass: adopt it
+            if bool(torch.isnan(past_k).any()):  # copies of placeholders: the KV itself is in a store
+                raise RuntimeError(
+                    f"kvpass: site {site}: the cache holds copies of kvpass placeholders (NaN), not KV: it was "
+                    f"reordered or copied outside kvpass (beam search with num_beams > 1, a cache reorder or "
+                    f"crop). kvpass does not follow cache reordering yet; decode with num_beams=1, or without "
+                    f"kvpass for this call.")
             store = _new_store(site, k, config)
             store.append(past_k, past_v)
             log.info("kvpass: site %s adopted %d cached tokens", site, past_len)

@@ -198,6 +198,17 @@ def test_reset_mid_sequence_is_a_clear_error():
             model(ids[:, :1], **{CACHE: cache})
 
 
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_beam_search_is_a_clear_error_not_nan(estimator):
+    """Beam search reorders the cache (index_select of batch rows): the model's cache then holds copies of
+    kvpass's NaN placeholders, not KV.  kvpass refuses them at the next step instead of adopting NaN as KV
+    (which returned two tokens and stopped, silently)."""
+    model = compile_kvpass(tiny_model("llama"), window_size=8, sink_size=2, estimator=estimator)
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), pytest.raises(Exception, match="copies of kvpass placeholders.*num_beams"):
+        model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=0)
+
+
 def test_padded_batch_is_offloaded_and_exact():
     """A left-padded batch: the mask is not plain causal, so kvpass applies it exactly (slower path,
     counted in runtime_stats) — the outputs equal the eager model's, and the KV is still offloaded."""
