@@ -17,3 +17,17 @@ def long_document_prompt(tokenizer, n_tokens: int, question: str) -> str:
     doc = tokenizer.decode(ids)
     messages = [{"role": "user", "content": f"{doc}\n\n{question}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+SOURCE_MODULES = ("typing", "inspect", "dataclasses", "functools", "argparse", "ast", "enum", "pathlib",
+                  "subprocess", "threading", "tarfile", "zipfile")
+
+
+def python_source_text(modules: tuple[str, ...] = SOURCE_MODULES) -> str:
+    """CPython's own standard-library sources (the running interpreter's ``.py`` files, ~1 MB in all):
+    long real code, the Qwen2.5-Coder models' own domain."""
+    import sysconfig
+    from pathlib import Path
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join((lib / f"{m}.py").read_text() for m in modules if (lib / f"{m}.py").exists())
