@@ -39,6 +39,15 @@ def qwen():
     return models.load_model(MODEL)
 
 
+def _op_ms(fn, ops: tuple[str, ...], steps: int = 3) -> dict[str, float]:
+    """Milliseconds per call of fn spent in each of ``ops`` (torch profiler, CPU time incl. children)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages()}
+    return {op: round(totals.get(op, 0.0) / steps / 1e3, 1) for op in ops}
+
+
 def _steps(fwd, cache, token, n):
     """n greedy decode steps through fwd; returns (per-step seconds, last token)."""
     times = []
@@ -68,7 +77,11 @@ def test_long_context_decode(benchmark, qwen, context):
     prefill_s = time.perf_counter() - t0
     dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
-    eager, _ = _steps(fwd, copy.deepcopy(cache), first, WARMUP + STEPS)
+    eager_cache = copy.deepcopy(cache)
+    eager, last = _steps(fwd, eager_cache, first, WARMUP + STEPS)
+    sdpa = "aten::scaled_dot_product_attention"
+    dense_attn = _op_ms(lambda: _steps(fwd, eager_cache, last, 1), (sdpa,))[sdpa]  # where dense's time goes
+    eager_cache = None  # its memory back before the compiled run
     compiled_fwd = torch.compile(fwd)
     compiled, _ = _steps(compiled_fwd, copy.deepcopy(cache), first, WARMUP + STEPS)
     t_eager, t_compiled = statistics.median(eager[WARMUP:]), statistics.median(compiled[WARMUP:])
@@ -85,12 +98,15 @@ def test_long_context_decode(benchmark, qwen, context):
         step()
     benchmark.pedantic(step, rounds=STEPS, iterations=1)
     t_kv = benchmark.stats.stats.median
+    kv_ops = _op_ms(step, ("kvpass::split_attention", "kvpass::append_kv"))  # where kvpass's time goes
     stats = kvpass.runtime_stats()
     best_dense = min(t_eager, t_compiled)
     benchmark.extra_info.update({
         "model": MODEL, "context": n, "threads": torch.get_num_threads(),
         "dense_eager_ms": round(t_eager * 1e3, 1), "dense_compiled_ms": round(t_compiled * 1e3, 1),
         "kvpass_ms": round(t_kv * 1e3, 1), "speedup_vs_best_dense": round(best_dense / t_kv, 2),
+        "dense_eager_attention_ms": dense_attn, "kvpass_attention_ms": kv_ops["kvpass::split_attention"],
+        "kvpass_append_ms": kv_ops["kvpass::append_kv"],
         "dense_prefill_s": round(prefill_s, 1), "kvpass_offload_s": round(adopt[0], 1),
         "device_kv_bytes": stats["device_kv_bytes"], "host_kv_bytes": stats["host_kv_bytes"],
         "index_bytes": stats["index_bytes"], "projection_bytes": stats["projection_bytes"],
