@@ -9,9 +9,9 @@ kernel; the two partial results merge exactly through their log-sum-exp.
 
 from __future__ import annotations
 
-from kvpass.api import explain, load_default_model, reset, runtime_stats
+from kvpass.api import explain, reset, runtime_stats
 from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
-from kvpass.models import load_model
+from kvpass.models import load_default_model, load_model
 from kvpass.report import Report, SiteReport
 from kvpass.runtime import KVStore, Options
 

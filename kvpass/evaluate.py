@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpass.tasks import Sample, make_samples
+from kvpass.tasks import NOISE, Sample, make_samples
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # SimHash bits for kvpass-sample in a budget sweep (L = 150, threshold 2).  Measured on SmolLM2 (real
 # text, 2k context): K = 11, 10, 9, 8 read 1.4%, 3.5%, 8.2%, 18.8% of the offloaded keys
 SAMPLE_BITS = {0.01: 11, 0.02: 10, 0.05: 9, 0.10: 8}
@@ -138,9 +137,9 @@ def passkey_prompt(tok, length: int, depth: float, key: str) -> torch.Tensor:
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? The pass key is"
     fixed = len(tok(PREAMBLE + needle + question)["input_ids"])
-    n_fill = max(1, (length - fixed) // len(tok(FILLER)["input_ids"]))
+    n_fill = max(1, (length - fixed) // len(tok(NOISE)["input_ids"]))
     at = round(depth * n_fill)
-    text = PREAMBLE + FILLER * at + needle + FILLER * (n_fill - at) + question
+    text = PREAMBLE + NOISE * at + needle + NOISE * (n_fill - at) + question
     return tok(text, return_tensors="pt")["input_ids"]
 
 

