@@ -9,7 +9,7 @@ kernel; the two partial results merge exactly through their log-sum-exp.
 
 from __future__ import annotations
 
-from kvpass.api import explain, reset, runtime_stats
+from kvpass.api import explain, release, reset, runtime_stats
 from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
 from kvpass.models import load_default_model, load_model
 from kvpass.report import Report, SiteReport
@@ -27,6 +27,7 @@ __all__ = [
            "load_model",
            "onnx_generate",
            "onnx_session",
+           "release",
            "reset",
            "runtime_stats",
 ]

@@ -56,6 +56,16 @@ def runtime_stats() -> dict[str, float]:
     }
 
 
+def release(cache) -> int:
+    """Free the kvpass stores behind a model cache whose sequence is finished (a transformers ``Cache``:
+    its layers' keys and values; or any iterable of the cache's tensors).  Returns the number of stores
+    freed.  The cache cannot continue through kvpass afterwards (its next step raises a clear error)."""
+    layers = getattr(cache, "layers", None)
+    tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))] \
+        if layers is not None else list(cache)
+    return REGISTRY.release(tensors)
+
+
 def reset() -> None:
     """Drop every kvpass store.  Caches that still hold kvpass placeholders become unusable."""
     REGISTRY.clear()

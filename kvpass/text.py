@@ -13,8 +13,15 @@ def reference_text(topics: tuple[str, ...] = ("assignment", "compound", "datamod
 
 def long_document_prompt(tokenizer, n_tokens: int, question: str) -> str:
     """A chat prompt: a document of about ``n_tokens`` tokens of real text, then ``question``."""
-    ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"][:n_tokens]
-    doc = tokenizer.decode(ids)
+    ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens:  # longer than the three chapters: the whole Language Reference
+        from pydoc_data.topics import topics
+
+        ids = tokenizer(reference_text(tuple(sorted(topics))), add_special_tokens=False)["input_ids"]
+    if len(ids) < n_tokens:
+        raise ValueError(f"kvpass: the Python Language Reference holds {len(ids)} tokens for this tokenizer; "
+                         f"{n_tokens} were asked")
+    doc = tokenizer.decode(ids[:n_tokens])
     messages = [{"role": "user", "content": f"{doc}\n\n{question}"}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -80,6 +80,19 @@ class Registry:
                 self._by_handle.pop(store.handle.data_ptr(), None)
         return len(dead) + len(dead_buf)
 
+    def release(self, tensors) -> int:
+        """Drop the stores that ``tensors`` name — placeholders (by their handle) or static cache buffers —
+        and return how many were dropped.  Anything else is ignored."""
+        ptrs = {t.data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        with self._lock:
+            doomed = [s for p, s in self._by_handle.items() if p in ptrs]
+            doomed += [s for (_, p), (_, s) in self._by_buffer.items() if p in ptrs and s not in doomed]
+            for store in doomed:
+                self._by_handle.pop(store.handle.data_ptr(), None)
+                for key in [k for k, (_, s) in self._by_buffer.items() if s is store]:
+                    del self._by_buffer[key]
+        return len(doomed)
+
     def stores(self) -> list[KVStore]:
         with self._lock:
             return list(self._by_handle.values())

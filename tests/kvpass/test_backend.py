@@ -294,3 +294,29 @@ def test_finished_sequences_free_their_stores():
         gc.collect()
         greedy(model, ids, 4)
         assert kvpass.runtime_stats()["stores"] == 2
+
+
+def test_release_frees_a_finished_sequence_and_its_cache_then_refuses_to_continue():
+    model = compile_kvpass(tiny_model("llama"), window_size=8)
+    ids = torch.randint(1, 256, (1, 30))
+    first, second = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{CACHE: first})
+        model(ids[:, :20], **{CACHE: second})
+        assert kvpass.runtime_stats()["stores"] == 4  # 2 sequences x 2 layers
+        assert kvpass.release(first) == 2
+        stats = kvpass.runtime_stats()
+        assert stats["stores"] == 2 and stats["tokens_offloaded"] == 2 * (20 - 4 - 8)
+        assert kvpass.release(first) == 0  # already gone
+        model(ids[:, :1], **{CACHE: second})  # the other sequence goes on
+        with pytest.raises(Exception, match="no live store owns"):
+            model(ids[:, :1], **{CACHE: first})
+
+
+def test_release_frees_a_static_cache_sequence():
+    model = compile_kvpass(tiny_model("llama"), window_size=8)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(torch.randint(1, 256, (1, 30)), **{CACHE: cache}, cache_position=torch.arange(30))
+    assert kvpass.runtime_stats()["stores"] == 2
+    assert kvpass.release(cache) == 2 and kvpass.runtime_stats()["stores"] == 0
