@@ -12,10 +12,13 @@ The timed steps are greedy decode steps after warm-up (compilation excluded).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import kvpass
+from kvpass import models
 from kvpass.testing import Decoder, reference_prompt
 
 CONTEXTS = {"2k": 2048, "8k": 8192}
@@ -24,7 +27,8 @@ STEPS, WARMUP = 12, 3
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return kvpass.load_default_model()
+    """The embedded SmolLM2, or the model `kvpass bench --model NAME` asks for."""
+    return models.load_model(os.environ.get("KVPASS_BENCH_MODEL") or models.DEFAULT)
 
 
 @pytest.mark.parametrize("pairing", ["eager", "inductor"])

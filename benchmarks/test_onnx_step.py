@@ -12,12 +12,15 @@ greedy decode steps after warm-up (export and compilation excluded).  Per layer 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from kvpass.runtime.config import parse_options
 
 import kvpass
 from kvpass import export as ex
+from kvpass import models
 from kvpass.testing import Decoder, reference_prompt
 
 CONTEXTS = {"2k": 2048, "8k": 8192}
@@ -27,7 +30,8 @@ OPTIONS = {"estimator": "sample", "onnx_lsh": "custom"}
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return kvpass.load_default_model()
+    """The embedded SmolLM2, or the model `kvpass bench --model NAME` asks for."""
+    return models.load_model(os.environ.get("KVPASS_BENCH_MODEL") or models.DEFAULT)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ baseline's fails the comparison (exit status 1).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,15 @@ SUITES = ("test_decode_attention.py", "test_end_to_end.py", "test_onnx_step.py")
 QUICK = "(decode_attention and 8k and not 128k) or (e2e and 2k and eager) or (onnx and 2k and eager)"
 
 
-def run(output: Path, quick: bool = False, extra: list[str] | None = None) -> int:
-    """Run the suites with timing on; write pytest-benchmark JSON to ``output``."""
+def run(output: Path, quick: bool = False, extra: list[str] | None = None, model: str | None = None) -> int:
+    """Run the suites with timing on; write pytest-benchmark JSON to ``output``.  ``model``: the model the
+    end-to-end and ONNX suites load (a name from ``kvpass models list`` or a folder; default SmolLM2)."""
     cmd = [sys.executable, "-m", "pytest", *[str(suite_dir() / s) for s in SUITES], "--benchmark-only",
            "-q", "-s", "-p", "no:cacheprovider", f"--benchmark-json={output}"]
     if quick:
         cmd += ["-k", QUICK]
-    return subprocess.call(cmd + list(extra or []))
+    env = {**os.environ, "KVPASS_BENCH_MODEL": model} if model else None
+    return subprocess.call(cmd + list(extra or []), env=env)
 
 
 def tracked(path: Path) -> dict[str, dict[str, float]]:
@@ -83,7 +86,7 @@ def main(args) -> int:
         print("\n".join(lines))
         return 0 if ok else 1
     out = Path(args.output)
-    rc = run(out, quick=args.quick)
+    rc = run(out, quick=args.quick, model=getattr(args, "model", None))
     if rc != 0:
         return rc
     if args.compare:

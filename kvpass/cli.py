@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     mo.add_argument("name", nargs="?", help="a model name from `kvpass models list`")
     mo.set_defaults(func=cmd_models)
     b = sub.add_parser("bench", help="the pytest-benchmark suites; --compare gates on ratios vs a baseline")
+    b.add_argument("--model", help=MODEL_HELP + "; for the end-to-end and ONNX suites")
     b.add_argument("--quick", action="store_true", help="kernel at 8k + SmolLM2 at 2k, eager (a few minutes)")
     b.add_argument("--output", default="kvpass-bench.json", help="pytest-benchmark JSON written here")
     b.add_argument("--compare", metavar="BASELINE.json", help="fail (exit 1) if a tracked ratio regressed")

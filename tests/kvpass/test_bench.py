@@ -55,3 +55,13 @@ def test_quick_selection_names_every_suite():
 
     assert all((suite_dir() / s).exists() for s in SUITES)
     assert "e2e" in QUICK and "decode_attention" in QUICK
+
+
+def test_bench_model_reaches_the_suites(tmp_path, monkeypatch):
+    """`kvpass bench --model NAME` runs the suites with KVPASS_BENCH_MODEL set (their model fixtures read it)."""
+    import subprocess
+
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: seen.update(cmd=cmd, env=env) or 0)
+    assert main(["bench", "--quick", "--model", "qwen2.5-coder-0.5b", "--output", str(tmp_path / "b.json")]) == 0
+    assert seen["env"]["KVPASS_BENCH_MODEL"] == "qwen2.5-coder-0.5b" and "--benchmark-only" in seen["cmd"]
