@@ -103,8 +103,12 @@ class Options:
                          choices=("portable", "custom"))
 
     def __post_init__(self):
-        if isinstance(self.dense_layers, (list, set)):
-            object.__setattr__(self, "dense_layers", tuple(sorted(self.dense_layers)))
+        if not isinstance(self.dense_layers, tuple):  # any iterable of layer indices, kept sorted
+            try:
+                object.__setattr__(self, "dense_layers", tuple(sorted(int(i) for i in self.dense_layers)))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"kvpass: dense_layers must be a list of layer indices, got "
+                                 f"{self.dense_layers!r}") from e
         for f in dataclasses.fields(self):
             if (err := f.metadata["knob"].error(f.name, getattr(self, f.name), self)) is not None:
                 raise ValueError(f"kvpass: {err}")
@@ -141,10 +145,4 @@ def parse_options(options: dict[str, Any] | Options | None = None, mode: str | N
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
         raise ValueError(f"kvpass: unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
-    if "dense_layers" in given and not isinstance(given["dense_layers"], tuple):
-        try:
-            given["dense_layers"] = tuple(sorted(int(i) for i in given["dense_layers"]))
-        except TypeError as e:
-            raise ValueError(f"kvpass: dense_layers must be a list of layer indices, got "
-                             f"{given['dense_layers']!r}") from e
     return Options(**given)

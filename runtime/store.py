@@ -129,11 +129,9 @@ class KVStore:
                  site: str = "kvstore", **knobs):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"kvpass: KV dtype {dtype} is not supported (float32, bfloat16, float16)")
-        self.options = opts = parse_options(options, **knobs)
+        self.options = parse_options(options, **knobs)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        self.sink_size, self.window_size = opts.sink_size, opts.window_size
-        self.overlap = opts.overlap  # CUDA: the CPU part runs while the device computes the static part
         self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
@@ -144,6 +142,19 @@ class KVStore:
         self.reset()
         if batch is not None:
             self._allocate(batch)
+
+    @property
+    def sink_size(self) -> int:
+        return self.options.sink_size
+
+    @property
+    def window_size(self) -> int:
+        return self.options.window_size
+
+    @property
+    def overlap(self) -> bool:
+        """CUDA: the CPU part runs while the device computes the static part."""
+        return self.options.overlap
 
     def reset(self) -> None:
         """Forget every token (a new sequence); keeps the configuration."""
