@@ -131,18 +131,33 @@ class Options:
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
 
+# Named configurations (``options={"preset": NAME, ...}``; keys given beside the preset override it).
+PRESETS: dict[str, dict[str, Any]] = {
+    # the MagicPIG paper's configuration (Chen et al. 2024): LSH importance sampling, K = 10 bits x L = 150
+    # tables, a key retrieved when it collides in >= 2 tables, 4 sinks + 64 window tokens on the device
+    "magicpig": {"estimator": "sample", "lsh_k": 10, "lsh_l": 150, "lsh_threshold": 2, "sink_size": 4,
+                 "window_size": 64},
+}
+
 
 def parse_options(options: dict[str, Any] | Options | None = None, mode: str | None = None,
                   **overrides) -> Options:
-    """A user's ``options`` (dict, ``Options`` or None) plus keyword overrides, validated once.  Unknown keys
-    and bad values raise ``ValueError`` naming what was expected."""
+    """A user's ``options`` (dict, ``Options`` or None) plus keyword overrides, validated once.  A "preset"
+    key names a configuration of ``PRESETS``, under the other keys.  Unknown keys and bad values raise
+    ``ValueError`` naming what was expected."""
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ValueError(f"kvpass: unknown mode={mode!r}; kvpass accepts torch.compile's modes")
     if isinstance(options, Options) and not overrides:
         return options
     given = dataclasses.asdict(options) if isinstance(options, Options) else dict(options or {})
     given.update(overrides)
+    if "preset" in given:
+        name = given.pop("preset")
+        if name not in PRESETS:
+            raise ValueError(f"kvpass: unknown preset {name!r}; presets are {sorted(PRESETS)}")
+        given = {**PRESETS[name], **given}
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
-        raise ValueError(f"kvpass: unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
+        raise ValueError(f"kvpass: unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)} "
+                         f"(and 'preset', one of {sorted(PRESETS)})")
     return Options(**given)

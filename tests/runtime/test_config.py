@@ -1,0 +1,26 @@
+"""Options: presets are named option sets under the user's own keys."""
+
+import pytest
+
+from kvpass.runtime.config import PRESETS, Options, parse_options
+
+
+def test_magicpig_preset_is_the_papers_configuration():
+    o = parse_options({"preset": "magicpig"})
+    assert (o.estimator, o.lsh_k, o.lsh_l, o.lsh_threshold, o.sink_size, o.window_size) == \
+        ("sample", 10, 150, 2, 4, 64)
+
+
+def test_keys_beside_a_preset_override_it():
+    o = parse_options({"preset": "magicpig", "lsh_k": 8}, window_size=128)
+    assert (o.lsh_k, o.lsh_l, o.window_size) == (8, 150, 128)
+
+
+def test_every_preset_is_valid_options():
+    for name, values in PRESETS.items():
+        assert Options(**values) == parse_options({"preset": name})
+
+
+def test_unknown_preset_names_the_presets():
+    with pytest.raises(ValueError, match=r"unknown preset 'magicpg'; presets are \['magicpig'"):
+        parse_options({"preset": "magicpg"})
