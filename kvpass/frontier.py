@@ -1,0 +1,314 @@
+"""The quality/keys frontier: next-token KL(dense ‖ config) and perplexity against the fraction of the
+context's keys a configuration attends, teacher-forced on real text.
+
+How it is measured, fast and faithful.  The text's first ``prefix`` tokens are prefilled densely once
+(kvpass's prefill is dense attention too).  The next ``tokens`` tokens are then fed as one block, with the
+model's attention replaced by kvpass's decode step for each query in turn: at every layer a ``KVStore``
+(the runtime's own store, index and C++ kernel, with the configuration's options) receives the prefix's
+K/V in one append, as the compiled model's prefill does, then for query t the block's token t, and
+attends as a decode step would.  Teacher forcing makes this equal to decoding the block token by token
+through ``torch.compile(backend="kvpass")`` — the logits of position t depend only on keys ≤ t, and each
+layer's K/V come from the sparse outputs of the layers below (tests/kvpass/test_frontier.py checks the
+equality against the compiled model) — without a prefill per configuration.
+
+"Keys attended" of one query at one layer: the static slots it sees (sinks + window, all of them once
+the context is longer than S + W) plus the offloaded keys that enter its estimate (sample: every
+retrieved key; topk/oracle: the B kept; exact: all), over the context length (position + 1).  A layer
+kvpass leaves dense attends all of them.  "Keys scored" counts what the CPU kernel computes a score for
+(topk: every candidate; oracle: every key) — the cost side.  Both are averaged over layers, query heads
+and steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvpass.runtime import KVStore
+from kvpass.runtime.config import Options, parse_options
+
+
+@dataclass
+class Point:
+    """One configuration's place on the frontier."""
+    config: str
+    options: dict | None       # the kvpass options (None: dense)
+    nll: float                 # mean negative log-likelihood of the true next token (nats)
+    kl: float                  # mean KL(dense ‖ config) of the next-token distribution (nats)
+    attended: float            # fraction of all context keys in the attention (see the module doc)
+    scored: float              # fraction of all context keys the kernel scored
+    offloaded_read: float      # fraction of the offloaded keys scored (what runtime_stats reports)
+    tokens: int
+    top1: float = 1.0          # fraction of steps whose argmax equals dense's
+    recall: float | None = None  # LSH retrieval: fraction of the top-1% offloaded keys (by exact score) retrieved
+    mass: float | None = None    # LSH retrieval: fraction of the offloaded keys' attention weight retrieved
+    per_layer: list[float] = field(default_factory=list)  # keys attended per layer
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+@contextlib.contextmanager
+def attention_hook(model: torch.nn.Module, fn) -> Iterator[None]:
+    """Routes every ``F.scaled_dot_product_attention`` call made inside ``model`` through
+    ``fn(site, orig, q, k, v, *args, **kwargs)``; ``site`` is the innermost module's path (the name the
+    compiler gives that attention site, e.g. "model.layers.7.self_attn")."""
+    stack: list[str] = []
+
+    def enter(name):
+        return lambda module, args: stack.append(name)  # returns None: the inputs stay
+
+    def leave(module, args, output):
+        stack.pop()  # returns None: the output stays
+
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles += [mod.register_forward_pre_hook(enter(name)), mod.register_forward_hook(leave)]
+    orig = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        return fn(stack[-1] if stack else "", orig, q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+        for h in handles:
+            h.remove()
+
+
+def _layer(site: str) -> int | None:
+    import re
+
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", site)
+    return int(m.group(1)) if m else None
+
+
+class _Decoder:
+    """The attention replacement for one block pass under one configuration (see the module doc)."""
+
+    def __init__(self, opts: Options, prefix: int, tokens: int, kv_heads: int, recall_every: int = 0):
+        self.opts, self.prefix, self.tokens, self.kv_heads = opts, prefix, tokens, kv_heads
+        self.recall_every = recall_every
+        self.recall: list[float] = []  # one per (site, measured step), mean over query heads
+        self.mass: list[float] = []
+        self.candidate_mismatch = 0  # query rows whose torch-side candidate count differs from the kernel's
+        self.attended: dict[str, torch.Tensor] = {}  # site → [tokens] mean fraction over heads
+        self.scored: dict[str, torch.Tensor] = {}
+        self.offloaded: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site, orig, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        P, T = self.prefix, self.tokens
+        if q.shape[2] != T or k.shape[2] != P + T or q.shape[0] != 1 or _layer(site) in self.opts.dense_layers:
+            # not this block's attention (a sliding-window layer's bounded cache), or kept dense
+            self.attended[site] = torch.ones(T)
+            self.scored[site] = torch.ones(T)
+            return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        # K/V as the model holds them, [1, Hkv, n, D] (a model that repeated them for GQA: one per group)
+        step = k.shape[1] // self.kv_heads
+        kk, vv = k[:, ::step], v[:, ::step]
+        store = KVStore(self.kv_heads, q.shape[3], options=self.opts, dtype=k.dtype, device=k.device, site=site)
+        store.append(kk[:, :, :P], vv[:, :, :P])
+        est, static = self.opts.estimator, self.opts.sink_size + self.opts.window_size
+        outs, att, sco, off = [], torch.zeros(T), torch.zeros(T), torch.zeros(T)
+        for t in range(T):
+            store.append(kk[:, :, P + t:P + t + 1], vv[:, :, P + t:P + t + 1])
+            outs.append(store.attend(q[:, :, t:t + 1], estimator=est, scale=scale))
+            n_ctx, n_host = P + t + 1, store.tokens_offloaded
+            n_static = min(static, n_ctx)
+            if est == "none" or n_host == 0:
+                kept = scored = 0.0
+            else:
+                kept, scored = float(store.last_kept.float().mean()), float(store.last_scored.float().mean())
+            att[t], sco[t] = (n_static + kept) / n_ctx, (n_static + scored) / n_ctx
+            off[t] = scored / n_host if n_host else 0.0
+            if self.recall_every and t % self.recall_every == 0 and est in ("sample", "topk") and store.index.built:
+                self._retrieval(store, q[:, :, t:t + 1], scale)
+        self.attended[site], self.scored[site], self.offloaded[site] = att, sco, off
+        return torch.cat(outs, 2)
+
+
+    def _retrieval(self, store: KVStore, q: torch.Tensor, scale: float | None) -> None:
+        """Recall of the top-1% offloaded keys and attention mass covered by the kernel's LSH candidates
+        (keys colliding with the query in ≥ threshold tables; plain torch, from the same codes)."""
+        B, H, _, D = q.shape
+        G = H // self.kv_heads
+        keys = torch.cat(store.host.views()[0], 2).float()  # [1, Hkv, n, D]
+        n = keys.shape[2]
+        k_codes = store.index.codes(keys)                                     # [1, Hkv, n, L]
+        q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)  # the kernel's, [1, Hkv, G, 1, L]
+        hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).sum(-1)  # [1, Hkv, G, 1, n]
+        cand = hits >= store.index.threshold
+        s = (q.float().reshape(B, self.kv_heads, G, 1, D) @ keys.transpose(-1, -2)[:, :, None])
+        s = s * (scale if scale is not None else D ** -0.5)
+        top = s.topk(max(1, n // 100), dim=-1).indices
+        # the candidates are the kernel's own: as many per query row as it scored
+        self.candidate_mismatch += int((cand.sum(-1).reshape(-1) != store.last_scored.reshape(-1)).sum())
+        self.recall.append(float(cand.gather(-1, top).float().mean()))
+        self.mass.append(float((s.softmax(-1) * cand).sum(-1).mean()))
+
+
+def dense_prefix(model, ids: torch.Tensor, prefix: int, chunk: int = 2048):
+    """The dense KV cache of ``ids[:, :prefix]``, prefilled in chunks (a bounded peak, the same cache)."""
+    from transformers import DynamicCache
+
+    from kvpass.hf import cache_kwarg
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for t0 in range(0, prefix, chunk):
+            model(input_ids=ids[:, t0:min(prefix, t0 + chunk)], use_cache=True, **{cache_kwarg(): cache})
+    return cache
+
+
+def teacher_forced(model, ids: torch.Tensor, prefix: int, tokens: int, options: dict | Options | None,
+                   cache, recall_every: int = 0) -> tuple[torch.Tensor, _Decoder | None]:
+    """Log-probabilities [tokens, vocab] (fp32) of the ``tokens`` decode steps at positions prefix ..
+    prefix + tokens − 1 of ``ids``, with the dense prefix ``cache`` (left as it was), under kvpass
+    ``options`` (None: dense), and the decoder that kept the per-site key counts (and, every
+    ``recall_every`` steps, the LSH retrieval's recall)."""
+    from kvpass.hf import cache_kwarg
+
+    dec = None
+    ctx = contextlib.nullcontext()
+    if options is not None:
+        cfg = model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dec = _Decoder(parse_options(options), prefix, tokens, kv_heads, recall_every)
+        ctx = attention_hook(model, dec)
+    try:
+        with ctx, torch.no_grad():
+            out = model(input_ids=ids[:, prefix:prefix + tokens], use_cache=True, **{cache_kwarg(): cache})
+    finally:
+        extra = cache.get_seq_length() - prefix
+        if extra > 0:
+            cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+    return out.logits[0].float().log_softmax(-1), dec
+
+
+def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefix: int, tokens: int = 256,
+             cache=None, recall_every: int = 0, progress: Callable[[int], object] | None = None) -> list[Point]:
+    """Each configuration's ``Point``: ``tokens`` teacher-forced decode steps after a dense ``prefix``-token
+    prefill of ``ids`` [1, ≥ prefix + tokens + 1] (the step at position t predicts token t + 1).
+    configs: name → kvpass options (None: dense).  ``cache``: the dense prefix cache, if already made.
+    ``recall_every``: measure the LSH retrieval's recall every that many steps (0: never)."""
+    if ids.shape[0] != 1 or ids.shape[1] < prefix + tokens + 1:
+        raise ValueError(f"kvpass frontier: need ids [1, >= {prefix + tokens + 1}], got {tuple(ids.shape)}")
+    cache = dense_prefix(model, ids, prefix) if cache is None else cache
+    target = ids[0, prefix + 1:prefix + tokens + 1]
+    dense, _ = teacher_forced(model, ids, prefix, tokens, None, cache)
+    points = []
+    for name, options in configs.items():
+        if options is None:
+            logp, att, sco, off, layers, dec = dense, 1.0, 1.0, 1.0, [], None
+        else:
+            logp, dec = teacher_forced(model, ids, prefix, tokens, options, cache, recall_every)
+            layers = [float(a.mean()) for a in dec.attended.values()]
+            att = sum(layers) / len(layers)
+            sco = float(torch.stack(list(dec.scored.values())).mean())
+            off = float(torch.stack(list(dec.offloaded.values())).mean()) if dec.offloaded else 0.0
+        nll = -logp.gather(1, target[:, None]).mean().item()
+        kl = (dense.exp() * (dense - logp)).sum(-1).clamp_min(0).mean().item()
+        top1 = (logp.argmax(-1) == dense.argmax(-1)).float().mean().item()
+        recall = sum(dec.recall) / len(dec.recall) if dec and dec.recall else None
+        mass = sum(dec.mass) / len(dec.mass) if dec and dec.mass else None
+        points.append(Point(name, options, nll, kl, att, sco, off, tokens, top1=top1, recall=recall, mass=mass,
+                            per_layer=layers))
+        if progress:
+            progress(1)
+    return points
+
+
+# ---------------------------------------------------------------- the sweep, the report
+
+def sweep(quick: bool = False) -> dict[str, dict | None]:
+    """The configurations of ``kvpass eval --frontier``: dense, static-only at two windows, the MagicPIG
+    preset, and each estimator across its own knob — sample over the SimHash bits K (fewer bits, more
+    keys), topk and oracle over the budget (a fraction of the offloaded keys)."""
+    out: dict[str, dict | None] = {"dense": None, "static-only": {"estimator": "none"},
+                                   "static-only W=1024": {"estimator": "none", "window_size": 1024},
+                                   "magicpig": {"preset": "magicpig"}}
+    bits, budgets = ((9,), (0.02,)) if quick else ((8, 9, 11), (0.005, 0.01, 0.02, 0.04))
+    for k in bits:
+        out[f"sample K={k}"] = {"estimator": "sample", "lsh_k": k}
+    for b in budgets:
+        out[f"oracle {b:.1%}"] = {"estimator": "oracle", "budget": b}
+        out[f"topk {b:.1%}"] = {"estimator": "topk", "budget": b}
+    return out
+
+
+def format_points(points: list[Point]) -> str:
+    dense = next((p for p in points if p.options is None), None)
+    head = (f"{'config':22s} | keys attended | keys scored | KL(dense‖·) | perplexity | vs dense |  top-1 "
+            f"| LSH recall@1% | mass")
+    lines = [head, "-" * len(head)]
+    for p in points:
+        rel = f"{p.ppl / dense.ppl - 1:+8.2%}" if dense else "-"
+        rec = f"{p.recall:13.1%}" if p.recall is not None else f"{'-':>13s}"
+        mass = f"{p.mass:5.1%}" if p.mass is not None else "   -"
+        lines.append(f"{p.config:22s} | {p.attended:13.2%} | {p.scored:11.2%} | {p.kl:11.4f} | {p.ppl:10.3f} | "
+                     f"{rel} | {p.top1:6.1%} | {rec} | {mass}")
+    return "\n".join(lines)
+
+
+def to_json(points: list[Point], meta: dict) -> dict:
+    return {"meta": meta, "points": [
+        {"config": p.config, "options": p.options, "kl": p.kl, "nll": p.nll, "perplexity": p.ppl,
+         "keys_attended": p.attended, "keys_scored": p.scored, "offloaded_keys_scored": p.offloaded_read,
+         "top1_agreement": p.top1, "lsh_recall_top1pct": p.recall, "lsh_attention_mass": p.mass,
+         "keys_attended_per_layer": p.per_layer, "tokens": p.tokens} for p in points]}
+
+
+def _family(p: Point) -> str:
+    o = p.options or {}
+    if o.get("preset"):
+        return o["preset"]
+    return {"none": "static-only"}.get(o.get("estimator"), o.get("estimator", "dense"))
+
+
+def plot(path, runs: dict[str, list[Point]], title: str) -> None:
+    """KL and Δperplexity against keys attended, one panel pair per run (e.g. per prefix length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    colors = {"sample": "tab:blue", "topk": "tab:orange", "oracle": "tab:green", "magicpig": "tab:purple",
+              "static-only": "tab:red", "exact": "black"}
+    fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 8), squeeze=False)
+    for col, (label, points) in enumerate(runs.items()):
+        dense = next((p for p in points if p.options is None), None)
+        for row, (ylabel, val) in enumerate((("KL(dense ‖ config), nats", lambda p: max(p.kl, 1e-5)),
+                                             ("perplexity vs dense (%)",
+                                              lambda p, d=dense: 100 * (p.ppl / d.ppl - 1) if d else 0.0))):
+            ax = axes[row][col]
+            for fam in dict.fromkeys(_family(p) for p in points if p.options is not None):
+                pts = sorted((100 * p.attended, val(p)) for p in points if p.options is not None and _family(p) == fam)
+                ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=colors.get(fam, "gray"), label=fam)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if row == 0:
+                ax.set_yscale("log")
+                ax.set_title(label)
+            else:
+                ax.axhline(0, color="black", lw=1)
+            ax.axvline(3, color="gray", ls=":", lw=1)
+            ax.set_xlabel("context keys attended per step (%, log; static slots included)")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
