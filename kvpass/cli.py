@@ -11,7 +11,7 @@ import time
 import torch
 
 from kvpass.lowering.reference import ESTIMATORS
-from kvpass.runtime.config import parse_options
+from kvpass.runtime.config import PRESETS, Options, parse_options
 
 
 class _StepClock:
@@ -74,11 +74,12 @@ def cmd_generate(args) -> int:
     from kvpass import backend
     from kvpass.text import long_document_prompt
 
-    options = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
-               "inductor": not args.no_inductor}
-    if args.budget is not None:
-        options["budget"] = args.budget
-    parse_options(options)  # bad values fail now, not after the model has loaded
+    options = {"preset": args.preset} if args.preset else {}
+    given = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
+             "budget": args.budget}  # given on the command line: over the preset
+    options.update({k: v for k, v in given.items() if v is not None}, inductor=not args.no_inductor)
+    opts = parse_options(options)  # bad values fail now, not after the model has loaded
+    args.estimator = opts.estimator
     torch.set_num_threads(args.threads)
     model, tok, model_name = _load(args.model, "generate")
     prompt = long_document_prompt(tok, args.prompt_tokens, args.question)
@@ -347,9 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of real text in the prompt (default: near SmolLM2's 8k limit, where kvpass pays off)")
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--question", default="Summarise the text above in two sentences.")
-    g.add_argument("--sink-size", type=int, default=4)
-    g.add_argument("--window-size", type=int, default=64)
-    g.add_argument("--estimator", default="sample", choices=list(ESTIMATORS))
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (the options below override it)")
+    g.add_argument("--sink-size", type=int, help=f"default {Options().sink_size}")
+    g.add_argument("--window-size", type=int, help=f"default {Options().window_size}")
+    g.add_argument("--estimator", choices=list(ESTIMATORS), help=f"default {Options().estimator}")
     g.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
     g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")

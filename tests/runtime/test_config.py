@@ -1,7 +1,6 @@
 """Options: presets are named option sets under the user's own keys."""
 
 import pytest
-
 from kvpass.runtime.config import PRESETS, Options, parse_options
 
 
@@ -24,3 +23,22 @@ def test_every_preset_is_valid_options():
 def test_unknown_preset_names_the_presets():
     with pytest.raises(ValueError, match=r"unknown preset 'magicpg'; presets are \['magicpig'"):
         parse_options({"preset": "magicpg"})
+
+
+def test_cli_preset_is_validated_with_the_options_given_beside_it(monkeypatch, capsys):
+    from kvpass import cli
+
+    seen = {}
+
+    def stop(name, job):  # the options are parsed before any model loads
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_load", stop)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--preset", "magicpig", "--window-size", "0"])
+    assert exit_.value.code == 2 and "window_size must be an int >= 1" in capsys.readouterr().err
+    orig = cli.parse_options
+    monkeypatch.setattr(cli, "parse_options", lambda o: seen.setdefault("opts", orig(o)))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--preset", "magicpig", "--estimator", "topk"])
+    assert seen["opts"].estimator == "topk" and seen["opts"].lsh_l == 150
