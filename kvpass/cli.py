@@ -56,8 +56,10 @@ EXPECTED_AGREEMENT = {
               "estimate of attention, not the same numbers. Greedy decoding follows dense until two candidate "
               "tokens are close enough for the estimate's error to swap them; from there the two texts part "
               "ways, each coherent. --estimator exact gives dense's tokens.",
-    "topk": "topk keeps the `budget` best of the retrieved keys and drops the rest: a biased, usually "
-            "smaller, attention; the text diverges from dense sooner or later.",
+    "topk": "topk attends the `budget` best keys and drops the rest: with the sketch retriever they are the "
+            "exact best keys (its int8 sketch ranks like q.k), with the LSH retriever the best of what it "
+            "retrieved. Dropping the tail is a small bias: greedy decoding follows dense for a while, then "
+            "parts ways where two candidate tokens are close. --estimator exact gives dense's tokens.",
     "oracle": "oracle keeps the `budget` best of all keys (a reference, it scores every key): close to dense, "
               "not equal.",
     "none": "none keeps only the sinks and the window (StreamingLLM): anything further back is forgotten, so "

@@ -262,7 +262,8 @@ def export_program(model, *, context_len: int, options: dict[str, Any] | Options
     onnx_lsh = opts.onnx_lsh
     if opts.estimator not in EXPORT_ESTIMATORS:
         raise ExportError(f"kvpass: estimator {opts.estimator!r} cannot be exported yet; one of "
-                          f"{list(EXPORT_ESTIMATORS)}")
+                          f"{list(EXPORT_ESTIMATORS)} (e.g. options={{'preset': 'magicpig'}} exports "
+                          f"LSH sampling)")
     n_layers = _check_model(model)
     dtype = next(model.parameters()).dtype
     if onnx_lsh == "custom" and dtype != torch.float32:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvpass.lowering.reference import sketch_codes, sketch_scores
 from kvpass.runtime import KVStore
 from kvpass.runtime.config import Options, parse_options
 
@@ -139,17 +140,26 @@ class _Decoder:
 
 
     def _retrieval(self, store: KVStore, q: torch.Tensor, scale: float | None) -> None:
-        """Recall of the top-1% offloaded keys and attention mass covered by the kernel's LSH candidates
-        (keys colliding with the query in ≥ threshold tables; plain torch, from the same codes)."""
+        """Recall of the top-1% offloaded keys and attention mass covered by the kernel's candidates (LSH:
+        keys colliding with the query in ≥ threshold tables, from the same codes; sketch: the budget best
+        sketch scores), in plain torch."""
         B, H, _, D = q.shape
         G = H // self.kv_heads
+        idx = store.index
         keys = torch.cat(store.host.views()[0], 2).float()  # [1, Hkv, n, D]
         n = keys.shape[2]
-        k_codes = store.index.codes(keys)                                     # [1, Hkv, n, L]
-        q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)  # the kernel's, [1, Hkv, G, 1, L]
-        hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).sum(-1)  # [1, Hkv, G, 1, n]
-        cand = hits >= store.index.threshold
-        s = (q.float().reshape(B, self.kv_heads, G, 1, D) @ keys.transpose(-1, -2)[:, :, None])
+        qg = q.float().reshape(B, self.kv_heads, G, 1, D)
+        if idx.sketch:
+            m = min(n, store.resolve_budget(None))
+            approx = sketch_scores(qg, sketch_codes(keys, idx.mu, idx.sketch_scale), idx.sketch_scale)
+            top_m = approx.sort(dim=-1, descending=True, stable=True).indices[..., :m]
+            cand = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, top_m, True)
+        else:
+            k_codes = idx.codes(keys)                                             # [1, Hkv, n, L]
+            q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)  # the kernel's
+            hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).sum(-1)  # [1, Hkv, G, 1, n]
+            cand = hits >= idx.threshold
+        s = (qg @ keys.transpose(-1, -2)[:, :, None])
         s = s * (scale if scale is not None else D ** -0.5)
         top = s.topk(max(1, n // 100), dim=-1).indices
         # the candidates are the kernel's own: as many per query row as it scored
@@ -234,7 +244,8 @@ def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefi
 def sweep(quick: bool = False) -> dict[str, dict | None]:
     """The configurations of ``kvpass eval --frontier``: dense, static-only at two windows, the MagicPIG
     preset, and each estimator across its own knob — sample over the SimHash bits K (fewer bits, more
-    keys), topk and oracle over the budget (a fraction of the offloaded keys)."""
+    keys), topk (LSH candidates or the sketch retriever's) and oracle over the budget (a fraction of the
+    offloaded keys)."""
     out: dict[str, dict | None] = {"dense": None, "static-only": {"estimator": "none"},
                                    "static-only W=1024": {"estimator": "none", "window_size": 1024},
                                    "magicpig": {"preset": "magicpig"}}
@@ -243,6 +254,8 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
         out[f"sample K={k}"] = {"estimator": "sample", "lsh_k": k}
     for b in budgets:
         out[f"oracle {b:.1%}"] = {"estimator": "oracle", "budget": b}
+        out[f"sketch {b:.1%}"] = {"estimator": "topk", "retriever": "sketch", "budget": b}
+    for b in budgets[1:3] or budgets:  # the LSH candidates' best: no better than sampling them (measured)
         out[f"topk {b:.1%}"] = {"estimator": "topk", "budget": b}
     return out
 
@@ -250,7 +263,7 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
 def format_points(points: list[Point]) -> str:
     dense = next((p for p in points if p.options is None), None)
     head = (f"{'config':22s} | keys attended | keys scored | KL(dense‖·) | perplexity | vs dense |  top-1 "
-            f"| LSH recall@1% | mass")
+            f"|     recall@1% | mass")
     lines = [head, "-" * len(head)]
     for p in points:
         rel = f"{p.ppl / dense.ppl - 1:+8.2%}" if dense else "-"
@@ -273,6 +286,8 @@ def _family(p: Point) -> str:
     o = p.options or {}
     if o.get("preset"):
         return o["preset"]
+    if o.get("retriever") == "sketch":
+        return "topk (sketch)"
     return {"none": "static-only"}.get(o.get("estimator"), o.get("estimator", "dense"))
 
 
@@ -284,7 +299,7 @@ def plot(path, runs: dict[str, list[Point]], title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    colors = {"sample": "tab:blue", "topk": "tab:orange", "oracle": "tab:green", "magicpig": "tab:purple",
+    colors = {"sample": "tab:blue", "topk": "tab:orange", "topk (sketch)": "tab:brown", "oracle": "tab:green", "magicpig": "tab:purple",
               "static-only": "tab:red", "exact": "black"}
     fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 8), squeeze=False)
     for col, (label, points) in enumerate(runs.items()):

@@ -53,8 +53,10 @@ def layer_quality(model, input_ids: torch.Tensor, *, positions: int = 8, estimat
     """Quality of each estimator at each attention layer, for the last ``positions`` query tokens.
 
     topk and oracle get the budget that sample actually read at that layer and position ("same number of
-    keys").  store_options: KVStore knobs (sink_size, window_size, lsh_k, lsh_l, lsh_threshold, seed).
+    keys").  store_options: KVStore knobs (sink_size, window_size, lsh_k, lsh_l, lsh_threshold, seed); the
+    store keeps the LSH index (topk: the best of sample's candidates, as MagicPIG compares them).
     """
+    store_options = {"retriever": "lsh", **store_options}
     cfg = model.config
     num_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     with record_attention() as calls, torch.no_grad():

@@ -18,7 +18,8 @@ from kvpass.lowering.attention import softmax_lse
 # The estimators of the offloaded part; the C++ kernel spells the same names (lsh_attention.cpp).
 ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
 #   sample  keys colliding in >= threshold of L tables, each weighted by 1 / P(retrieved) (MagicPIG)
-#   topk    the `budget` best exact scores among those candidates
+#   topk    the `budget` best exact scores among those candidates (retriever "sketch": the `budget`
+#           keys whose int8 sketch of k - mu scores best, attended with their exact scores)
 #   oracle  the `budget` best exact scores of all offloaded keys (evaluation only)
 #   exact   every offloaded key: equals dense attention (validation)
 #   none    no offloaded key: the static part alone (StreamingLLM)
@@ -62,6 +63,31 @@ def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, c
                                                     device=x.device)
 
 
+# ---------------------------------------------------------------- the key sketch (the "sketch" retriever)
+
+SKETCH_LEVELS = 127  # int8 codes in [-127, 127]
+
+
+def sketch_scale(keys: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Per-dimension step of the key sketch, frozen with μ when the index is built: max |k − μ| over the
+    build keys / 127 (1 where a dimension is constant).  keys [B, Hkv, n, D]; mu [B, Hkv, D] → fp32."""
+    amax = (keys.float() - mu[:, :, None]).abs().amax(2)
+    return torch.where(amax > 0, amax / SKETCH_LEVELS, torch.ones_like(amax))
+
+
+def sketch_codes(k: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [B, Hkv, n, D]: round((k − μ) / scale), clamped to ±127 (a later key beyond the build keys'
+    range saturates).  The sketch score of key j for query q is Σ_d q_d · scale_d · code_jd, q·(k − μ) up
+    to the rounding — the same ranking as q·k, since q·μ is one constant per query."""
+    x = (k.float() - mu[:, :, None].to(k.device)) / scale[:, :, None].to(k.device)
+    return x.round().clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
+
+
+def sketch_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, G, Tq, D] fp32, codes [B, Hkv, n, D] int8, scale [B, Hkv, D] → [B, Hkv, G, Tq, n]."""
+    return (q * scale[:, :, None, None]) @ codes.float().transpose(-1, -2)[:, :, None]
+
+
 # ---------------------------------------------------------------- the retrieval probability
 
 @functools.lru_cache(maxsize=16)
@@ -101,16 +127,26 @@ def centred_cos(qk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Te
 def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: str, *,
                      q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                      mu: torch.Tensor | None = None, logp: torch.Tensor | None = None, threshold: int = 2,
-                     budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores each estimator gives the offloaded keys: −inf where a key is not attended, and for
     "sample" the importance weight folded in (s − log P(retrieved)).
 
     q [B, Hkv, G, Tq, D] fp32; k [B, Hkv, n, D] fp32; q_codes [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L];
-    mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  Returns (s [B, Hkv, G, Tq, n] fp32,
-    candidates [B, Hkv, G, Tq] int: keys retrieved, or all n)."""
+    mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  ``sketch`` = (codes, scale) of the keys
+    (``sketch_codes``): "topk" then keeps the `budget` keys of best sketch score instead of the best
+    of the LSH collisions.  Returns (s [B, Hkv, G, Tq, n] fp32, candidates [B, Hkv, G, Tq] int: keys
+    retrieved, or all n)."""
     qk = q @ k.transpose(-1, -2)[:, :, None]
     s = qk * scale
-    if estimator in ("sample", "topk"):
+    if estimator == "topk" and sketch is not None:
+        n = k.shape[2]
+        m = n if budget is None else min(n, max(budget, 1))
+        # the m best sketch scores, equal scores by key order (the kernel's rule)
+        top = sketch_scores(q, *sketch).sort(dim=-1, descending=True, stable=True).indices[..., :m]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+        return s.masked_fill(~keep, float("-inf")), keep.sum(-1)
+    elif estimator in ("sample", "topk"):
         hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).to(torch.int32).sum(-1)
         keep = hits >= threshold
     elif estimator in ("oracle", "exact"):
@@ -129,11 +165,12 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
                         q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                         mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
-                        budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An estimator over offloaded keys in plain torch (dense cost, the kernel's result).
 
-    q [B, H, Tq, D]; k, v [B, Hkv, n, D]; q_codes [B, H, Tq, L]; k_codes [B, Hkv, n, L]; mu [B, Hkv, D].
-    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (keys scored)."""
+    q [B, H, Tq, D]; k, v [B, Hkv, n, D]; q_codes [B, H, Tq, L]; k_codes [B, Hkv, n, L]; mu [B, Hkv, D];
+    sketch: (codes, scale) for the sketch retriever (``estimator_scores``).  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (keys scored)."""
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -141,6 +178,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     qc = q_codes.reshape(B, Hkv, G, Tq, -1) if q_codes is not None else None
     s, n_read = estimator_scores(qg, k.float(), scale, estimator, q_codes=qc, k_codes=k_codes, mu=mu,
                                  logp=logp_table(lsh_k, lsh_l, threshold) if estimator == "sample" else None,
-                                 threshold=threshold, budget=budget)
+                                 threshold=threshold, budget=budget, sketch=sketch)
     out, lse = softmax_lse(s, v.float())
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()

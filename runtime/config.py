@@ -65,6 +65,18 @@ def _threshold_error(t, opts) -> str | None:
     return f"lsh_threshold must be an int in [1, min(lsh_l={opts.lsh_l}, 255)], got {t!r}"
 
 
+RETRIEVERS = ("auto", "lsh", "sketch")
+
+
+def _retriever_error(r, opts) -> str | None:
+    if r not in RETRIEVERS:
+        return f"retriever must be one of {list(RETRIEVERS)}, got {r!r}"
+    if r == "sketch" and opts.estimator == "sample":
+        return ("retriever='sketch' goes with estimator='topk' (or 'oracle'/'exact'/'none'): 'sample' weights "
+                "each key by its LSH retrieval probability, which only the 'lsh' retriever has")
+    return None
+
+
 def _layers_error(layers, opts) -> str | None:
     ok = isinstance(layers, tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     return None if ok else f"dense_layers must be a list of layer indices, got {layers!r}"
@@ -75,11 +87,18 @@ class Options:
     """The knobs of kvpass (``torch.compile(..., backend="kvpass", options={...})``, ``KVStore``, export)."""
     sink_size: int = knob(4, "first tokens kept on the device (attention sinks)", lo=0, runtime=True)
     window_size: int = knob(64, "most recent tokens kept on the device", lo=1, runtime=True)
-    estimator: str = knob("sample", "offloaded part: 'sample' (LSH importance sampling) | 'topk' (best `budget` "
-                          "of the LSH candidates) | 'oracle' (best `budget` of all) | 'exact' (all: equals dense) "
-                          "| 'none' (static part only)", kind="choice", choices=ESTIMATORS)
+    # the defaults are the measured frontier's best at <= 3% of the context's keys (README: "The quality/keys
+    # frontier"); MagicPIG's configuration is the preset "magicpig"
+    estimator: str = knob("topk", "offloaded part: 'topk' (the `budget` best keys, found by `retriever`) | "
+                          "'sample' (LSH importance sampling) | 'oracle' (best `budget` of all, scoring all) | "
+                          "'exact' (all: equals dense) | 'none' (static part only)", kind="choice",
+                          choices=ESTIMATORS, runtime=True)  # runtime: it chooses the store's index
     budget: float | int = knob(0.02, "topk/oracle: a fraction of the offloaded keys (float) or a count (int)",
                                kind="custom", check=_budget_error, runtime=True)
+    retriever: str = knob("auto", "the index: 'sketch' (an int8 sketch of every centred offloaded key, scanned; "
+                          "topk takes the `budget` best) | 'lsh' (SimHash tables: sample's retrieval; topk takes "
+                          "the best candidates) | 'auto' (sketch for topk, lsh for sample)",
+                          kind="custom", check=_retriever_error, runtime=True)
     lsh_k: int = knob(10, "SimHash bits per table", lo=1, hi=16, runtime=True)
     lsh_l: int = knob(150, "SimHash tables", lo=1, hi=65535, runtime=True)
     lsh_threshold: int = knob(2, "collisions (of lsh_l tables) that retrieve a key", kind="custom",
@@ -113,6 +132,13 @@ class Options:
             if (err := f.metadata["knob"].error(f.name, getattr(self, f.name), self)) is not None:
                 raise ValueError(f"kvpass: {err}")
 
+    @property
+    def index(self) -> str:
+        """The index a store keeps, "sketch" or "lsh" (``retriever``, with "auto" resolved)."""
+        if self.retriever != "auto":
+            return self.retriever
+        return "sketch" if self.estimator == "topk" else "lsh"
+
     @classmethod
     def knob(cls, name: str) -> Knob:
         """The declaration of one option (its range, choices, doc)."""
@@ -135,7 +161,7 @@ OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
 PRESETS: dict[str, dict[str, Any]] = {
     # the MagicPIG paper's configuration (Chen et al. 2024): LSH importance sampling, K = 10 bits x L = 150
     # tables, a key retrieved when it collides in >= 2 tables, 4 sinks + 64 window tokens on the device
-    "magicpig": {"estimator": "sample", "lsh_k": 10, "lsh_l": 150, "lsh_threshold": 2, "sink_size": 4,
+    "magicpig": {"estimator": "sample", "retriever": "lsh", "lsh_k": 10, "lsh_l": 150, "lsh_threshold": 2, "sink_size": 4,
                  "window_size": 64},
 }
 

@@ -20,10 +20,11 @@ import zlib
 
 import torch
 from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
-from kvpass.lowering.reference import simhash
+from kvpass.lowering.reference import simhash, sketch_codes, sketch_scale
 from kvpass.runtime.config import Options
 
 MAX_SEGMENT = 32768
+SKETCH_BLOCK = 4096  # keys per block of the key sketch (retriever "sketch")
 
 
 @functools.lru_cache(maxsize=256)
@@ -45,6 +46,11 @@ class LSHIndex:
         self.batch, self.num_kv_heads, self.head_dim, self.site = batch, num_kv_heads, head_dim, site
         lsh_k, lsh_l = options.lsh_k, options.lsh_l
         self.lsh_k, self.lsh_l, self.threshold, self.seed = lsh_k, lsh_l, options.lsh_threshold, options.seed
+        # retriever "sketch": no bucket tables; an int8 sketch of every key (k − μ) / scale instead, in
+        # blocks of SKETCH_BLOCK keys (the kernel scans it)
+        self.sketch = options.index == "sketch"
+        self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
+        self.sketch_blocks: list[torch.Tensor] = []    # int8 [B, Hkv, SKETCH_BLOCK / 16, D, 16]
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -85,11 +91,39 @@ class LSHIndex:
         ``host_keys()`` returns every host key [B, Hkv, n, D]; it is called once, to build the index."""
         self.n_keys += k.shape[2]
         if self.built:
-            self._add_codes(self.codes(k).cpu())
+            keys = k
         elif self.n_keys >= self.min_keys:
             keys = k if k.shape[2] == self.n_keys else host_keys()
             self.mu = keys.float().mean(2).cpu()  # [B, Hkv, D]
+            if self.sketch:
+                self.sketch_scale = sketch_scale(keys.cpu(), self.mu)
+        else:
+            return
+        if self.sketch:
+            self._add_sketch(sketch_codes(keys.cpu(), self.mu, self.sketch_scale))
+        else:
             self._add_codes(self.codes(keys).cpu())
+
+    def _add_sketch(self, codes: torch.Tensor) -> None:
+        """codes: int8 [B, Hkv, n, D] of the next n offloaded keys, into the sketch blocks: SKETCH_BLOCK keys
+        each, laid out [B, Hkv, tiles, D, 16] — per tile of 16 keys, dimension-major, so the kernel widens
+        16 keys' codes of one dimension with one load."""
+        t, n = 0, codes.shape[2]
+        B, Hkv, _, D = codes.shape
+        at = self.n_keys - n  # keys sketched before these
+        while t < n:
+            if at % SKETCH_BLOCK == 0 and at // SKETCH_BLOCK == len(self.sketch_blocks):
+                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, D, 16, dtype=torch.int8))
+            blk = self.sketch_blocks[at // SKETCH_BLOCK]
+            off = at % SKETCH_BLOCK
+            m = min(SKETCH_BLOCK - off, n - t)
+            if off % 16 == 0 and m % 16 == 0:  # whole tiles: one strided copy
+                blk[:, :, off // 16:(off + m) // 16] = codes[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, D) \
+                    .transpose(-1, -2)
+            else:
+                for i in range(m):
+                    blk[:, :, (off + i) // 16, :, (off + i) % 16] = codes[:, :, t + i]
+            at, t = at + m, t + m
 
     def _add_codes(self, codes: torch.Tensor) -> None:
         """codes: int32 [B, Hkv, n, L] of the next n offloaded keys.  Whenever the tail and the new keys
@@ -145,8 +179,11 @@ class LSHIndex:
         """Bytes of the index proper: bucket tables, tail codes, μ (the projection is per site, shared
         by all sequences, and reported apart)."""
         n = sum(t.nbytes for t in self.seg_ids) + sum(t.nbytes for t in self.seg_starts) + self.tail.nbytes
+        n += sum(t.nbytes for t in self.sketch_blocks) + (self.sketch_scale.nbytes if self.sketch_scale is not None else 0)
         return n + (self.mu.nbytes if self.mu is not None else 0)
 
     @property
     def projection_bytes(self) -> int:
+        if self.sketch:
+            return 0  # no projection
         return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 2

@@ -236,6 +236,9 @@ class KVStore:
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
         n, idx = self.host.length, self.index
+        if estimator == "sample" and self.index.sketch:
+            raise ValueError("kvpass: estimator 'sample' needs the LSH index; this store keeps the key sketch "
+                             "(build it with estimator='sample' or retriever='lsh')")
         if estimator not in ESTIMATORS or estimator == "none":
             raise ValueError(f"kvpass: the host part's estimator must be one of {list(ESTIMATORS[:-1])}, got "
                              f"{estimator!r}")
@@ -245,12 +248,12 @@ class KVStore:
             allowed = (self.static_pos >= 0)[None, :] & (self.static_pos[None, :] <= q_pos[:, None])
             static = {"static_k": self.static_k, "static_v": self.static_v, "static_allowed": allowed}
         budget_n = self.resolve_budget(budget) if n else 0
-        if estimator == "exact" or (estimator == "sample" and not idx.built):
-            estimator, budget_n = "oracle", n  # every key (below min_keys, sampling reads them all)
-        elif estimator == "topk" and not idx.built:
-            estimator = "oracle"  # too few keys for an index: the best `budget` of all of them
+        if estimator == "exact" or (estimator in ("sample", "topk") and not idx.built):
+            estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
+        if estimator == "topk" and idx.sketch:
+            static.update(sketch_blocks=idx.sketch_blocks, sketch_scale=idx.sketch_scale)
         out, lse, n_read, self.last_query_codes = lsh_attention(
             qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.options.host_block_size, n,
             idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,

@@ -20,6 +20,7 @@ B, H, HKV, D, S, W = 1, 4, 2, 16, 2, 8
 
 
 def _store(n=400, **knobs):
+    knobs.setdefault("estimator", "sample")  # the LSH index (the defaults keep the key sketch)
     store = kvpass.KVStore(HKV, D, sink_size=S, window_size=W, batch=B, **knobs)
     gen = torch.Generator().manual_seed(0)
     store.append(torch.randn(B, HKV, n, D, generator=gen) + 0.5, torch.randn(B, HKV, n, D, generator=gen))
@@ -36,7 +37,7 @@ def _split_attention():
     past, k = torch.empty(0), torch.randn(B, HKV, 300, D)
     handle = torch.ops.kvpass.append_kv(past, past, k, k + 1, None, 0, "opcheck",
                                         Options(sink_size=S, window_size=W).to_op_string())
-    return (torch.randn(B, H, 1, D), handle, None, D ** -0.5, "sample", 0, "opcheck")
+    return (torch.randn(B, H, 1, D), handle, None, D ** -0.5, "topk", 0, "opcheck")  # the defaults: sketch
 
 
 def _decode_step_args(capacity: bool):

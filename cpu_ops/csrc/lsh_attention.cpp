@@ -10,6 +10,13 @@
 // Retrieval visits the query's bucket in every table of every segment and counts collisions per key;
 // keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
 //
+// The "sketch" retriever (topk only) instead scans an int8 sketch of every centred key, code = round((k -
+// mu) / scale) per dimension (lowering/reference.py: sketch_codes), scoring all of them approximately
+// (q * scale) . code — once per (batch row, kv head) for all the group's query rows, in key chunks — and
+// attends the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its
+// best keys are the exact best, measured on Qwen2.5-Coder-0.5B keys; re-ranking 2-4x as many by exact
+// score changed nothing).
+//
 // The formulas shared with the onnxruntime op library (score and weight, log P lookup, sign bits, online
 // softmax, SIMD clones) are kvpass_math.h.
 #include <ATen/ATen.h>
@@ -195,6 +202,89 @@ std::tuple<at::Tensor, at::Tensor> merge_segments(const at::Tensor& ids_a, const
   return {ids, starts};
 }
 
+// ---------------------------------------------------------------- selecting the sketch's best keys
+
+// The positions of the m largest of x[0, n) in ascending order, equal values by position (the reference's
+// stable sort).  Usually one pass: a threshold τ from a strided sample of ~1024 (the value that ~1.5 m + 16 of the
+// n would exceed, were the sample representative) keeps every position with x ≥ τ — a superset of the
+// answer whenever at least m pass, and then the best m of those are chosen exactly.  When fewer pass
+// (an unrepresentative sample), a histogram of the top 11 bits of order-preserving integer keys finds
+// the bin holding the m-th largest and the same exact choice runs on that bin's and the higher bins'
+// positions.  Either way the result is exact.
+KVPASS_INLINE uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // larger float, larger key
+}
+
+struct TopScratch {
+  std::vector<uint32_t> hist, sample;
+  std::vector<int32_t> above, edge;
+};
+
+void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratch& t) {
+  if (m >= n) {
+    std::iota(out, out + n, 0);
+    return;
+  }
+  auto better = [&](int32_t a, int32_t c) {
+    const uint32_t ka = float_key(x[a]), kc = float_key(x[c]);
+    return ka > kc || (ka == kc && a < c);
+  };
+  auto choose = [&](std::vector<int32_t>& sure, std::vector<int32_t>& maybe, int64_t need) {
+    // `sure` are in the answer, `maybe` hold the rest of it: their best `need`; both in position order
+    if (need < int64_t(maybe.size())) {
+      std::nth_element(maybe.begin(), maybe.begin() + need, maybe.end(), better);
+      maybe.resize(need);
+      std::sort(maybe.begin(), maybe.end());
+    }
+    std::merge(sure.begin(), sure.end(), maybe.begin(), maybe.end(), out);
+  };
+  t.above.clear();
+  t.edge.clear();
+  const int64_t stride = std::max<int64_t>(1, n / 1024);
+  if (stride >= 4) {
+    t.sample.clear();
+    for (int64_t j = 0; j < n; j += stride) t.sample.push_back(float_key(x[j]));
+    const int64_t s = int64_t(t.sample.size());
+    const int64_t want = std::min<int64_t>(s - 1, (3 * m / 2 + 16) * s / n);
+    std::nth_element(t.sample.begin(), t.sample.begin() + want, t.sample.end(), std::greater<uint32_t>());
+    // x >= τ as floats: 16 compares at a time, positions out of the (rarely set) mask; a superset of the
+    // key comparison's set (the two differ only in taking -0 with +0), which is all `choose` needs
+    const uint32_t tau = t.sample[want];
+    const uint32_t u = (tau & 0x80000000u) ? (tau & 0x7fffffffu) : ~tau;
+    float tau_f;
+    std::memcpy(&tau_f, &u, 4);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16) {
+      uint32_t bits = 0;
+#pragma omp simd reduction(| : bits)
+      for (int l = 0; l < 16; ++l) bits |= uint32_t(x[j0 + l] >= tau_f) << l;
+      for (; bits; bits &= bits - 1) t.edge.push_back(int32_t(j0 + __builtin_ctz(bits)));
+    }
+    for (; j0 < n; ++j0)
+      if (x[j0] >= tau_f) t.edge.push_back(int32_t(j0));
+    if (int64_t(t.edge.size()) >= m) {
+      choose(t.above, t.edge, m);
+      return;
+    }
+    t.edge.clear();
+  }
+  constexpr int kShift = 21;
+  constexpr uint32_t kBins = 1u << (32 - kShift);
+  t.hist.assign(kBins, 0);
+  for (int64_t j = 0; j < n; ++j) t.hist[float_key(x[j]) >> kShift]++;
+  uint32_t bin = kBins - 1;
+  int64_t need = m;
+  while (t.hist[bin] < need) need -= t.hist[bin--];  // from the top: the bin holding the m-th largest
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t b = float_key(x[j]) >> kShift;
+    if (b > bin) t.above.push_back(int32_t(j));
+    else if (b == bin) t.edge.push_back(int32_t(j));
+  }
+  choose(t.above, t.edge, need);
+}
+
 // ---------------------------------------------------------------- the fused attention pass
 
 struct Segment {
@@ -219,6 +309,11 @@ struct Problem {
   const float* logp;     // kTable + 1
   std::vector<Segment> segs;
   std::vector<const void*> kb, vb;  // per host block, at (b=0, hk=0, token 0)
+  std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, int8 [B, Hkv, tiles, D, 16] (empty: LSH)
+  int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
+  const float* sk_scale = nullptr;  // [B, Hkv, D]
+  int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
+  float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores (scratch, filled by sketch_scan)
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
@@ -234,6 +329,7 @@ struct Scratch {
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
   std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
+  TopScratch top;  // sketch: selecting the best sketch scores
 };
 
 // Prefetch one cache line (into L1).  Not __builtin_prefetch: GCC 12 deleted the K/V row prefetch loops
@@ -266,6 +362,10 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
     std::iota(s.cand.begin(), s.cand.begin() + P.n_keys, 0);
     s.n_cand = P.n_keys;
+  } else if (!P.skb.empty()) {  // sketch: the `candidates` best sketch scores, in key order
+    const int64_t m = std::min(P.candidates, P.n_keys);
+    top_positions(P.sk_score + r * P.n_keys, P.n_keys, m, s.cand.data(), s.top);
+    s.n_cand = m;
   } else {
     const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
     const int64_t buckets = int64_t(1) << P.K;
@@ -514,6 +614,40 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
   }
 }
 
+// Sketch scores of key tiles [t0, t1) (16 keys each) for the G·Tq query rows of one (batch row, kv head).
+// A tile is stored dimension-major ([D][16] int8), so one load widens 16 keys' codes of one dimension,
+// which then serve every row of the group: 8 rows x 16 keys accumulate in registers, no horizontal sums.
+KVPASS_CLONES void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
+                               std::vector<float>& qs) {
+  constexpr int64_t kRows = 8, kLanes = 16;
+  const int64_t D = P.D, rows = P.G * P.Tq, padded = (rows + kRows - 1) / kRows * kRows;
+  const int64_t rg = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
+  const float* scale = P.sk_scale + (b * P.Hkv + hk) * D;
+  qs.assign(padded * D, 0.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < D; ++i) qs[r * D + i] = P.q[(rg + r) * D + i] * scale[i];
+  alignas(64) float xt[512 * kLanes];  // one tile as floats, [D][16] (D <= 512, checked at the entry)
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t j = tile * kLanes, nl = std::min(kLanes, P.n_keys - j);
+    const int8_t* c = P.skb[tile / P.sk_tiles] + b * P.skb_s0 + hk * P.skb_s1 + (tile % P.sk_tiles) * D * kLanes;
+#pragma omp simd
+    for (int64_t e = 0; e < D * kLanes; ++e) xt[e] = float(c[e]);  // the tile widened once, for every row
+    for (int64_t r0 = 0; r0 < padded; r0 += kRows) {
+      float acc[kRows][kLanes] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const float* x = xt + d * kLanes;
+        for (int64_t rr = 0; rr < kRows; ++rr) {
+          const float qv = qs[(r0 + rr) * D + d];
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) acc[rr][l] += qv * x[l];
+        }
+      }
+      for (int64_t rr = 0; rr < std::min(kRows, rows - r0); ++rr)
+        std::copy(acc[rr], acc[rr] + nl, P.sk_score + (rg + r0 + rr) * P.n_keys + j);
+    }
+  }
+}
+
 // Tables per hashing work unit.  (batch row, kv head) units alone leave threads idle when there are
 // fewer of them than threads, or a count that does not divide evenly (SmolLM2: 3 kv heads on 2 threads;
 // one kv head; Llama's 8 on a 32-core host): then each unit's tables are split into chunks of whole
@@ -545,7 +679,15 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
 #pragma omp parallel
   {
     Scratch s;
-    if (P.estimator != kOracle) {
+    if (!P.skb.empty()) {  // sketch scores of every key for every row, in chunks of 128 tiles (2048 keys)
+      constexpr int64_t kTiles = 128;
+      const int64_t tiles = (P.n_keys + 15) / 16, n_chunks = (tiles + kTiles - 1) / kTiles;
+#pragma omp for collapse(3) schedule(dynamic, 1)
+      for (int64_t b = 0; b < P.B; ++b)
+        for (int64_t hk = 0; hk < P.Hkv; ++hk)
+          for (int64_t c = 0; c < n_chunks; ++c)
+            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles), s.qpad);
+    } else if (P.estimator != kOracle) {
       const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
       const int64_t n_chunks = (P.L + chunk - 1) / chunk;
 #pragma omp for collapse(3) schedule(static)
@@ -557,11 +699,12 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
     // each key enters each list at most once (+1: the branch-free stores write one slot past the end
     // before deciding to keep it)
     s.cand.resize(P.n_keys + 1);
-    if (P.estimator != kOracle && P.T > 2) {
+    const bool lsh = P.estimator != kOracle && P.skb.empty();
+    if (lsh && P.T > 2) {
       s.count.assign(P.n_keys, 0);
       s.touched.resize(P.n_keys + 1);
     }
-    if (P.estimator != kOracle && P.T <= 2) {
+    if (lsh && P.T <= 2) {
       s.seen.assign(2 * ((kMaxSegment + 63) / 64), 0);
     }
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
@@ -579,7 +722,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
     int64_t tail_len, int64_t lsh_k, int64_t threshold, c10::string_view estimator_name, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
-    const std::optional<at::Tensor>& static_allowed) {
+    const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
+    const std::optional<at::Tensor>& sketch_scale) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -678,6 +822,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
   }
   P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
+  at::Tensor sk_score, sk_scale_c;
+  if (sketch_blocks.has_value() && !sketch_blocks->empty() && estimator == kTopK) {
+    const auto& blocks = *sketch_blocks;
+    const int64_t tiles = blocks[0].dim() == 5 ? blocks[0].size(2) : 0;
+    for (size_t i = 0; i < blocks.size(); ++i)
+      TORCH_CHECK(blocks[i].scalar_type() == at::kChar && blocks[i].dim() == 5 && blocks[i].size(0) == B &&
+                      blocks[i].size(1) == Hkv && blocks[i].size(2) == tiles && blocks[i].size(3) == D &&
+                      blocks[i].size(4) == 16 && blocks[i].stride(4) == 1 && blocks[i].stride(3) == 16 &&
+                      blocks[i].stride(2) == 16 * D && blocks[i].strides() == blocks[0].strides(), fn,
+                  "sketch block ", i, " must be int8 [B, Hkv, tiles, D, 16] = [", B, ", ", Hkv, ", ", tiles, ", ", D,
+                  ", 16], tiles contiguous, with the others' strides; got ", blocks[i].sizes(), " ",
+                  blocks[i].scalar_type());
+    TORCH_CHECK(int64_t(blocks.size()) * tiles * 16 >= n_keys, fn, "the sketch covers ",
+                int64_t(blocks.size()) * tiles * 16, " keys, the store ", n_keys);
+    TORCH_CHECK(sketch_scale.has_value() && sketch_scale->scalar_type() == at::kFloat &&
+                    sketch_scale->sizes() == mu.sizes(), fn, "sketch_scale must be float32 [B, Hkv, D]");
+    TORCH_CHECK(D <= 512, fn, "the sketch needs head_dim <= 512");
+    for (const auto& t : blocks) P.skb.push_back(t.data_ptr<int8_t>());
+    P.skb_s0 = blocks[0].stride(0), P.skb_s1 = blocks[0].stride(1), P.sk_tiles = tiles;
+    sk_scale_c = sketch_scale->contiguous();
+    P.sk_scale = sk_scale_c.data_ptr<float>();
+    P.candidates = std::max<int64_t>(budget, 1);
+    sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
+    P.sk_score = sk_score.data_ptr<float>();
+  }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
               " is not supported (float32, bfloat16, float16)");
   run_rows(P, dtype);
@@ -738,7 +907,8 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
   m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
-        "Tensor? static_v=None, Tensor? static_allowed=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_scale=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");
   m.def("simd_level() -> int", &kvpass_cpu::simd_level);

@@ -18,15 +18,24 @@ from kvpass.cpu_ops import (
     lsh_merge_segments,
     sign_codes,
 )
-from kvpass.lowering.reference import hash_codes, pack_bits, reference_attention, simhash
+from kvpass.lowering.reference import (
+    hash_codes,
+    pack_bits,
+    reference_attention,
+    simhash,
+    sketch_codes,
+    sketch_scale,
+    sketch_scores,
+)
 from kvpass.runtime.lsh import projection
 
+import kvpass
 from kvpass import KVStore
 from kvpass.testing import fuzz_examples
 
 
 def _store(Hkv, D, dtype, chunks, *, K, L, T, min_keys, seal, B=1, S=2, W=3, seed=0, block=64):
-    store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=W, lsh_k=K, lsh_l=L, lsh_threshold=T, seed=seed,
+    store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=W, lsh_k=K, lsh_l=L, lsh_threshold=T, seed=seed, retriever="lsh",
                     dtype=dtype, host_block_size=block)
     store.index.min_keys, store.index.seal_size = min_keys, seal
     gen = torch.Generator().manual_seed(seed)
@@ -47,7 +56,7 @@ def _reference(store, q, estimator, budget):
         assert agree > 0.99
         kw = {"q_codes": store.last_query_codes, "k_codes": idx.codes(k), "mu": idx.mu}
     elif estimator in ("sample", "topk"):  # no index yet: every key is read
-        estimator = "exact" if estimator == "sample" else "oracle"
+        estimator = "exact"
     return reference_attention(q, k, v, 1 / math.sqrt(q.shape[-1]), estimator, lsh_k=idx.lsh_k, lsh_l=idx.lsh_l,
                                threshold=idx.threshold, budget=store.resolve_budget(budget), **kw)
 
@@ -149,7 +158,7 @@ def test_sample_is_consistent_over_random_projections():
     true_num = (torch.exp(s)[:, None] * v[0, 0]).sum(0)
     zs, nums, reads = [], [], []
     for seed in range(200):
-        store = KVStore(1, D, batch=1, sink_size=0, window_size=1, lsh_k=6, lsh_l=40, lsh_threshold=2, seed=seed)
+        store = KVStore(1, D, batch=1, sink_size=0, window_size=1, lsh_k=6, lsh_l=40, lsh_threshold=2, seed=seed, retriever="lsh")
         store.append(torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2))  # the last token stays static
         out, lse = store.attend_host(q, estimator="sample", scale=scale)
         z = math.exp(lse.item())
@@ -226,3 +235,118 @@ def test_sign_codes_are_the_torch_packing(K, L):
     assert torch.equal(simhash(x, mu, proj, K), hash_codes(x - mu[:, :, None], proj.float(), K))  # same GEMM
     with pytest.raises(RuntimeError, match="multiple of lsh_k"):
         sign_codes(torch.zeros(4, 17), 16)
+
+
+@settings(max_examples=fuzz_examples(40), deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), Tq=st.integers(1, 3),
+       D=st.sampled_from([8, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
+       seed=st.integers(0, 5), step=st.sampled_from([0.25, 1.0, 2.0]))
+def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, step):
+    """topk over the sketch's `budget` best keys.  Integer queries and a power-of-two step make every
+    sketch score exact in any summation order, so the kernel and torch pick the same candidates (ties
+    by key order in both)."""
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+                    dtype=dtype, host_block_size=64)
+    store.index.min_keys = 20
+    gen = torch.Generator().manual_seed(seed)
+    for n in chunks:
+        store.append(torch.randn(B, Hkv, n, D, generator=gen) * 3 + 0.5, torch.randn(B, Hkv, n, D, generator=gen))
+    q = torch.randint(-4, 5, (B, Hkv * G, Tq, D), generator=gen).float()
+    idx = store.index
+    if store.tokens_offloaded == 0:
+        return
+    ks, vs = store.host.views()
+    k, v = torch.cat(ks, 2), torch.cat(vs, 2)
+    if idx.built:  # re-sketch at a power-of-two step: exact scores
+        idx.sketch_scale = torch.full_like(idx.sketch_scale, step)
+        idx.sketch_blocks = []
+        idx._add_sketch(sketch_codes(k, idx.mu, idx.sketch_scale))
+    out, lse = store.attend_host(q, estimator="topk", budget=budget)
+    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale) if idx.built else None
+    ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
+                                                     mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+    if idx.built:
+        assert store.last_scored.tolist() == ref_read.tolist()  # min(n, budget) per row
+        assert idx.index_bytes >= k.shape[2] * B * Hkv * D  # one byte per key and dimension
+
+
+def test_sketch_codes_saturate_and_rank_like_the_keys():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 500, 32, generator=gen)
+    mu = keys.mean(2)
+    scale = sketch_scale(keys, mu)
+    codes = sketch_codes(keys, mu, scale)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127
+    assert sketch_codes(keys * 10, mu, scale).abs().max() == 127  # beyond the build range: saturated
+    q = torch.randn(1, 2, 1, 1, 32, generator=gen)
+    exact = (q @ keys.transpose(-1, -2)[:, :, None])[..., 0, :]
+    approx = sketch_scores(q, codes, scale)[..., 0, :]
+    top = exact.topk(5, -1).indices
+    assert approx.topk(10, -1).indices.unsqueeze(-1).eq(top.unsqueeze(-2)).any(-2).all()
+
+
+def test_sample_is_refused_with_the_sketch_retriever():
+    with pytest.raises(ValueError, match="retriever='sketch' goes with estimator='topk'"):
+        KVStore(2, 8, retriever="sketch", estimator="sample")
+    assert kvpass.Options(estimator="sample").index == "lsh" and kvpass.Options().index == "sketch"  # "auto"
+    store = KVStore(2, 8)  # the defaults: topk over the sketch
+    store.append(torch.randn(1, 2, 400, 8), torch.randn(1, 2, 400, 8))
+    with pytest.raises(ValueError, match="needs the LSH index"):
+        store.attend_host(torch.randn(1, 2, 1, 8), estimator="sample")
+
+
+def test_sketch_blocks_hold_every_key_across_blocks_and_appends():
+    """Bulk and one-token appends over three sketch blocks: the blocks hold exactly ``sketch_codes`` of the
+    host keys (tile layout undone), and the kernel still matches the definition there."""
+    from kvpass.runtime.lsh import SKETCH_BLOCK
+
+    B, Hkv, D = 1, 2, 16
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch")
+    gen = torch.Generator().manual_seed(3)
+    for n in (5000, *[1] * 37, 3000, 7, 1500):
+        store.append(torch.randn(B, Hkv, n, D, generator=gen), torch.randn(B, Hkv, n, D, generator=gen))
+    idx = store.index
+    k = torch.cat(store.host.views()[0], 2)
+    v = torch.cat(store.host.views()[1], 2)
+    n = k.shape[2]
+    assert len(idx.sketch_blocks) == -(-n // SKETCH_BLOCK) == 3
+    stored = torch.cat([b.transpose(-1, -2).reshape(B, Hkv, SKETCH_BLOCK, D) for b in idx.sketch_blocks], 2)[:, :, :n]
+    assert torch.equal(stored, sketch_codes(k, idx.mu, idx.sketch_scale))
+    idx.sketch_scale = torch.ones_like(idx.sketch_scale)  # exact sketch scores (integer queries)
+    idx.sketch_blocks = []
+    idx._add_sketch(sketch_codes(k, idx.mu, idx.sketch_scale))
+    q = torch.randint(-4, 5, (B, 2 * Hkv, 1, D), generator=gen).float()
+    out, lse = store.attend_host(q, estimator="topk", budget=50)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, D ** -0.5, "topk", mu=idx.mu, budget=50,
+                                              sketch=(sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale))
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [40, 3000])
+def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
+    """The kernel picks its threshold from every 8th sketch score at this size.  High scores at every 4th
+    position (the sampled ones among them) mislead it whenever the budget exceeds them (3000 > 2048): the exact fallback must
+    then give the same keys as the definition, ties by key order included (the low scores tie a lot)."""
+    B, Hkv, D, n = 1, 1, 8, 8192
+    store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch")
+    gen = torch.Generator().manual_seed(5)
+    store.append(torch.randn(B, Hkv, n + 1, D, generator=gen), torch.randn(B, Hkv, n + 1, D, generator=gen))
+    idx = store.index
+    k, v = torch.cat(store.host.views()[0], 2), torch.cat(store.host.views()[1], 2)
+    assert k.shape[2] == n
+    codes = torch.randint(-3, 4, (B, Hkv, n, D), generator=gen, dtype=torch.int8)
+    sampled = torch.arange(n) % 4 == 0
+    codes[:, :, sampled] = (50 + torch.arange(n)[sampled] % 7).to(torch.int8)[None, None, :, None]
+    idx.sketch_scale = torch.ones_like(idx.sketch_scale)
+    idx.sketch_blocks = []
+    idx._add_sketch(codes)
+    q = torch.ones(B, Hkv, 1, D)
+    out, lse = store.attend_host(q, estimator="topk", budget=budget)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, D ** -0.5, "topk", mu=idx.mu, budget=budget,
+                                              sketch=(codes, idx.sketch_scale))
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ def test_decode_step_op_is_the_store_step(estimator, dtype):
     state = the store's state after the append."""
     torch.manual_seed(0)
     B, H, Hkv, D, S, W, T = 2, 8, 2, 32, 4, 16, 700
-    store = kvpass.KVStore(Hkv, D, sink_size=S, window_size=W, dtype=dtype, site="t")
+    store = kvpass.KVStore(Hkv, D, sink_size=S, window_size=W, dtype=dtype, site="t", estimator="sample")
     store.append(torch.randn(B, Hkv, T, D) + 0.5, torch.randn(B, Hkv, T, D))
     state = ex.store_state(store)
     q, k, v = torch.randn(B, H, 1, D) * 2, torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
@@ -126,20 +126,21 @@ def test_greedy_tokens_through_onnxruntime(exported, family, onnx_lsh):
 
 def test_export_refuses_what_it_cannot_reproduce(tmp_path):
     model = tiny_model("llama")
-    with pytest.raises(ex.ExportError, match="topk"):
-        ex.export_program(model, context_len=CONTEXT, options={"estimator": "topk"})
+    with pytest.raises(ex.ExportError, match=r"estimator 'topk' cannot be exported yet.*'preset': 'magicpig'"):
+        ex.export_program(model, context_len=CONTEXT)  # the defaults (topk over the key sketch)
+    sample = {"estimator": "sample"}
     with pytest.raises(ex.ExportError, match="context_len must be >= "):
-        ex.export_program(model, context_len=200)
+        ex.export_program(model, context_len=200, options=sample)
     with pytest.raises(ex.ExportError, match="int16"):
-        ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "custom", "lsh_k": 16})
+        ex.export_program(model, context_len=CONTEXT, options={**sample, "onnx_lsh": "custom", "lsh_k": 16})
     with pytest.raises(ex.ExportError, match="float32"):
         ex.export_program(tiny_model("llama").to(torch.bfloat16), context_len=CONTEXT,
-                          options={"onnx_lsh": "custom"})
+                          options={**sample, "onnx_lsh": "custom"})
     with pytest.raises(ValueError, match="onnx_lsh"):
         ex.export_program(model, context_len=CONTEXT, options={"onnx_lsh": "fast"})
     with pytest.raises(ex.ExportError, match="sliding-window"):
-        ex.export_program(tiny_model("mistral", sliding_window=128), context_len=CONTEXT)
-    store = kvpass.KVStore(2, 16, sink_size=4, window_size=64)
+        ex.export_program(tiny_model("mistral", sliding_window=128), context_len=CONTEXT, options=sample)
+    store = kvpass.KVStore(2, 16, sink_size=4, window_size=64, estimator="sample")
     store.append(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
     with pytest.raises(ex.ExportError, match="at least sink_size"):
         ex.store_state(store)

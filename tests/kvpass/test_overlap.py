@@ -71,7 +71,7 @@ class SyncStreams:
 def _filled(G, Tq, n, estimator_seed=0):
     torch.manual_seed(estimator_seed)
     Hkv, D = 2, 16
-    store = KVStore(Hkv, D, batch=1, dtype=torch.float32, sink_size=4, window_size=16, seed=3)
+    store = KVStore(Hkv, D, batch=1, dtype=torch.float32, sink_size=4, window_size=16, seed=3, retriever="lsh")
     k, v = torch.randn(1, Hkv, n, D), torch.randn(1, Hkv, n, D)
     store.append(k, v)
     return store, Hkv * G, D

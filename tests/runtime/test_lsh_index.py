@@ -8,7 +8,7 @@ from kvpass import KVStore
 def test_index_is_at_most_two_bytes_per_token_per_table_at_32k():
     Hkv, D, n = 2, 64, 32768
     gen = torch.Generator().manual_seed(0)
-    store = KVStore(Hkv, D, batch=1, lsh_k=10, lsh_l=150, dtype=torch.bfloat16)
+    store = KVStore(Hkv, D, batch=1, lsh_k=10, lsh_l=150, dtype=torch.bfloat16, retriever="lsh")
     for chunk in torch.randn(1, Hkv, n, D, generator=gen).split(8192, dim=2):  # a chunked prefill
         store.append(chunk, chunk)
     stats = store.stats()
@@ -35,10 +35,10 @@ def test_a_prompt_is_sealed_at_once_and_the_layout_does_not_change_the_estimate(
     k, v = torch.randn(1, Hkv, n, D, generator=gen), torch.randn(1, Hkv, n, D, generator=gen)
     k = k + 2.0 * torch.randn(1, Hkv, 1, D, generator=gen)  # a shared direction, as real keys have
     q = torch.randn(1, 4 * Hkv, 1, D, generator=gen) + k[:, :1, 1500:1501].repeat(1, 4 * Hkv, 1, 1)
-    sealed = KVStore(Hkv, D, batch=1, dtype=torch.float32)
+    sealed = KVStore(Hkv, D, batch=1, dtype=torch.float32, retriever="lsh")
     sealed.append(k, v)
     assert sealed.index.tail_len == 0 and [m[1] for m in sealed.index.seg_meta] == [n - 4 - 64]
-    tail = KVStore(Hkv, D, batch=1, dtype=torch.float32)
+    tail = KVStore(Hkv, D, batch=1, dtype=torch.float32, retriever="lsh")
     tail.index.bulk_seal = tail.index.seal_size  # the former rule: < 4096 keys stay in the tail
     tail.append(k, v)
     assert tail.index.tail_len == n - 4 - 64 and not tail.index.seg_meta
