@@ -90,10 +90,11 @@ def test_long_context_decode(benchmark, qwen, context):
     # kvpass at its defaults, then at the MagicPIG preset (the reference method's configuration), each
     # adopting a copy of the prefilled cache
     results = {}
-    for name, options in (("defaults", {}), ("magicpig", {"preset": "magicpig"})):
+    configs = (("defaults", {}), ("magicpig", {"preset": "magicpig"}))
+    for i, (name, options) in enumerate(configs):
         torch._dynamo.reset()
         kvpass.reset()
-        kv_cache = copy.deepcopy(cache)
+        kv_cache = copy.deepcopy(cache) if i + 1 < len(configs) else cache  # the last one adopts the original
         kv_fwd = torch.compile(fwd, backend="kvpass", options=options)  # Inductor
         adopt, token = _steps(kv_fwd, kv_cache, first, 1)  # adopts the prefilled cache: offload + index every key
         state = {"token": token}

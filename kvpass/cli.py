@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
         print("dense attention (eager, the model unchanged): prefill, then decode ...", flush=True)
         dense = _generate(model, ids, args.new_tokens, "dense")
 
-    print(f"kvpass {options}: prefill (dense SDPA, the prompt's KV offloaded and hashed), then decode; the "
+    print(f"kvpass {options}: prefill (dense SDPA, the prompt's KV offloaded and indexed), then decode; the "
           f"first steps include {'Inductor compilation (~1 min)' if options['inductor'] else 'tracing'} ...",
           flush=True)
     fwd = model.forward
@@ -122,7 +122,7 @@ def cmd_generate(args) -> int:
     total = stats["device_kv_bytes"] + stats["host_kv_bytes"] + stats["index_bytes"] + stats["projection_bytes"]
     print("\n=== memory (kvpass vs the dense cache) ===")
     print(f"device KV (sinks + window): {_mib(stats['device_kv_bytes'])}   host KV: {_mib(stats['host_kv_bytes'])} "
-          f"({stats['tokens_offloaded'] // max(1, cfg.num_hidden_layers)} tokens/layer offloaded)   LSH index: "
+          f"({stats['tokens_offloaded'] // max(1, cfg.num_hidden_layers)} tokens/layer offloaded)   index ({opts.index}): "
           f"{_mib(stats['index_bytes'])}   projections: {_mib(stats['projection_bytes'])}")
     print(f"kvpass in all: {_mib(total)} ({_mib(stats['device_kv_bytes'])} of it on the device); dense: "
           f"{_mib(dense_bytes)}, all of it on the device. (On a CPU-only machine host and device are one memory.)")
