@@ -20,6 +20,7 @@ from kvpass.lowering.reference import ESTIMATORS, ring_slot
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex
 
+SKETCH_SCORES = 1 << 26  # sketch scores (fp32) one kernel call may hold: query rows x offloaded keys
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
 
@@ -111,7 +112,7 @@ class KVStore:
 
         store = KVStore(num_kv_heads=8, head_dim=128, sink_size=4, window_size=64, dtype=torch.bfloat16)
         store.append(k, v)                              # k, v: [B, Hkv, T, D]
-        out = store.attend(q, estimator="sample")       # q: [B, H, Tq, D], the newest Tq tokens' queries
+        out = store.attend(q)                           # q: [B, H, Tq, D], the newest Tq tokens' queries
 
     Knobs: an ``Options`` (``options=``) and/or its fields as keywords (sink_size, window_size, lsh_k,
     lsh_l, lsh_threshold, seed, budget, host_block_size, static_backend, overlap), validated by ``Options``.
@@ -226,13 +227,15 @@ class KVStore:
             raise ValueError(f"kvpass: {err}")
         return max(1, round(budget * n)) if isinstance(budget, float) else min(budget, n)
 
-    def attend_host(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
+    def attend_host(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
                     scale: float | None = None, with_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
         [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there).
 
         with_static (a CPU store only): the static part (sinks + window, causal for the newest Tq tokens)
-        is attended exactly in the same pass, so out/lse are the whole attention — no merge needed."""
+        is attended exactly in the same pass, so out/lse are the whole attention — no merge needed.
+        estimator: None = the store's (``options.estimator``)."""
+        estimator = self.options.estimator if estimator is None else estimator
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
         n, idx = self.host.length, self.index
@@ -252,23 +255,34 @@ class KVStore:
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
+        rows = max(1, qh.shape[2])
         if estimator == "topk" and idx.sketch:
             static.update(sketch_blocks=idx.sketch_blocks, sketch_scale=idx.sketch_scale)
-        out, lse, n_read, self.last_query_codes = lsh_attention(
-            qh, idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks, self.options.host_block_size, n,
-            idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base, idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold,
-            estimator=estimator, budget=budget_n, scale=scale, **static)
+            # the kernel keeps a sketch score per query row and key: bounded (256 MiB) by query chunks
+            rows = max(1, SKETCH_SCORES // max(1, self.batch * qh.shape[1] * n))
+        parts = []
+        for t0 in range(0, max(1, qh.shape[2]), rows):  # host keys precede every query: chunks are independent
+            kw = dict(static)
+            if with_static:
+                kw["static_allowed"] = static["static_allowed"][t0:t0 + rows]
+            parts.append(lsh_attention(
+                qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,
+                self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
+                idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
+                scale=scale, **kw))
+        out, lse, n_read, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
         self.last_keys_read = float(n_read.float().mean())
         self.last_scored = n_read
         self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read
         return out.to(q.device), lse.to(q.device)
 
-    def attend(self, q: torch.Tensor, *, estimator: str = "sample", budget: float | None = None,
+    def attend(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
                scale: float | None = None) -> torch.Tensor:
         """Attention of the newest Tq tokens' queries q [B, H, Tq, D] over every stored token (causal
         inside the block): static part on the device + host part by the CPU, merged exactly by LSE.
-        estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only).  Returns
-        [B, H, Tq, D] in q's dtype."""
+        estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only); None = the store's
+        (``options.estimator``).  Returns [B, H, Tq, D] in q's dtype."""
+        estimator = self.options.estimator if estimator is None else estimator
         if q.shape[2] > self.length:
             raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale

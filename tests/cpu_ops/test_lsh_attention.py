@@ -350,3 +350,18 @@ def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
                                               sketch=(codes, idx.sketch_scale))
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_query_block_is_split_into_chunks_with_the_same_result(monkeypatch):
+    """The sketch kernel holds a score per query row and key; a block of queries beyond SKETCH_SCORES is
+    attended in chunks (static part causal per row), with the same result as in one call."""
+    from kvpass.runtime import store as store_mod
+
+    gen = torch.Generator().manual_seed(2)
+    store = KVStore(2, 16, batch=1, sink_size=2, window_size=8)  # the defaults: topk over the sketch
+    store.append(torch.randn(1, 2, 600, 16, generator=gen), torch.randn(1, 2, 600, 16, generator=gen))
+    q = torch.randn(1, 4, 7, 16, generator=gen)
+    whole = store.attend(q)
+    monkeypatch.setattr(store_mod, "SKETCH_SCORES", 4 * 590 * 2)  # 2 query rows per call
+    torch.testing.assert_close(store.attend(q), whole)
+    assert store.last_scored.shape == (1, 4, 7)
