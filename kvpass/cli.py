@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="real text: tokens prefilled before scoring (default 2048; --frontier: 2048 6144 on "
                          "SmolLM2, 8192 16384 on other models; several values: one frontier run each, eval takes the first)")
     ev.add_argument("--recall-every", type=int, default=32,
-                    help="--frontier: measure the LSH retrieval's recall every N steps (0: never)")
+                    help="--frontier: measure the retriever's recall every N steps (0: never)")
     ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
     ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")

@@ -46,8 +46,8 @@ class Point:
     offloaded_read: float      # fraction of the offloaded keys scored (what runtime_stats reports)
     tokens: int
     top1: float = 1.0          # fraction of steps whose argmax equals dense's
-    recall: float | None = None  # LSH retrieval: fraction of the top-1% offloaded keys (by exact score) retrieved
-    mass: float | None = None    # LSH retrieval: fraction of the offloaded keys' attention weight retrieved
+    recall: float | None = None  # retrieval: fraction of the top-1% offloaded keys (by exact score) retrieved
+    mass: float | None = None    # retrieval: fraction of the offloaded keys' attention weight retrieved
     per_layer: list[float] = field(default_factory=list)  # keys attended per layer
 
     @property
@@ -186,7 +186,7 @@ def teacher_forced(model, ids: torch.Tensor, prefix: int, tokens: int, options: 
     """Log-probabilities [tokens, vocab] (fp32) of the ``tokens`` decode steps at positions prefix ..
     prefix + tokens − 1 of ``ids``, with the dense prefix ``cache`` (left as it was), under kvpass
     ``options`` (None: dense), and the decoder that kept the per-site key counts (and, every
-    ``recall_every`` steps, the LSH retrieval's recall)."""
+    ``recall_every`` steps, the retriever's recall)."""
     from kvpass.hf import cache_kwarg
 
     dec = None
@@ -211,7 +211,7 @@ def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefi
     """Each configuration's ``Point``: ``tokens`` teacher-forced decode steps after a dense ``prefix``-token
     prefill of ``ids`` [1, ≥ prefix + tokens + 1] (the step at position t predicts token t + 1).
     configs: name → kvpass options (None: dense).  ``cache``: the dense prefix cache, if already made.
-    ``recall_every``: measure the LSH retrieval's recall every that many steps (0: never)."""
+    ``recall_every``: measure the retriever's recall every that many steps (0: never)."""
     if ids.shape[0] != 1 or ids.shape[1] < prefix + tokens + 1:
         raise ValueError(f"kvpass frontier: need ids [1, >= {prefix + tokens + 1}], got {tuple(ids.shape)}")
     cache = dense_prefix(model, ids, prefix) if cache is None else cache
