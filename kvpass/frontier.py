@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvpass.lowering.reference import sketch_codes, sketch_scores
+from kvpass.lowering.reference import lsh_candidates, sketch_candidates, sketch_codes
 from kvpass.runtime import KVStore
 from kvpass.runtime.config import Options, parse_options
+from kvpass.sites import layer_of
 
 
 @dataclass
@@ -86,13 +87,6 @@ def attention_hook(model: torch.nn.Module, fn) -> Iterator[None]:
             h.remove()
 
 
-def _layer(site: str) -> int | None:
-    import re
-
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", site)
-    return int(m.group(1)) if m else None
-
-
 class _Decoder:
     """The attention replacement for one block pass under one configuration (see the module doc)."""
 
@@ -109,7 +103,7 @@ class _Decoder:
     def __call__(self, site, orig, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
         P, T = self.prefix, self.tokens
-        if q.shape[2] != T or k.shape[2] != P + T or q.shape[0] != 1 or _layer(site) in self.opts.dense_layers:
+        if q.shape[2] != T or k.shape[2] != P + T or q.shape[0] != 1 or layer_of(site) in self.opts.dense_layers:
             # not this block's attention (a sliding-window layer's bounded cache), or kept dense
             self.attended[site] = torch.ones(T)
             self.scored[site] = torch.ones(T)
@@ -150,15 +144,11 @@ class _Decoder:
         n = keys.shape[2]
         qg = q.float().reshape(B, self.kv_heads, G, 1, D)
         if idx.sketch:
-            m = min(n, store.resolve_budget(None))
-            approx = sketch_scores(qg, sketch_codes(keys, idx.mu, idx.sketch_scale), idx.sketch_scale)
-            top_m = approx.sort(dim=-1, descending=True, stable=True).indices[..., :m]
-            cand = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, top_m, True)
-        else:
-            k_codes = idx.codes(keys)                                             # [1, Hkv, n, L]
-            q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)  # the kernel's
-            hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).sum(-1)  # [1, Hkv, G, 1, n]
-            cand = hits >= idx.threshold
+            cand = sketch_candidates(qg, sketch_codes(keys, idx.mu, idx.sketch_scale), idx.sketch_scale,
+                                     min(n, store.resolve_budget(None)))
+        else:  # the kernel's query codes
+            q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)
+            cand = lsh_candidates(q_codes, idx.codes(keys), idx.threshold)
         s = (qg @ keys.transpose(-1, -2)[:, :, None])
         s = s * (scale if scale is not None else D ** -0.5)
         top = s.topk(max(1, n // 100), dim=-1).indices

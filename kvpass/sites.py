@@ -218,7 +218,7 @@ def site_name(node: fx.Node, index: int, root: str = "") -> str:
     return path or f"attention[{index}]"
 
 
-def _layer_of(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
     m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     return int(m.group(1)) if m else None
 
@@ -327,7 +327,7 @@ def analyse(gm: fx.GraphModule, opts: Options, root: str = "") -> list[Site]:
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in SDPA:
             name = site_name(n, len(sites), root)
-            rep = SiteReport(name=name, layer=_layer_of(name), phase="-", rewritten=False, reason="", cache="none")
+            rep = SiteReport(name=name, layer=layer_of(name), phase="-", rewritten=False, reason="", cache="none")
             site = Site(len(sites), n, rep, args={**dict(zip(SDPA_ARGS, n.args)), **n.kwargs}, flow=flow)
             _decide(site, opts)
             sites.append(site)

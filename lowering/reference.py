@@ -88,6 +88,20 @@ def sketch_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> 
     return (q * scale[:, :, None, None]) @ codes.float().transpose(-1, -2)[:, :, None]
 
 
+def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
+    """bool [B, Hkv, G, Tq, n]: the m keys of best sketch score, equal scores by key order (the kernel's
+    rule).  Shapes as ``sketch_scores``."""
+    s = sketch_scores(q, codes, scale)
+    top = s.sort(dim=-1, descending=True, stable=True).indices[..., :m]
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def lsh_candidates(q_codes: torch.Tensor, k_codes: torch.Tensor, threshold: int) -> torch.Tensor:
+    """bool [B, Hkv, G, Tq, n]: the keys colliding with the query in ≥ threshold tables.  q_codes
+    [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L]."""
+    return (q_codes[..., None, :] == k_codes[:, :, None, None]).to(torch.int32).sum(-1) >= threshold
+
+
 # ---------------------------------------------------------------- the retrieval probability
 
 @functools.lru_cache(maxsize=16)
@@ -141,14 +155,10 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
     s = qk * scale
     if estimator == "topk" and sketch is not None:
         n = k.shape[2]
-        m = n if budget is None else min(n, max(budget, 1))
-        # the m best sketch scores, equal scores by key order (the kernel's rule)
-        top = sketch_scores(q, *sketch).sort(dim=-1, descending=True, stable=True).indices[..., :m]
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+        keep = sketch_candidates(q, *sketch, n if budget is None else min(n, max(budget, 1)))
         return s.masked_fill(~keep, float("-inf")), keep.sum(-1)
     elif estimator in ("sample", "topk"):
-        hits = (q_codes[..., None, :] == k_codes[:, :, None, None]).to(torch.int32).sum(-1)
-        keep = hits >= threshold
+        keep = lsh_candidates(q_codes, k_codes, threshold)
     elif estimator in ("oracle", "exact"):
         keep = torch.ones_like(s, dtype=torch.bool)
     else:
