@@ -44,11 +44,13 @@ class LSHIndex:
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, options: Options, *, site: str = "",
                  min_keys: int = 256, seal_size: int = 4096):
         self.batch, self.num_kv_heads, self.head_dim, self.site = batch, num_kv_heads, head_dim, site
-        lsh_k, lsh_l = options.lsh_k, options.lsh_l
-        self.lsh_k, self.lsh_l, self.threshold, self.seed = lsh_k, lsh_l, options.lsh_threshold, options.seed
         # retriever "sketch": no bucket tables; an int8 sketch of every key (k − μ) / scale instead, in
-        # blocks of SKETCH_BLOCK keys (the kernel scans it)
+        # blocks of SKETCH_BLOCK keys (the kernel scans it).  Nothing is hashed: the kernel's SimHash
+        # arguments shrink to one table (a [Hkv, D, K] projection it never reads, not 150)
         self.sketch = options.index == "sketch"
+        lsh_k, lsh_l = options.lsh_k, 1 if self.sketch else options.lsh_l
+        self.lsh_k, self.lsh_l, self.seed = lsh_k, lsh_l, options.seed
+        self.threshold = 1 if self.sketch else options.lsh_threshold
         self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
         self.sketch_blocks: list[torch.Tensor] = []    # int8 [B, Hkv, SKETCH_BLOCK / 16, D, 16]
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
@@ -184,6 +186,4 @@ class LSHIndex:
 
     @property
     def projection_bytes(self) -> int:
-        if self.sketch:
-            return 0  # no projection
         return self.num_kv_heads * self.head_dim * self.lsh_k * self.lsh_l * 2

@@ -137,7 +137,6 @@ class KVStore:
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
-        self.last_keys_read = 0.0  # mean keys scored per query row at the last host attention
         self.last_scored: torch.Tensor | None = None  # [B, H, Tq] int: host keys scored per query row, last call
         self.last_kept: torch.Tensor | None = None    # [B, H, Tq] int: of them, in the estimate (topk/oracle: ≤ B)
         self.last_query_codes: torch.Tensor | None = None  # [B, H, Tq, L] the kernel's, at the last call
@@ -163,7 +162,7 @@ class KVStore:
         """Forget every token (a new sequence); keeps the configuration."""
         self.length = 0
         self.last_positions = torch.empty(0, dtype=torch.long, device=self.device)
-        self.masked_steps, self.last_keys_read = 0, 0.0
+        self.masked_steps, self.last_scored, self.last_kept = 0, None, None
         if self.batch:
             self._allocate(self.batch)
 
@@ -219,6 +218,11 @@ class KVStore:
 
     # ------------------------------------------------------------ attention
 
+    @property
+    def last_keys_read(self) -> float:
+        """Mean host keys scored per query row at the last host attention (0 before any)."""
+        return 0.0 if self.last_scored is None else float(self.last_scored.float().mean())
+
     def resolve_budget(self, budget: float | None) -> int:
         """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys."""
         budget = self.options.budget if budget is None else budget
@@ -271,7 +275,6 @@ class KVStore:
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
                 scale=scale, **kw))
         out, lse, n_read, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
-        self.last_keys_read = float(n_read.float().mean())
         self.last_scored = n_read
         self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read
         return out.to(q.device), lse.to(q.device)
