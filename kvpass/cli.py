@@ -233,25 +233,27 @@ def cmd_eval(args) -> int:
         pk_lengths, pk_depths, r_lengths, r_depths = args.lengths, args.depths, args.ruler_lengths, [0.25, 0.5, 0.75]
         budgets, prefix, text_tokens = args.budgets, (args.prefix or [2048])[0], args.text_tokens
     model, tok, model_name = _load(args.model, "eval")
-    task_configs = ev.configs_for([0.02])
-    text_configs = ev.configs_for(budgets)
+    task_configs = ev.TASK_CONFIGS
+    text_configs = ev.configs_for(budgets) if text_tokens else {}
     samples = ev.passkey_samples(tok, pk_lengths, pk_depths) + ev.ruler_samples(tok, args.tasks, r_lengths, r_depths)
     machine = ev.machine_name()
     print(f"pass key: lengths {pk_lengths} x depths {pk_depths}; RULER-style {args.tasks} at {r_lengths}; "
-          f"{len(task_configs)} configurations; real text: {prefix}-token prefix + {text_tokens} decode steps, "
-          f"{len(text_configs)} configurations (budgets {budgets}); {machine}", flush=True)
+          f"{len(task_configs)} configurations x set-ups {args.setups}; real text: {prefix}-token prefix + "
+          f"{text_tokens} decode steps, {len(text_configs)} configurations (budgets {budgets}); {machine}", flush=True)
     from tqdm import tqdm
 
-    with tqdm(total=len(samples) * len(task_configs), desc="tasks", unit="sample") as bar:
-        task_results = ev.run_tasks(model, tok, samples, task_configs, progress=bar.update)
-    with tqdm(total=text_tokens * len(text_configs), desc="real text", unit="step") as bar:
-        text_results = ev.text_quality(model, tok, text_configs, prefix=prefix, tokens=text_tokens,
-                                       progress=bar.update)
+    with tqdm(total=len(samples) * len(task_configs) * len(args.setups), desc="tasks", unit="answer") as bar:
+        task_results = ev.run_tasks(model, tok, samples, task_configs, setups=args.setups, progress=bar.update)
     print("\n=== tasks (score: fraction of expected answers in the greedy continuation) ===")
-    print(ev.format_tasks(task_results))
-    print(f"\n=== real text: Python Language Reference (pydoc_data), {prefix}-token prefix, {text_tokens} "
-          f"decode steps ===")
-    print(ev.format_text(text_results))
+    print(ev.format_tasks(task_results), flush=True)
+    text_results = []
+    if text_configs:
+        with tqdm(total=text_tokens * len(text_configs), desc="real text", unit="step") as bar:
+            text_results = ev.text_quality(model, tok, text_configs, prefix=prefix, tokens=text_tokens,
+                                           progress=bar.update)
+        print(f"\n=== real text: Python Language Reference (pydoc_data), {prefix}-token prefix, {text_tokens} "
+              f"decode steps ===")
+        print(ev.format_text(text_results))
     title = f"{model_name}, kvpass eval{' --quick' if args.quick else ''} — {machine}"
     meta = {"model": model_name, "machine": machine, "quick": args.quick, "prefix": prefix,
             "text_tokens": text_tokens, "budgets": budgets}
@@ -377,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tasks", nargs="+", default=list(TASKS_NAMES), choices=list(TASKS_NAMES),
                     help="RULER-style tasks")
     ev.add_argument("--ruler-lengths", type=int, nargs="+", default=[2048, 4096])
+    ev.add_argument("--setups", nargs="+", default=["question", "generation"], choices=["question", "generation"],
+                    help="tasks: the question decoded through kvpass, and/or the whole prompt prefilled densely "
+                         "(kvpass only in generation)")
     ev.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10],
                     help="fractions of keys for the real-text sweep")
     ev.add_argument("--frontier", action="store_true",
@@ -387,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                          "SmolLM2, 8192 16384 on other models; several values: one frontier run each, eval takes the first)")
     ev.add_argument("--recall-every", type=int, default=32,
                     help="--frontier: measure the retriever's recall every N steps (0: never)")
-    ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored")
+    ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored (0: tasks only)")
     ev.add_argument("--model", help=MODEL_HELP)
     ev.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ev.add_argument("--plot", default=None, help="PNG plots (default kvpass-eval.png, with --frontier "

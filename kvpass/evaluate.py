@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpass.tasks import NOISE, Sample, make_samples
+from kvpass.tasks import NOISE, Sample, encode, make_samples
 
 # SimHash bits for kvpass-sample in a budget sweep (L = 150, threshold 2).  Measured on SmolLM2 (real
 # text, 2k context): K = 11, 10, 9, 8 read 1.4%, 3.5%, 8.2%, 18.8% of the offloaded keys
@@ -56,34 +56,28 @@ def machine_name() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def _keys_read(opts: dict) -> float:
-    """Fraction of the offloaded keys attended at the last step: the kernel's count; for the oracle its
-    budget (it scores every key to choose them, which is why it is only a reference)."""
-    import kvpass
-
-    if opts["estimator"] == "oracle" and isinstance(opts.get("budget"), float):
-        return opts["budget"]
-    return kvpass.runtime_stats()["keys_read_fraction"]
-
-
-def _compiled(model, fwd, opts: dict | None, sink_size: int, window_size: int):
-    if opts is None:
-        model.forward = fwd
-        return
-    torch._dynamo.reset()
-    model.forward = torch.compile(fwd, backend="kvpass", options={
-        "sink_size": sink_size, "window_size": window_size, "inductor": False, **opts})
-
-
 # ---------------------------------------------------------------- generation tasks
+
+# The task configurations: dense, StreamingLLM's static part alone, the exact best keys at the defaults'
+# budget (a reference: it scores every key), the MagicPIG preset, and the kvpass defaults.
+TASK_CONFIGS: dict[str, dict | None] = {"dense": None, "static-only": {"estimator": "none"},
+                                        "oracle": {"estimator": "oracle", "budget": 0.02},
+                                        "magicpig": {"preset": "magicpig"}, "kvpass": {}}
+# The two set-ups the literature reports: the question decoded through kvpass (the context prefilled
+# densely, each question token a decode step), and the whole prompt prefilled densely (kvpass only in
+# generation: what ``torch.compile(backend="kvpass")`` does with the prompt).
+SETUPS = ("question", "generation")
+
 
 @dataclass
 class TaskResult:
     config: str
     task: str
+    setup: str = "generation"
     scores: list[float] = field(default_factory=list)
-    keys_read: list[float] = field(default_factory=list)
+    attended: list[float] = field(default_factory=list)  # fraction of the context's keys attended, per sample
     cells: dict[tuple[int, float], float] = field(default_factory=dict)  # (length, depth) → mean score
+    outputs: list[list[int]] = field(default_factory=list)  # the greedy continuation's tokens, per sample
 
     @property
     def accuracy(self) -> float:
@@ -91,37 +85,84 @@ class TaskResult:
 
     @property
     def read(self) -> float | None:
-        return sum(self.keys_read) / len(self.keys_read) if self.keys_read else None
+        return sum(self.attended) / len(self.attended) if self.attended else None
 
 
-def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None], *, sink_size: int = 4,
-              window_size: int = 64, progress: Callable[[int], object] | None = None) -> list[TaskResult]:
-    """Greedy continuation of every sample under every configuration, scored."""
-    import kvpass
-    from kvpass.hf import greedy
+def _greedy_steps(model, cache, feed: torch.Tensor, n: int, dec, keep: bool = False) -> list[int]:
+    """``n`` greedy tokens after feeding ``feed`` [1, T] to ``model`` with ``cache``, the attention replaced
+    by the frontier's ``dec`` (None: dense); end-of-sequence tokens are suppressed, as ``generate`` does
+    with ``min_new_tokens``.  The cache is cropped back to where it was (``keep``: it holds what was fed,
+    the last token generated excepted)."""
+    import contextlib
 
-    results: dict[tuple[str, str], TaskResult] = {}
-    fwd = model.forward
+    from kvpass.frontier import attention_hook
+    from kvpass.hf import cache_kwarg, crop_to
+
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    start, out = cache.get_seq_length(), []
     try:
-        for name, opts in configs.items():
-            _compiled(model, fwd, opts, sink_size, window_size)
-            for s in samples:
-                kvpass.reset()
-                with torch.no_grad():
-                    out, _ = greedy(model, s.ids, s.new_tokens)
-                text = tok.decode(out[0, s.ids.shape[1]:], skip_special_tokens=True)
-                r = results.setdefault((name, s.task), TaskResult(name, s.task))
-                score = s.score(text)
+        with contextlib.nullcontext() if dec is None else attention_hook(model, dec), torch.no_grad():
+            for _ in range(n):
+                logits = model(input_ids=feed, use_cache=True, **{cache_kwarg(): cache}).logits[0, -1].float()
+                logits[eos] = -math.inf
+                out.append(int(logits.argmax()))
+                feed = torch.tensor([[out[-1]]])
+    finally:
+        if not keep:
+            crop_to(cache, start)
+    return out
+
+
+def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None] = TASK_CONFIGS, *,
+              setups=SETUPS, progress: Callable[[int], object] | None = None) -> list[TaskResult]:
+    """Greedy continuation of every sample under every configuration and set-up, scored.
+
+    One dense prefill of each sample's context serves every configuration and both set-ups; kvpass's decode
+    steps are the frontier's (``kvpass.frontier.Decoder``: the runtime's store and kernel, equal to decoding
+    through the compiled model — tests/kvpass/test_evaluate.py checks it against ``generate``).
+    ``question``: the question's tokens, then the answer's, are kvpass decode steps; ``generation``: the
+    question is prefilled densely, the answer's tokens are decode steps."""
+    from kvpass.frontier import decoder, dense_prefix
+    from kvpass.hf import crop_to
+
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        raise ValueError(f"kvpass eval: unknown set-up {sorted(unknown)}; choose from {list(SETUPS)}")
+    results: dict[tuple[str, str, str], TaskResult] = {}
+    cache, held = None, torch.empty(1, 0, dtype=torch.long)  # the dense cache of the last context, its ids
+    for s in samples:
+        n, q = s.ids.shape[1], s.question
+        # a context that begins as the last one did (pass-key prompts differ from the needle on) reuses
+        # that much of its cache
+        m = min(held.shape[1], n - q)
+        same = int((held[0, :m] == s.ids[0, :m]).int().cumprod(0).sum())
+        if same == 0:
+            cache = dense_prefix(model, s.ids, n - q)
+        else:
+            crop_to(cache, same)
+            dense_prefix(model, s.ids, n - q, cache=cache)
+        held = s.ids[:, :n - q]
+        for setup in setups:
+            if setup == "question":
+                start, feed, first = n - q, s.ids[:, n - q:], []
+            else:  # the whole prompt dense: its next token is dense's, the rest decode steps
+                first = _greedy_steps(model, cache, s.ids[:, n - q:], 1, None, keep=True)
+                start, feed = n, torch.tensor([first])
+            for name, opts in configs.items():
+                dec = None if opts is None else decoder(model, opts, start)
+                tokens = first + _greedy_steps(model, cache, feed, s.new_tokens - len(first), dec)
+                score = s.score(tok.decode(tokens, skip_special_tokens=True))
+                r = results.setdefault((name, setup, s.task), TaskResult(name, s.task, setup))
                 r.scores.append(score)
-                cell = r.cells.setdefault((s.length, s.depth), [])
-                cell.append(score)
-                if opts is not None and opts["estimator"] != "none":
-                    r.keys_read.append(_keys_read(opts))
+                r.outputs.append(tokens)
+                r.cells.setdefault((s.length, s.depth), []).append(score)
+                if dec is not None:
+                    att = list(dec.attended.values())
+                    r.attended.append(float(torch.cat(att).mean()) if att else 1.0)
                 if progress:
                     progress(1)
-    finally:
-        model.forward = fwd
-        torch._dynamo.reset()
+            crop_to(cache, n - q)
     for r in results.values():
         r.cells = {k: sum(v) / len(v) for k, v in r.cells.items()}
     return list(results.values())
@@ -131,17 +172,16 @@ PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. 
             "I will quiz you about the important information there. ")
 
 
-def passkey_prompt(tok, length: int, depth: float, key: str) -> torch.Tensor:
+def passkey_prompt(tok, length: int, depth: float, key: str) -> tuple[torch.Tensor, int]:
     """Token ids [1, ~length] of plain text (no chat template: the completion form is what a small
     model answers reliably): preamble, filler with the key sentence at ``depth`` (0 = start, 1 = end),
-    then the question, ending "The pass key is"."""
+    then the question, ending "The pass key is"; and the question's token count."""
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     question = "What is the pass key? The pass key is"
     fixed = len(tok(PREAMBLE + needle + question)["input_ids"])
     n_fill = max(1, (length - fixed) // len(tok(NOISE)["input_ids"]))
     at = round(depth * n_fill)
-    text = PREAMBLE + NOISE * at + needle + NOISE * (n_fill - at) + question
-    return tok(text, return_tensors="pt")["input_ids"]
+    return encode(tok, PREAMBLE + NOISE * at + needle + NOISE * (n_fill - at), question)
 
 
 def passkey_samples(tok, lengths, depths, seed: int = 0) -> list[Sample]:
@@ -150,11 +190,14 @@ def passkey_samples(tok, lengths, depths, seed: int = 0) -> list[Sample]:
     for n in lengths:
         for d in depths:
             key = str(rng.randint(10000, 99999))
-            out.append(Sample("passkey", n, d, passkey_prompt(tok, n, d, key), [key], 10))
-    return out
+            ids, q = passkey_prompt(tok, n, d, key)
+            out.append(Sample("passkey", n, d, ids, [key], 10, q))
+    # deepest needle first: each next prompt shares the filler before its needle with the last (run_tasks
+    # prefills only the rest)
+    return sorted(out, key=lambda s: (s.length, -s.depth))
 
 
-def passkey(model, tok, lengths, depths, *, configs=CONFIGS, progress=None, **kw) -> list[TaskResult]:
+def passkey(model, tok, lengths, depths, *, configs=TASK_CONFIGS, progress=None, **kw) -> list[TaskResult]:
     """Pass-key accuracy of each configuration over every (length, depth)."""
     return run_tasks(model, tok, passkey_samples(tok, lengths, depths), configs, progress=progress, **kw)
 
@@ -213,18 +256,19 @@ def text_quality(model, tok, configs: dict[str, dict | None], *, prefix: int = 2
 # ---------------------------------------------------------------- reports
 
 def format_tasks(results: list[TaskResult]) -> str:
+    """One row per (configuration, set-up): each task's score and the keys attended (fraction of the
+    context's keys, static slots included, mean over layers, heads and decode steps)."""
     tasks = list(dict.fromkeys(r.task for r in results))
-    configs = list(dict.fromkeys(r.config for r in results))
-    by = {(r.config, r.task): r for r in results}
-    head = f"{'config':18s} | " + " | ".join(f"{t:>17s}" for t in tasks) + " | keys read"
+    rows = list(dict.fromkeys((r.config, r.setup) for r in results))
+    by = {(r.config, r.setup, r.task): r for r in results}
+    head = f"{'config':12s} | {'set-up':10s} | " + " | ".join(f"{t:>17s}" for t in tasks) + " | keys attended"
     lines = [head, "-" * len(head)]
-    for c in configs:
-        rows = [by.get((c, t)) for t in tasks]
-        cells = " | ".join(f"{r.accuracy:17.0%}" if r else f"{'-':>17s}" for r in rows)
-        reads = [r.read for r in rows if r and r.read is not None]
-        read = "100%" if c == "dense" else "0%" if c == "static-only" else (
-            f"{sum(reads) / len(reads):.2%}" if reads else "-")
-        lines.append(f"{c:18s} | {cells} | {read}")
+    for c, setup in rows:
+        rs = [by.get((c, setup, t)) for t in tasks]
+        cells = " | ".join(f"{r.accuracy:17.0%}" if r else f"{'-':>17s}" for r in rs)
+        reads = [x for r in rs if r for x in r.attended]
+        read = f"{sum(reads) / len(reads):.2%}" if reads else "100%"
+        lines.append(f"{c:12s} | {setup:10s} | {cells} | {read}")
     return "\n".join(lines)
 
 
@@ -242,8 +286,8 @@ def format_text(results: list[TextResult]) -> str:
 
 def to_json(task_results: list[TaskResult], text_results: list[TextResult], meta: dict) -> dict:
     return {"meta": meta,
-            "tasks": [{"config": r.config, "task": r.task, "accuracy": r.accuracy, "keys_read": r.read,
-                       "samples": len(r.scores),
+            "tasks": [{"config": r.config, "setup": r.setup, "task": r.task, "accuracy": r.accuracy,
+                       "keys_attended": r.read, "samples": len(r.scores),
                        "cells": [{"length": n, "depth": d, "score": s} for (n, d), s in r.cells.items()]}
                       for r in task_results],
             "text": [{"config": r.config, "perplexity": r.ppl, "nll": r.nll, "kl": r.kl, "keys_read": r.keys_read,
@@ -288,23 +332,22 @@ def plot(path, task_results: list[TaskResult], text_results: list[TextResult], t
     ax = axes[1]
     tasks = sorted({r.task for r in task_results})
     markers = dict(zip(tasks, "osD^vP*X"))
+    task_colors = {"dense": "black", "static-only": "tab:red", "oracle": "tab:green", "magicpig": "tab:purple",
+                   "kvpass": "tab:orange"}
     for r in task_results:
-        fam = _family(r.config)
-        x = 100.0 if r.config == "dense" else (r.read * 100 if r.read else None)
-        if x is None:
-            continue
-        ax.scatter(x, 100 * r.accuracy, color=colors.get(fam, "black"), marker=markers[r.task], s=40)
-    for r in task_results:
-        if r.config == "static-only":
-            ax.scatter(0.05, 100 * r.accuracy, color="tab:red", marker=markers[r.task], s=40)
+        color = task_colors.get(r.config, "gray")
+        ax.scatter(100.0 if r.read is None else 100 * r.read, 100 * r.accuracy, marker=markers[r.task], s=40,
+                   color=color if r.setup == "question" else "none", edgecolors=color)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in
-               {**colors, "dense": "black", "static-only (drawn at 0.05%)": "tab:red"}.items()]
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=f) for f, c in task_colors.items()]
     handles += [Line2D([], [], color="gray", marker=markers[t], ls="", label=t) for t in tasks]
-    ax.legend(handles=handles, fontsize=8)
+    handles += [Line2D([], [], color="gray", marker="o", ls="", label="question through kvpass"),
+                Line2D([], [], markerfacecolor="none", markeredgecolor="gray", marker="o", ls="",
+                       label="prompt dense, generation through kvpass")]
+    ax.legend(handles=handles, fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("offloaded keys scored per decode step (%, log scale)")
+    ax.set_xlabel("context keys attended per decode step (%, log scale; static slots included)")
     ax.set_ylabel("task score (%)")
     ax.set_ylim(-5, 105)
     ax.set_title("pass key and RULER-style tasks")
@@ -314,6 +357,7 @@ def plot(path, task_results: list[TaskResult], text_results: list[TextResult], t
     plt.close(fig)
 
     pk = [r for r in task_results if r.task == "passkey" and r.cells]
+    pk.sort(key=lambda r: (r.setup, list(task_colors).index(r.config) if r.config in task_colors else 99))
     if not pk:
         return
     lengths = sorted({n for r in pk for n, _ in r.cells})
@@ -325,7 +369,7 @@ def plot(path, task_results: list[TaskResult], text_results: list[TextResult], t
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if i == 0 else [])
         ax.set_xlabel("context (tokens)")
-        ax.set_title(r.config, fontsize=9)
+        ax.set_title(f"{r.config}\n({r.setup})", fontsize=8)
     axes[0][0].set_ylabel("pass-key depth")
     fig.colorbar(im, ax=axes[0].tolist(), label="found (fraction)")
     fig.suptitle(f"pass key found, depth × length — {title}", fontsize=9)

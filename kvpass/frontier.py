@@ -87,39 +87,66 @@ def attention_hook(model: torch.nn.Module, fn) -> Iterator[None]:
             h.remove()
 
 
-class _Decoder:
-    """The attention replacement for one block pass under one configuration (see the module doc)."""
+class Decoder:
+    """kvpass's decode step in place of a model's attention (see the module doc), for one configuration,
+    across any number of forward calls: at each site a ``KVStore`` receives, at the site's first call, the
+    ``start`` tokens the cache held before (in one append, as the compiled model's prefill), then each
+    query's own token in turn, and attends as a decode step.  A call whose keys are not the store's plus
+    the call's own (a sliding-window layer's bounded cache), a batch, or a layer the options keep dense runs
+    the model's own attention."""
 
-    def __init__(self, opts: Options, prefix: int, tokens: int, kv_heads: int, recall_every: int = 0):
-        self.opts, self.prefix, self.tokens, self.kv_heads = opts, prefix, tokens, kv_heads
+    def __init__(self, opts: Options, kv_heads: int, start: int, recall_every: int = 0):
+        self.opts, self.kv_heads, self.start = opts, kv_heads, start
         self.recall_every = recall_every
+        self.stores: dict[str, KVStore] = {}
         self.recall: list[float] = []  # one per (site, measured step), mean over query heads
         self.mass: list[float] = []
         self.candidate_mismatch = 0  # query rows whose torch-side candidate count differs from the kernel's
-        self.attended: dict[str, torch.Tensor] = {}  # site → [tokens] mean fraction over heads
-        self.scored: dict[str, torch.Tensor] = {}
-        self.offloaded: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, list[list[torch.Tensor]]] = {}  # site → [attended, scored, offloaded] per call
+
+    def _counted(self, i: int) -> dict[str, torch.Tensor]:
+        return {s: torch.cat(c[i]) for s, c in self._counts.items() if c[i]}
+
+    @property
+    def attended(self) -> dict[str, torch.Tensor]:
+        """site → the fraction of the context's keys each query attended (mean over query heads)."""
+        return self._counted(0)
+
+    @property
+    def scored(self) -> dict[str, torch.Tensor]:
+        return self._counted(1)
+
+    @property
+    def offloaded(self) -> dict[str, torch.Tensor]:
+        """site → the fraction of the offloaded keys scored (sparse sites only)."""
+        return self._counted(2)
 
     def __call__(self, site, orig, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
-        P, T = self.prefix, self.tokens
-        if q.shape[2] != T or k.shape[2] != P + T or q.shape[0] != 1 or layer_of(site) in self.opts.dense_layers:
-            # not this block's attention (a sliding-window layer's bounded cache), or kept dense
-            self.attended[site] = torch.ones(T)
-            self.scored[site] = torch.ones(T)
+        T, n = q.shape[2], k.shape[2]
+        store = self.stores.get(site)
+        before = store.length if store is not None else self.start
+        counts = self._counts.setdefault(site, [[], [], []])
+        if q.shape[0] != 1 or n != before + T or layer_of(site) in self.opts.dense_layers:
+            counts[0].append(torch.ones(T))
+            counts[1].append(torch.ones(T))
             return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
         # K/V as the model holds them, [1, Hkv, n, D] (a model that repeated them for GQA: one per group)
         step = k.shape[1] // self.kv_heads
         kk, vv = k[:, ::step], v[:, ::step]
-        store = KVStore(self.kv_heads, q.shape[3], options=self.opts, dtype=k.dtype, device=k.device, site=site)
-        store.append(kk[:, :, :P], vv[:, :, :P])
+        if store is None:
+            store = self.stores[site] = KVStore(self.kv_heads, q.shape[3], options=self.opts, dtype=k.dtype,
+                                                device=k.device, site=site)
+            if before:
+                store.append(kk[:, :, :before], vv[:, :, :before])
         est, static = self.opts.estimator, self.opts.sink_size + self.opts.window_size
         outs, att, sco, off = [], torch.zeros(T), torch.zeros(T), torch.zeros(T)
         for t in range(T):
-            store.append(kk[:, :, P + t:P + t + 1], vv[:, :, P + t:P + t + 1])
+            p = before + t
+            store.append(kk[:, :, p:p + 1], vv[:, :, p:p + 1])
             outs.append(store.attend(q[:, :, t:t + 1], estimator=est, scale=scale))
-            n_ctx, n_host = P + t + 1, store.tokens_offloaded
+            n_ctx, n_host = p + 1, store.tokens_offloaded
             n_static = min(static, n_ctx)
             if est == "none" or n_host == 0:
                 kept = scored = 0.0
@@ -129,9 +156,9 @@ class _Decoder:
             off[t] = scored / n_host if n_host else 0.0
             if self.recall_every and t % self.recall_every == 0 and est in ("sample", "topk") and store.index.built:
                 self._retrieval(store, q[:, :, t:t + 1], scale)
-        self.attended[site], self.scored[site], self.offloaded[site] = att, sco, off
+        for c, x in zip(counts, (att, sco, off)):
+            c.append(x)
         return torch.cat(outs, 2)
-
 
     def _retrieval(self, store: KVStore, q: torch.Tensor, scale: float | None) -> None:
         """Recall of the top-1% offloaded keys and attention mass covered by the kernel's candidates (LSH:
@@ -158,41 +185,42 @@ class _Decoder:
         self.mass.append(float((s.softmax(-1) * cand).sum(-1).mean()))
 
 
-def dense_prefix(model, ids: torch.Tensor, prefix: int, chunk: int = 2048):
-    """The dense KV cache of ``ids[:, :prefix]``, prefilled in chunks (a bounded peak, the same cache)."""
+def decoder(model, options: dict | Options, start: int, recall_every: int = 0) -> Decoder:
+    """A ``Decoder`` for ``model`` under kvpass ``options``, its cache holding ``start`` tokens."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return Decoder(parse_options(options), kv_heads, start, recall_every)
+
+
+def dense_prefix(model, ids: torch.Tensor, prefix: int, chunk: int = 2048, cache=None):
+    """The dense KV cache of ``ids[:, :prefix]``, prefilled in chunks (a bounded peak, the same cache);
+    ``cache``: one that holds the first tokens of ``ids`` already, extended."""
     from transformers import DynamicCache
 
     from kvpass.hf import cache_kwarg
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     with torch.no_grad():
-        for t0 in range(0, prefix, chunk):
+        for t0 in range(cache.get_seq_length(), prefix, chunk):
             model(input_ids=ids[:, t0:min(prefix, t0 + chunk)], use_cache=True, **{cache_kwarg(): cache})
     return cache
 
 
 def teacher_forced(model, ids: torch.Tensor, prefix: int, tokens: int, options: dict | Options | None,
-                   cache, recall_every: int = 0) -> tuple[torch.Tensor, _Decoder | None]:
+                   cache, recall_every: int = 0) -> tuple[torch.Tensor, Decoder | None]:
     """Log-probabilities [tokens, vocab] (fp32) of the ``tokens`` decode steps at positions prefix ..
     prefix + tokens − 1 of ``ids``, with the dense prefix ``cache`` (left as it was), under kvpass
     ``options`` (None: dense), and the decoder that kept the per-site key counts (and, every
     ``recall_every`` steps, the retriever's recall)."""
-    from kvpass.hf import cache_kwarg
+    from kvpass.hf import cache_kwarg, crop_to
 
-    dec = None
-    ctx = contextlib.nullcontext()
-    if options is not None:
-        cfg = model.config
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        dec = _Decoder(parse_options(options), prefix, tokens, kv_heads, recall_every)
-        ctx = attention_hook(model, dec)
+    dec = None if options is None else decoder(model, options, prefix, recall_every)
+    ctx = contextlib.nullcontext() if dec is None else attention_hook(model, dec)
     try:
         with ctx, torch.no_grad():
             out = model(input_ids=ids[:, prefix:prefix + tokens], use_cache=True, **{cache_kwarg(): cache})
     finally:
-        extra = cache.get_seq_length() - prefix
-        if extra > 0:
-            cache.crop(-extra)  # transformers 5: a negative count removes that many tokens
+        crop_to(cache, prefix)
     return out.logits[0].float().log_softmax(-1), dec
 
 
@@ -268,7 +296,7 @@ def to_json(points: list[Point], meta: dict) -> dict:
     return {"meta": meta, "points": [
         {"config": p.config, "options": p.options, "kl": p.kl, "nll": p.nll, "perplexity": p.ppl,
          "keys_attended": p.attended, "keys_scored": p.scored, "offloaded_keys_scored": p.offloaded_read,
-         "top1_agreement": p.top1, "lsh_recall_top1pct": p.recall, "lsh_attention_mass": p.mass,
+         "top1_agreement": p.top1, "retriever_recall_top1pct": p.recall, "retriever_attention_mass": p.mass,
          "keys_attended_per_layer": p.per_layer, "tokens": p.tokens} for p in points]}
 
 

@@ -20,3 +20,11 @@ def greedy(model, ids, new_tokens, **gen_kwargs):
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen_kwargs)
     return out.sequences, torch.stack(out.logits, 1)
+
+
+def crop_to(cache, length: int) -> None:
+    """Drop a ``DynamicCache``'s tokens after the first ``length`` (transformers 5: ``crop`` takes minus the
+    count to remove)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)

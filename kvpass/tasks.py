@@ -29,10 +29,21 @@ class Sample:
     ids: torch.Tensor       # [1, T]
     answers: list[str]
     new_tokens: int
+    question: int           # the prompt's last ``question`` tokens are the question (the rest: the context)
 
     def score(self, text: str) -> float:
         """Fraction of the expected answers found in the model's continuation."""
         return sum(a in text for a in self.answers) / len(self.answers)
+
+
+def encode(tok, context: str, question: str) -> tuple[torch.Tensor, int]:
+    """Token ids [1, T] of ``context + question`` and how many of the last ones are the question: those after
+    the longest run of tokens the context alone tokenises to (a space may merge with the question's first
+    word)."""
+    ids = tok(context + question, return_tensors="pt")["input_ids"]
+    alone = torch.tensor(tok(context)["input_ids"][:ids.shape[1]])
+    same = (ids[0, :len(alone)] == alone).int().cumprod(0).sum()
+    return ids, max(1, ids.shape[1] - int(same))
 
 
 @functools.cache
@@ -43,9 +54,10 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _haystack(tok, length: int, inserts: list[tuple[float, str]], prefix: str, question: str) -> torch.Tensor:
+def _haystack(tok, length: int, inserts: list[tuple[float, str]], prefix: str,
+              question: str) -> tuple[torch.Tensor, int]:
     """Noise sentences up to ``length`` tokens with each (depth, sentence) of ``inserts`` placed at that
-    depth, between ``prefix`` and ``question``."""
+    depth, between ``prefix`` and ``question`` (``encode``'s result)."""
     fixed = len(tok(prefix + "".join(s for _, s in inserts) + question)["input_ids"])
     n = max(1, (length - fixed) // len(tok(NOISE)["input_ids"]))
     slots: dict[int, list[str]] = {}
@@ -56,8 +68,7 @@ def _haystack(tok, length: int, inserts: list[tuple[float, str]], prefix: str, q
         parts.extend(slots.get(i, []))
         if i < n:
             parts.append(NOISE)
-    parts.append(question)
-    return tok("".join(parts), return_tensors="pt")["input_ids"]
+    return encode(tok, "".join(parts), question)
 
 
 def niah_single(tok, length: int, depth: float, rng: random.Random) -> Sample:
@@ -66,8 +77,8 @@ def niah_single(tok, length: int, depth: float, rng: random.Random) -> Sample:
     prefix = "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
     question = f"What is the special magic number for {word} mentioned in the text? The special magic number " \
                f"for {word} mentioned in the text is"
-    return Sample("niah-single", length, depth, _haystack(tok, length, [(depth, needle)], prefix, question),
-                  [number], 12)
+    ids, q = _haystack(tok, length, [(depth, needle)], prefix, question)
+    return Sample("niah-single", length, depth, ids, [number], 12, q)
 
 
 def niah_multikey(tok, length: int, depth: float, rng: random.Random, keys: int = 4) -> Sample:
@@ -78,7 +89,8 @@ def niah_multikey(tok, length: int, depth: float, rng: random.Random, keys: int 
     prefix = "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
     question = f"What is the special magic number for {words[0]} mentioned in the text? The special magic " \
                f"number for {words[0]} mentioned in the text is"
-    return Sample("niah-multikey", length, depth, _haystack(tok, length, inserts, prefix, question), [numbers[0]], 12)
+    ids, q = _haystack(tok, length, inserts, prefix, question)
+    return Sample("niah-multikey", length, depth, ids, [numbers[0]], 12, q)
 
 
 def variable_tracking(tok, length: int, depth: float, rng: random.Random, hops: int = 4) -> Sample:
@@ -90,8 +102,8 @@ def variable_tracking(tok, length: int, depth: float, rng: random.Random, hops: 
     question = f"Find all variables that are assigned the value {value} in the text above. Answer: According " \
                f"to the chain of variable assignment in the text above, {hops} variables are assigned the " \
                f"value {value}, they are:"
-    return Sample("variable-tracking", length, depth,
-                  _haystack(tok, length, list(zip(spread, chain)), prefix, question), names, 8 * hops)
+    ids, q = _haystack(tok, length, list(zip(spread, chain)), prefix, question)
+    return Sample("variable-tracking", length, depth, ids, names, 8 * hops, q)
 
 
 def common_words(tok, length: int, depth: float, rng: random.Random, common: int = 10) -> Sample:
@@ -110,14 +122,14 @@ def common_words(tok, length: int, depth: float, rng: random.Random, common: int
         items = [w for w in frequent for _ in range(reps)]
         items += [rare[i % len(rare)] for i in range(max(0, n_items - len(items)))]  # each rare word once
         random.Random(n_items).shuffle(items)
-        return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)) + question
+        return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
 
     n_items = max(4 * common, length // 5)
     for _ in range(2):  # two corrections of the item count to land near ``length`` tokens
-        used = len(tok(build(n_items))["input_ids"])
+        used = len(tok(build(n_items) + question)["input_ids"])
         n_items = max(4 * common, int(n_items * length / used))
-    text = build(n_items)
-    return Sample("common-words", length, 0.0, tok(text, return_tensors="pt")["input_ids"], frequent, 6 * common)
+    ids, q = encode(tok, build(n_items), question)
+    return Sample("common-words", length, 0.0, ids, frequent, 6 * common, q)
 
 
 TASKS = {"niah-single": niah_single, "niah-multikey": niah_multikey, "variable-tracking": variable_tracking,

@@ -33,6 +33,10 @@ def test_task_prompts_hold_their_answers_at_the_asked_length(tok, name, length):
         least_common_answer = min(words[a] for a in s.answers)
         others = [c for w, c in words.items() if w not in s.answers and w in tasks.vocabulary()]
         assert least_common_answer > max(others)
+    # the question is the prompt's last ``question`` tokens; the answer is not in it
+    question = tok.decode(s.ids[0, -s.question:])
+    assert 5 < s.question < 80 and question.split()[0] in ("What", "Find", "Question:"), question
+    assert not any(a in question for a in s.answers if a.isdigit())
     if name == "niah-single":  # the needle sits near the middle
         at = text.index(s.answers[0]) / len(text)
         assert 0.35 < at < 0.65
@@ -62,15 +66,18 @@ def test_text_quality_measures_distance_from_dense(tok, monkeypatch):
 
 
 def test_reports_and_plots(tmp_path):
-    tr = [ev.TaskResult("dense", "passkey", [1, 1], [], {(1024, 0.5): 1.0, (2048, 0.5): 1.0}),
-          ev.TaskResult("static-only", "passkey", [0, 0], [], {(1024, 0.5): 0.0, (2048, 0.5): 0.0}),
-          ev.TaskResult("kvpass-sample", "passkey", [1, 0], [0.03, 0.02], {(1024, 0.5): 1.0, (2048, 0.5): 0.0}),
-          ev.TaskResult("kvpass-sample", "niah-single", [1.0], [0.025], {(1024, 0.5): 1.0})]
+    tr = [ev.TaskResult("dense", "passkey", "question", [1, 1], [], {(1024, 0.5): 1.0, (2048, 0.5): 1.0}),
+          ev.TaskResult("static-only", "passkey", "question", [0, 0], [0.01, 0.01],
+                        {(1024, 0.5): 0.0, (2048, 0.5): 0.0}),
+          ev.TaskResult("kvpass", "passkey", "question", [1, 0], [0.03, 0.02], {(1024, 0.5): 1.0, (2048, 0.5): 0.0}),
+          ev.TaskResult("kvpass", "niah-single", "question", [1.0], [0.025], {(1024, 0.5): 1.0}),
+          ev.TaskResult("kvpass", "passkey", "generation", [1, 1], [0.04, 0.04], {(1024, 0.5): 1.0, (2048, 0.5): 1.0})]
     xr = [ev.TextResult("dense", 1.6, 0.0, None, 64), ev.TextResult("static-only", 1.9, 0.2, None, 64),
           ev.TextResult("kvpass-sample@K=11", 1.7, 0.05, 0.012, 64),
           ev.TextResult("kvpass-sample@K=10", 1.65, 0.04, 0.027, 64)]
     table = ev.format_tasks(tr)
-    assert "passkey" in table and "niah-single" in table and "2.50%" in table  # mean of the tasks' means
+    assert "passkey" in table and "niah-single" in table and "2.50%" in table  # mean over the samples
+    assert "generation" in table and "4.00%" in table
     out = tmp_path / "eval.png"
     ev.plot(out, tr, xr, "SmolLM2-135M-Instruct — test machine")
     for p in (out, tmp_path / "eval-passkey-heatmap.png"):
@@ -84,3 +91,72 @@ def test_document_is_real_shipped_text(tok):
     assert ids.shape == (1, 5000)
     assert "assignment" in tok.decode(ids[0, :300]).lower()
     assert torch.unique(ids).numel() > 800
+
+
+def _compiled_answer(model, s, options, setup):
+    """Ground truth through torch.compile(backend="kvpass"): ``generation``: ``generate`` on the prompt (a
+    dense prefill, then decode steps); ``question``: the context prefilled, the question's tokens fed one
+    decode step at a time, then greedy steps (end-of-sequence suppressed, as min_new_tokens does)."""
+    from transformers import DynamicCache
+
+    import kvpass
+    from kvpass.hf import cache_kwarg, greedy
+
+    fwd = model.forward
+    torch._dynamo.reset()
+    kvpass.reset()
+    model.forward = torch.compile(fwd, backend="kvpass", options={**options, "inductor": False})
+    n, q = s.ids.shape[1], s.question
+    try:
+        if setup == "generation":
+            return greedy(model, s.ids, s.new_tokens)[0][0, n:].tolist()
+        cache, out = DynamicCache(config=model.config), []
+        with torch.no_grad():
+            model(input_ids=s.ids[:, :n - q], use_cache=True, **{cache_kwarg(): cache})
+            feed = [s.ids[:, t:t + 1] for t in range(n - q, n)]
+            while len(out) < s.new_tokens:
+                logits = model(input_ids=feed.pop(0), use_cache=True, **{cache_kwarg(): cache}).logits[0, -1]
+                if not feed:
+                    eos = model.generation_config.eos_token_id
+                    if eos is not None:
+                        logits[eos] = -float("inf")
+                    out.append(int(logits.argmax()))
+                    feed = [torch.tensor([[out[-1]]])]
+        return out
+    finally:
+        model.forward = fwd
+        torch._dynamo.reset()
+        kvpass.reset()
+
+
+def test_tasks_decode_as_the_compiled_model_does(tok):
+    """run_tasks' shared-prefill engine gives the tokens the compiled model gives, in both set-ups, for the
+    defaults (sketch topk), the MagicPIG preset and static-only; dense is the model's own ``generate``."""
+    from kvpass.hf import greedy
+
+    model = tiny_model("llama", vocab_size=tok.vocab_size + 64)
+    model.generation_config.eos_token_id = 7  # suppressed: every answer runs its full length
+    gen = torch.Generator().manual_seed(5)
+    samples = [tasks.Sample("rand", 440, 0.5, torch.randint(10, tok.vocab_size, (1, 440), generator=gen), ["x"], 6, q)
+               for q in (1, 12)]
+    # a prompt that begins as the last did: the engine reuses that part of its dense cache
+    tail = torch.randint(10, tok.vocab_size, (1, 150), generator=gen)
+    samples.append(tasks.Sample("rand", 450, 0.5, torch.cat([samples[1].ids[:, :300], tail], 1), ["x"], 6, 7))
+    configs = {"dense": None, "kvpass": {"window_size": 16, "budget": 24},
+               "magicpig": {"preset": "magicpig", "window_size": 16, "lsh_k": 4, "lsh_l": 20},
+               "static-only": {"estimator": "none", "window_size": 16}}
+    results = ev.run_tasks(model, tok, samples, configs)
+    assert {(r.config, r.setup) for r in results} == {(c, u) for c in configs for u in ev.SETUPS}
+    for r in results:
+        for s, got in zip(samples, r.outputs):
+            if r.config == "dense":
+                want = greedy(model, s.ids, s.new_tokens)[0][0, s.ids.shape[1]:].tolist()
+            else:
+                want = _compiled_answer(model, s, configs[r.config], r.setup)
+            assert got == want, (r.config, r.setup, s.question)
+        if r.config != "dense":  # a fraction of the context's keys, static slots included
+            assert all(0 < a < 1 for a in r.attended), r.attended
+    att = {(r.config, r.setup): r.read for r in results}
+    assert att[("static-only", "question")] < att[("kvpass", "question")]
+    with pytest.raises(ValueError, match="unknown set-up"):
+        ev.run_tasks(model, tok, samples, configs, setups=("prefill",))

@@ -126,5 +126,5 @@ def test_eval_frontier_cli_writes_table_json_and_plot(tmp_path, monkeypatch, cap
     js = json.loads(out_json.read_text())
     assert set(js["runs"]) == {"400", "500"} and "Keys attended" in js["meta"]["definition"]
     magic = next(p for p in js["runs"]["500"] if p["config"] == "magicpig")
-    assert 0 < magic["keys_attended"] < 1 and magic["lsh_recall_top1pct"] is not None
+    assert 0 < magic["keys_attended"] < 1 and magic["retriever_recall_top1pct"] is not None
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
