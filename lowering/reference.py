@@ -83,9 +83,22 @@ def sketch_codes(k: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor) -> torc
     return x.round().clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
 
 
+def sketch_query(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The query as the sketch scores it: q' = q · scale per dimension, rounded to ±127 levels of its own
+    max |q'_d| (one step per query row; a zero row stays 0).  q [B, Hkv, G, Tq, D] fp32, scale
+    [B, Hkv, D] → integer-valued fp32, same shape.  The kernel computes the same integers (the same fp32
+    products and one fp32 division per row, rounded half to even)."""
+    qs = q.float() * scale[:, :, None, None]
+    m = qs.abs().amax(-1, keepdim=True)
+    inv = torch.where(m > 0, torch.full_like(m, SKETCH_LEVELS) / m, torch.zeros_like(m))  # one fp32 division
+    return (qs * inv).round()
+
+
 def sketch_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q [B, Hkv, G, Tq, D] fp32, codes [B, Hkv, n, D] int8, scale [B, Hkv, D] → [B, Hkv, G, Tq, n]."""
-    return (q * scale[:, :, None, None]) @ codes.float().transpose(-1, -2)[:, :, None]
+    """Integer sketch scores Σ_d round(q'_d) · code_jd (``sketch_query``), exact in fp32 (|score| ≤
+    127² · D < 2^24 for D ≤ 512), the ranking of q·(k − μ) up to both roundings: q [B, Hkv, G, Tq, D]
+    fp32, codes [B, Hkv, n, D] int8, scale [B, Hkv, D] → [B, Hkv, G, Tq, n]."""
+    return sketch_query(q, scale) @ codes.float().transpose(-1, -2)[:, :, None]
 
 
 def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class LSHIndex:
         self.lsh_k, self.lsh_l, self.seed = lsh_k, lsh_l, options.seed
         self.threshold = 1 if self.sketch else options.lsh_threshold
         self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
-        self.sketch_blocks: list[torch.Tensor] = []    # int8 [B, Hkv, SKETCH_BLOCK / 16, D, 16]
+        self.sketch_blocks: list[torch.Tensor] = []    # int8 [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -108,20 +108,23 @@ class LSHIndex:
 
     def _add_sketch(self, codes: torch.Tensor) -> None:
         """codes: int8 [B, Hkv, n, D] of the next n offloaded keys, into the sketch blocks: SKETCH_BLOCK keys
-        each, laid out [B, Hkv, tiles, D, 16] — per tile of 16 keys, dimension-major, so the kernel widens
-        16 keys' codes of one dimension with one load."""
+        each, laid out [B, Hkv, tiles, ⌈D/4⌉, 16, 4] — per tile of 16 keys, 4 dimensions at a time, each
+        key's 4 codes together (zero-padded past D): one 64-byte load gives the kernel 16 keys x 4
+        dimensions, one int8 dot-product instruction's operand."""
         t, n = 0, codes.shape[2]
         B, Hkv, _, D = codes.shape
+        D4 = -(-D // 4)
+        codes = torch.nn.functional.pad(codes, (0, 4 * D4 - D)).reshape(B, Hkv, n, D4, 4)
         at = self.n_keys - n  # keys sketched before these
         while t < n:
             if at % SKETCH_BLOCK == 0 and at // SKETCH_BLOCK == len(self.sketch_blocks):
-                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, D, 16, dtype=torch.int8))
+                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, D4, 16, 4, dtype=torch.int8))
             blk = self.sketch_blocks[at // SKETCH_BLOCK]
             off = at % SKETCH_BLOCK
             m = min(SKETCH_BLOCK - off, n - t)
             if off % 16 == 0 and m % 16 == 0:  # whole tiles: one strided copy
-                blk[:, :, off // 16:(off + m) // 16] = codes[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, D) \
-                    .transpose(-1, -2)
+                blk[:, :, off // 16:(off + m) // 16] = codes[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, D4, 4) \
+                    .transpose(3, 4)
             else:
                 for i in range(m):
                     blk[:, :, (off + i) // 16, :, (off + i) % 16] = codes[:, :, t + i]

@@ -11,8 +11,9 @@
 // keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
 //
 // The "sketch" retriever (topk only) instead scans an int8 sketch of every centred key, code = round((k -
-// mu) / scale) per dimension (lowering/reference.py: sketch_codes), scoring all of them approximately
-// (q * scale) . code — once per (batch row, kv head) for all the group's query rows, in key chunks — and
+// mu) / scale) per dimension (lowering/reference.py: sketch_codes), scoring all of them approximately,
+// in integers: round(q * scale, 127 levels) . code (sketch_query, sketch_scores; AVX512-VNNI where the
+// CPU has it) — once per (batch row, kv head) for all the group's query rows, in key chunks — and
 // attends the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its
 // best keys are the exact best, measured on Qwen2.5-Coder-0.5B keys; re-ranking 2-4x as many by exact
 // score changed nothing).
@@ -27,8 +28,14 @@
 
 #include "kvpass_math.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -309,7 +316,9 @@ struct Problem {
   const float* logp;     // kTable + 1
   std::vector<Segment> segs;
   std::vector<const void*> kb, vb;  // per host block, at (b=0, hk=0, token 0)
-  std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, int8 [B, Hkv, tiles, D, 16] (empty: LSH)
+  std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, int8 [B, Hkv, tiles, ⌈D/4⌉, 16, 4] (empty: LSH)
+  std::vector<int32_t> sk_qw;       // sketch: the quantised query rows, [B, Hkv, G·Tq, ⌈D/4⌉] words of 4 int8
+  bool sk_vnni = false;             // sketch: scan with AVX512-VNNI (else the portable loop: the same sums)
   int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
   const float* sk_scale = nullptr;  // [B, Hkv, D]
   int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
@@ -614,38 +623,112 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
   }
 }
 
-// Sketch scores of key tiles [t0, t1) (16 keys each) for the G·Tq query rows of one (batch row, kv head).
-// A tile is stored dimension-major ([D][16] int8), so one load widens 16 keys' codes of one dimension,
-// which then serve every row of the group: 8 rows x 16 keys accumulate in registers, no horizontal sums.
-KVPASS_CLONES void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
-                               std::vector<float>& qs) {
-  constexpr int64_t kRows = 8, kLanes = 16;
-  const int64_t D = P.D, rows = P.G * P.Tq, padded = (rows + kRows - 1) / kRows * kRows;
+// Sketch scores of key tiles [t0, t1) (16 keys each) for the G·Tq query rows of one (batch row, kv head),
+// in integers: each row's q' = q · scale rounded to ±127 levels of its max |q'_d| (lowering/reference.py:
+// sketch_query), dotted with the keys' int8 codes.  A tile is stored [⌈D/4⌉][16][4]: one 64-byte load holds
+// 16 keys x 4 dimensions, the operand of one int8 dot-product instruction (AVX512-VNNI vpdpbusd: unsigned
+// x signed bytes, 4 per 32-bit lane), which then serves every row of the group with the row's 4 query
+// bytes broadcast.  vpdpbusd needs the keys unsigned: code ^ 0x80 = code + 128, which adds 128 · Σ_d q_d, one
+// constant per row — the same ranking and ties as Σ q_d · code_d.  The sums are exact integers (|s| ≤
+// 127 · 255 · 512 < 2^24 for D ≤ 512), stored as floats; the portable path computes the same ones.
+
+// Each row's quantised query as 4-byte words [rows][⌈D/4⌉] (zero past D).
+void sketch_query_words(const Problem& P, int64_t b, int64_t hk, std::vector<int32_t>& qw) {
+  const int64_t D = P.D, D4 = (D + 3) / 4, rows = P.G * P.Tq;
   const int64_t rg = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
   const float* scale = P.sk_scale + (b * P.Hkv + hk) * D;
-  qs.assign(padded * D, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < D; ++i) qs[r * D + i] = P.q[(rg + r) * D + i] * scale[i];
-  alignas(64) float xt[512 * kLanes];  // one tile as floats, [D][16] (D <= 512, checked at the entry)
+  qw.assign(rows * D4, 0);
+  float qs[512];
+  for (int64_t r = 0; r < rows; ++r) {
+    float m = 0.f;
+    for (int64_t i = 0; i < D; ++i) {
+      qs[i] = P.q[(rg + r) * D + i] * scale[i];
+      m = std::max(m, std::fabs(qs[i]));
+    }
+    const float inv = m > 0.f ? 127.f / m : 0.f;
+    int8_t* bytes = reinterpret_cast<int8_t*>(qw.data() + r * D4);
+    for (int64_t i = 0; i < D; ++i) bytes[i] = static_cast<int8_t>(std::nearbyint(qs[i] * inv));
+  }
+}
+
+KVPASS_INLINE const uint8_t* sketch_tile(const Problem& P, int64_t b, int64_t hk, int64_t tile) {
+  return reinterpret_cast<const uint8_t*>(P.skb[tile / P.sk_tiles] + b * P.skb_s0 + hk * P.skb_s1) +
+         (tile % P.sk_tiles) * ((P.D + 3) / 4) * 64;
+}
+
+KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
+                                        const int32_t* qw) {
+  const int64_t D4 = (P.D + 3) / 4, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
   for (int64_t tile = t0; tile < t1; ++tile) {
-    const int64_t j = tile * kLanes, nl = std::min(kLanes, P.n_keys - j);
-    const int8_t* c = P.skb[tile / P.sk_tiles] + b * P.skb_s0 + hk * P.skb_s1 + (tile % P.sk_tiles) * D * kLanes;
-#pragma omp simd
-    for (int64_t e = 0; e < D * kLanes; ++e) xt[e] = float(c[e]);  // the tile widened once, for every row
-    for (int64_t r0 = 0; r0 < padded; r0 += kRows) {
-      float acc[kRows][kLanes] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const float* x = xt + d * kLanes;
-        for (int64_t rr = 0; rr < kRows; ++rr) {
-          const float qv = qs[(r0 + rr) * D + d];
-#pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) acc[rr][l] += qv * x[l];
-        }
-      }
-      for (int64_t rr = 0; rr < std::min(kRows, rows - r0); ++rr)
-        std::copy(acc[rr], acc[rr] + nl, P.sk_score + (rg + r0 + rr) * P.n_keys + j);
+    const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
+    const uint8_t* c = sketch_tile(P, b, hk, tile);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* qb = reinterpret_cast<const int8_t*>(qw + r * D4);
+      int32_t acc[16] = {};
+      for (int64_t g = 0; g < D4; ++g)
+        for (int64_t l = 0; l < 16; ++l)
+          for (int64_t e = 0; e < 4; ++e)
+            acc[l] += int32_t(uint8_t(c[g * 64 + l * 4 + e] ^ 0x80u)) * int32_t(qb[g * 4 + e]);
+      for (int64_t l = 0; l < nl; ++l) P.sk_score[(rg + r) * P.n_keys + j + l] = float(acc[l]);
     }
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KVPASS_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+template <int NR>
+KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t* qw, int64_t D4, float* out,
+                                                int64_t stride, __mmask16 keep) {
+  __m512i acc[NR];
+  for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = 0; g < D4; ++g) {
+    const __m512i k = _mm512_xor_si512(_mm512_loadu_si512(c + g * 64), flip);
+    for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_dpbusd_epi32(acc[rr], k, _mm512_set1_epi32(qw[rr * D4 + g]));
+  }
+  for (int rr = 0; rr < NR; ++rr) _mm512_mask_storeu_ps(out + rr * stride, keep, _mm512_cvtepi32_ps(acc[rr]));
+}
+
+KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
+                                  const int32_t* qw) {
+  const int64_t D4 = (P.D + 3) / 4, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
+    const __mmask16 keep = static_cast<__mmask16>((1u << nl) - 1);
+    const uint8_t* c = sketch_tile(P, b, hk, tile);
+    if (tile + 1 < t1) prefetch_line(reinterpret_cast<const char*>(sketch_tile(P, b, hk, tile + 1)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      float* out = P.sk_score + (rg + r0) * P.n_keys + j;
+      const int32_t* q = qw + r0 * D4;
+      switch (std::min<int64_t>(8, rows - r0)) {
+        case 1: sketch_tile_vnni<1>(c, q, D4, out, P.n_keys, keep); break;
+        case 2: sketch_tile_vnni<2>(c, q, D4, out, P.n_keys, keep); break;
+        case 3: sketch_tile_vnni<3>(c, q, D4, out, P.n_keys, keep); break;
+        case 4: sketch_tile_vnni<4>(c, q, D4, out, P.n_keys, keep); break;
+        case 5: sketch_tile_vnni<5>(c, q, D4, out, P.n_keys, keep); break;
+        case 6: sketch_tile_vnni<6>(c, q, D4, out, P.n_keys, keep); break;
+        case 7: sketch_tile_vnni<7>(c, q, D4, out, P.n_keys, keep); break;
+        default: sketch_tile_vnni<8>(c, q, D4, out, P.n_keys, keep); break;
+      }
+    }
+  }
+}
+
+bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+#else
+bool cpu_has_vnni() { return false; }
+#endif
+
+void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, const int32_t* qw) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (P.sk_vnni) return sketch_scan_vnni(P, b, hk, t0, t1, qw);
+#endif
+  sketch_scan_portable(P, b, hk, t0, t1, qw);
 }
 
 // Tables per hashing work unit.  (batch row, kv head) units alone leave threads idle when there are
@@ -686,7 +769,7 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk)
           for (int64_t c = 0; c < n_chunks; ++c)
-            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles), s.qpad);
+            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles), P.sk_qw.data() + (b * P.Hkv + hk) * P.G * P.Tq * ((P.D + 3) / 4));
     } else if (P.estimator != kOracle) {
       const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
       const int64_t n_chunks = (P.L + chunk - 1) / chunk;
@@ -825,15 +908,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   at::Tensor sk_score, sk_scale_c;
   if (sketch_blocks.has_value() && !sketch_blocks->empty() && estimator == kTopK) {
     const auto& blocks = *sketch_blocks;
-    const int64_t tiles = blocks[0].dim() == 5 ? blocks[0].size(2) : 0;
+    const int64_t tiles = blocks[0].dim() == 6 ? blocks[0].size(2) : 0, D4 = (D + 3) / 4;
     for (size_t i = 0; i < blocks.size(); ++i)
-      TORCH_CHECK(blocks[i].scalar_type() == at::kChar && blocks[i].dim() == 5 && blocks[i].size(0) == B &&
-                      blocks[i].size(1) == Hkv && blocks[i].size(2) == tiles && blocks[i].size(3) == D &&
-                      blocks[i].size(4) == 16 && blocks[i].stride(4) == 1 && blocks[i].stride(3) == 16 &&
-                      blocks[i].stride(2) == 16 * D && blocks[i].strides() == blocks[0].strides(), fn,
-                  "sketch block ", i, " must be int8 [B, Hkv, tiles, D, 16] = [", B, ", ", Hkv, ", ", tiles, ", ", D,
-                  ", 16], tiles contiguous, with the others' strides; got ", blocks[i].sizes(), " ",
-                  blocks[i].scalar_type());
+      TORCH_CHECK(blocks[i].scalar_type() == at::kChar && blocks[i].dim() == 6 && blocks[i].size(0) == B &&
+                      blocks[i].size(1) == Hkv && blocks[i].size(2) == tiles && blocks[i].size(3) == D4 &&
+                      blocks[i].size(4) == 16 && blocks[i].size(5) == 4 && blocks[i].stride(5) == 1 &&
+                      blocks[i].stride(4) == 4 && blocks[i].stride(3) == 64 && blocks[i].stride(2) == 64 * D4 &&
+                      blocks[i].strides() == blocks[0].strides(), fn,
+                  "sketch block ", i, " must be int8 [B, Hkv, tiles, ceil(D/4), 16, 4] = [", B, ", ", Hkv, ", ",
+                  tiles, ", ", D4, ", 16, 4], tiles contiguous, with the others' strides; got ", blocks[i].sizes(),
+                  " ", blocks[i].scalar_type());
     TORCH_CHECK(int64_t(blocks.size()) * tiles * 16 >= n_keys, fn, "the sketch covers ",
                 int64_t(blocks.size()) * tiles * 16, " keys, the store ", n_keys);
     TORCH_CHECK(sketch_scale.has_value() && sketch_scale->scalar_type() == at::kFloat &&
@@ -844,6 +928,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     sk_scale_c = sketch_scale->contiguous();
     P.sk_scale = sk_scale_c.data_ptr<float>();
     P.candidates = std::max<int64_t>(budget, 1);
+    const char* scan = std::getenv("KVPASS_SKETCH_SCAN");  // "portable": tests compare the two paths
+    P.sk_vnni = cpu_has_vnni() && !(scan && std::string(scan) == "portable");
+    P.sk_qw.resize(B * Hkv * H / Hkv * Tq * D4);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        std::vector<int32_t> qw;
+        sketch_query_words(P, b, hk, qw);
+        std::copy(qw.begin(), qw.end(), P.sk_qw.begin() + (b * Hkv + hk) * qw.size());
+      }
     sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
     P.sk_score = sk_score.data_ptr<float>();
   }

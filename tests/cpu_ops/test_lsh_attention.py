@@ -1,6 +1,7 @@
 """The LSH kernel (retrieve → score → softmax → V) against the plain-torch definition of each estimator."""
 
 import math
+import os
 import platform
 import re
 import shutil
@@ -238,31 +239,35 @@ def test_sign_codes_are_the_torch_packing(K, L):
 
 
 @settings(max_examples=fuzz_examples(40), deadline=None)
-@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), Tq=st.integers(1, 3),
-       D=st.sampled_from([8, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4, 7]), Tq=st.integers(1, 3),
+       D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
-       seed=st.integers(0, 5), step=st.sampled_from([0.25, 1.0, 2.0]))
-def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, step):
-    """topk over the sketch's `budget` best keys.  Integer queries and a power-of-two step make every
-    sketch score exact in any summation order, so the kernel and torch pick the same candidates (ties
-    by key order in both)."""
+       seed=st.integers(0, 5), scan=st.sampled_from(["native", "portable"]))
+def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan):
+    """topk over the sketch's `budget` best keys.  The sketch scores are integers (the quantised query
+    dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU has one, and
+    the portable loop — and torch pick the same candidates (ties by key order in both), for any query."""
     store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
                     dtype=dtype, host_block_size=64)
     store.index.min_keys = 20
     gen = torch.Generator().manual_seed(seed)
     for n in chunks:
         store.append(torch.randn(B, Hkv, n, D, generator=gen) * 3 + 0.5, torch.randn(B, Hkv, n, D, generator=gen))
-    q = torch.randint(-4, 5, (B, Hkv * G, Tq, D), generator=gen).float()
+    q = torch.randn(B, Hkv * G, Tq, D, generator=gen) * 2
     idx = store.index
     if store.tokens_offloaded == 0:
         return
     ks, vs = store.host.views()
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
-    if idx.built:  # re-sketch at a power-of-two step: exact scores
-        idx.sketch_scale = torch.full_like(idx.sketch_scale, step)
-        idx.sketch_blocks = []
-        idx._add_sketch(sketch_codes(k, idx.mu, idx.sketch_scale))
-    out, lse = store.attend_host(q, estimator="topk", budget=budget)
+    old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
+    try:
+        if scan == "portable":
+            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
+        out, lse = store.attend_host(q, estimator="topk", budget=budget)
+    finally:
+        os.environ.pop("KVPASS_SKETCH_SCAN", None)
+        if old is not None:
+            os.environ["KVPASS_SKETCH_SCAN"] = old
     sketch = (sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale) if idx.built else None
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
                                                      mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch)
@@ -313,12 +318,10 @@ def test_sketch_blocks_hold_every_key_across_blocks_and_appends():
     v = torch.cat(store.host.views()[1], 2)
     n = k.shape[2]
     assert len(idx.sketch_blocks) == -(-n // SKETCH_BLOCK) == 3
-    stored = torch.cat([b.transpose(-1, -2).reshape(B, Hkv, SKETCH_BLOCK, D) for b in idx.sketch_blocks], 2)[:, :, :n]
+    # [.., tiles, D/4, 16 keys, 4 dims] back to [.., keys, D]
+    stored = torch.cat([b.transpose(3, 4).reshape(B, Hkv, SKETCH_BLOCK, D) for b in idx.sketch_blocks], 2)[:, :, :n]
     assert torch.equal(stored, sketch_codes(k, idx.mu, idx.sketch_scale))
-    idx.sketch_scale = torch.ones_like(idx.sketch_scale)  # exact sketch scores (integer queries)
-    idx.sketch_blocks = []
-    idx._add_sketch(sketch_codes(k, idx.mu, idx.sketch_scale))
-    q = torch.randint(-4, 5, (B, 2 * Hkv, 1, D), generator=gen).float()
+    q = torch.randn(B, 2 * Hkv, 1, D, generator=gen)
     out, lse = store.attend_host(q, estimator="topk", budget=50)
     ref_out, ref_lse, _ = reference_attention(q, k, v, D ** -0.5, "topk", mu=idx.mu, budget=50,
                                               sketch=(sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale))
