@@ -230,7 +230,12 @@ def cmd_eval(args) -> int:
         pk_lengths, pk_depths, r_lengths, r_depths = [1024, 2048], [0.1, 0.5, 0.9], [1024], [0.5]
         budgets, prefix, text_tokens = [0.02], 1024, 64
     else:
-        pk_lengths, pk_depths, r_lengths, r_depths = args.lengths, args.depths, args.ruler_lengths, [0.25, 0.5, 0.75]
+        from kvpass.models import DEFAULT
+
+        small = (args.model or DEFAULT) == DEFAULT  # SmolLM2: an 8k context; the others: 32k
+        pk_lengths = args.lengths or ([1024, 2048, 4096, 7000] if small else [8192, 16384, 32768])
+        r_lengths = args.ruler_lengths or ([2048, 4096] if small else [8192, 16384])
+        pk_depths, r_depths = args.depths, [0.25, 0.5, 0.75]
         budgets, prefix, text_tokens = args.budgets, (args.prefix or [2048])[0], args.text_tokens
     model, tok, model_name = _load(args.model, "eval")
     task_configs = ev.TASK_CONFIGS
@@ -374,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="pass key, RULER-style tasks, perplexity/KL on real text: dense, static-only, "
                                      "oracle, kvpass-topk, kvpass-sample side by side (offline)")
     ev.add_argument("--quick", action="store_true", help="a small grid at a 2%% budget (a few minutes on 2 cores)")
-    ev.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000], help="pass-key lengths")
+    ev.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="pass-key lengths (default 1024 2048 4096 7000 on SmolLM2, 8192 16384 32768 on the others)")
     ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     ev.add_argument("--tasks", nargs="+", default=list(TASKS_NAMES), choices=list(TASKS_NAMES),
                     help="RULER-style tasks")
-    ev.add_argument("--ruler-lengths", type=int, nargs="+", default=[2048, 4096])
+    ev.add_argument("--ruler-lengths", type=int, nargs="+", default=None,
+                    help="RULER-style task lengths (default 2048 4096 on SmolLM2, 8192 16384 on the others)")
     ev.add_argument("--setups", nargs="+", default=["question", "generation"], choices=["question", "generation"],
                     help="tasks: the question decoded through kvpass, and/or the whole prompt prefilled densely "
                          "(kvpass only in generation)")

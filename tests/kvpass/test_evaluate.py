@@ -160,3 +160,25 @@ def test_tasks_decode_as_the_compiled_model_does(tok):
     assert att[("static-only", "question")] < att[("kvpass", "question")]
     with pytest.raises(ValueError, match="unknown set-up"):
         ev.run_tasks(model, tok, samples, configs, setups=("prefill",))
+
+
+def test_eval_cli_runs_the_tasks_in_both_setups(tok, tmp_path, monkeypatch, capsys):
+    """`kvpass eval` on a random-weight model: the five task configurations x two set-ups in the table,
+    the JSON and both PNGs; `--text-tokens 0` leaves out the real-text sweep."""
+    import json
+
+    from kvpass import cli
+
+    model = tiny_model("llama", vocab_size=tok.vocab_size + 64)
+    monkeypatch.setattr(cli, "_load", lambda name, job: (model, tok, "tiny"))
+    out_json, out_png = tmp_path / "e.json", tmp_path / "e.png"
+    assert cli.main(["eval", "--lengths", "420", "--depths", "0.5", "--tasks", "niah-single", "--ruler-lengths", "420",
+                     "--text-tokens", "0", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "real text" not in text.split("===")[-1]
+    js = json.loads(out_json.read_text())
+    rows = {(t["config"], t["setup"], t["task"]) for t in js["tasks"]}
+    assert rows == {(c, u, t) for c in ev.TASK_CONFIGS for u in ev.SETUPS for t in ("passkey", "niah-single")}
+    assert js["text"] == []
+    for p in (out_png, tmp_path / "e-passkey-heatmap.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
