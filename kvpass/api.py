@@ -30,6 +30,7 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
     merged = Report(graphs=len(collected))
     for r in collected:
         merged.sites.extend(r.sites)
+        merged.unmatched.extend(r.unmatched)
     return merged
 
 

@@ -20,6 +20,7 @@ from kvpass.runtime.config import Options, parse_options
 
 log = logging.getLogger("kvpass")
 
+_advised: set[str] = set()  # the "nothing rewritten" warnings already given
 _reports = threading.local()  # set by kvpass.explain to collect what each compiled graph did
 
 
@@ -48,6 +49,9 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | No
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     report = run_pass(gm, opts, needs_grad)
     log.info("%s", report)
+    if (advice := report.advice()) is not None and advice not in _advised and not opts.dryrun:
+        _advised.add(advice)  # once per process: a model compiles several graphs
+        log.warning("%s", advice)
     if (collected := _collector()) is not None:
         collected.append(report)
     if opts.dryrun or not opts.inductor:

@@ -12,7 +12,7 @@ from torch import fx
 from kvpass import ops
 from kvpass.report import Report
 from kvpass.runtime import Options
-from kvpass.sites import Site, UnsupportedSite, analyse
+from kvpass.sites import Site, UnsupportedSite, analyse, fuse_decomposed_attention
 
 __all__ = ["UnsupportedSite", "rewrite", "run_pass"]
 
@@ -53,6 +53,7 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], opts: Options) -> None:
 
 
 def run_pass(gm: fx.GraphModule, opts: Options, needs_grad: bool = False) -> Report:
+    unmatched = fuse_decomposed_attention(gm)  # eager softmax(q·kᵀ)·v → SDPA, first
     sites = analyse(gm, opts)
     if needs_grad:  # kvpass's ops have no backward; training graphs stay exactly as they are
         for s in sites:
@@ -61,7 +62,7 @@ def run_pass(gm: fx.GraphModule, opts: Options, needs_grad: bool = False) -> Rep
                                       f"but its KV lives in kvpass's store; decode under torch.no_grad().")
             s.offload = s.report.rewritten = False
             s.report.reason = "autograd is on (call under torch.no_grad() / inference_mode to decode with kvpass)"
-    report = Report(graphs=1, sites=[s.report for s in sites])
+    report = Report(graphs=1, sites=[s.report for s in sites], unmatched=unmatched)
     if opts.on_unmatched == "error":
         bad = [s for s in sites if not s.report.rewritten and s.report.reason != "listed in dense_layers"]
         if bad:

@@ -19,6 +19,21 @@ class SiteReport:
 class Report:
     graphs: int = 0
     sites: list[SiteReport] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # attention-like code left alone, and why
+
+    def advice(self) -> str | None:
+        """One line for a graph whose attention kvpass leaves entirely to the model, else None."""
+        if self.rewritten:
+            return None
+        if self.sites:
+            reasons = sorted({s.reason for s in self.sites})
+            return (f"kvpass: none of the {len(self.sites)} attention sites was rewritten ({'; '.join(reasons)}); "
+                    f"the model runs dense. kvpass.explain(...) lists each site.")
+        if self.unmatched:
+            return (f"kvpass: no attention was rewritten: {self.unmatched[0]}"
+                    f"{f' (and {len(self.unmatched) - 1} more)' if len(self.unmatched) > 1 else ''}; the model "
+                    f"runs dense.")
+        return None
 
     @property
     def rewritten(self) -> int:
@@ -27,11 +42,12 @@ class Report:
     def __str__(self) -> str:
         head = f"kvpass: {self.rewritten}/{len(self.sites)} attention sites rewritten in {self.graphs} graph(s)"
         if not self.sites:
-            return head + " (no scaled_dot_product_attention found)"
+            return head + " (no attention found)" + "".join(f"\n  {u}" for u in self.unmatched)
         w = max(len(s.name) for s in self.sites)
         rows = [head, f"  {'site':<{w}}  {'cache':<8} {'phase':<8} {'rewritten':<9} reason"]
         for s in self.sites:
             rows.append(f"  {s.name:<{w}}  {s.cache:<8} {s.phase:<8} {'yes' if s.rewritten else 'no':<9} {s.reason}")
+        rows += [f"  {u}" for u in self.unmatched]
         return "\n".join(rows)
 
     __repr__ = __str__

@@ -340,6 +340,112 @@ def _first(guards: tuple[Guard, ...], site: Site, opts: Options) -> str | None:
 
 # ---------------------------------------------------------------- analysis
 
+# ---------------------------------------------------------------- decomposed (eager) attention
+
+MATMUL = {torch.matmul, operator.matmul, "matmul"}
+SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, "softmax"}
+TRANSPOSE = {torch.transpose, "transpose"}
+DROPOUT = {torch.nn.functional.dropout, torch.dropout, "dropout"}
+
+
+def _only_user(n: fx.Node, user: fx.Node) -> bool:
+    return list(n.users) == [user]
+
+
+def _last_two_swapped(n: fx.Node) -> bool:
+    """n = x.transpose(-2, -1) of a 4-D x (the attention's K^T)."""
+    if _op(n) not in TRANSPOSE:
+        return False
+    x = _val(n.args[0])
+    nd = x.dim() if x is not None else 4
+    dims = {d % nd for d in n.args[1:3] if isinstance(d, int)}
+    return dims == {nd - 2, nd - 1}
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def fuse_decomposed_attention(gm: fx.GraphModule, root: str = "") -> list[str]:
+    """Replace each ``softmax(q @ k^T · s (+ mask | masked_fill(c, -inf)), -1) [.to(dtype)] [dropout(p=0)] @ v``
+    of a Dynamo graph (eager attention: Hugging Face's ``attn_implementation="eager"``, nanoGPT-style
+    modules) by the equal ``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=s)``, so that the
+    matcher sees it as any other site (the way Inductor's fuse_attention patterns do).  Returns, per
+    softmax over q·k^T it leaves alone, why (a logit soft-cap, tanh(s / c) · c, is not SDPA: such layers
+    stay the model's own)."""
+    g, left = gm.graph, []
+    muls, divs = (operator.mul, torch.mul, "mul"), (operator.truediv, torch.div, "div")
+    for sm in list(g.nodes):
+        if _op(sm) not in SOFTMAX:
+            continue
+        dim, x = _arg(sm, 1, "dim"), _val(sm)
+        if not isinstance(dim, int) or x is None or dim % x.dim() != x.dim() - 1:
+            continue
+        # forward: [.to / .float / .type_as] [dropout(p=0)] then @ v
+        after = []
+        while len((cur := after[-1] if after else sm).users) == 1:
+            nxt = next(iter(cur.users))
+            if _op(nxt) in ("to", "type_as", "float") or (_op(nxt) in DROPOUT and (
+                    _number(_arg(nxt, 1, "p")) == 0.0 or _arg(nxt, 2, "training") is False)):
+                after.append(nxt)
+            else:
+                break
+        cur = after[-1] if after else sm
+        out = next(iter(cur.users)) if len(cur.users) == 1 else None
+        if out is None or _op(out) not in MATMUL or out.args[0] is not cur:
+            continue
+        # backward: [+ mask | masked_fill(cond, -inf)] [· s | / s] q @ k^T — each step used only by the next
+        node, mask, scale, user = sm.args[0], None, None, sm
+        if isinstance(node, fx.Node) and _only_user(node, user):
+            if _op(node) in (operator.add, torch.add, "add") and isinstance(node.args[1], fx.Node):
+                mask, user, node = node.args[1], node, node.args[0]
+            elif _op(node) in (torch.masked_fill, "masked_fill") and _number(_arg(node, 2, "value")) == float("-inf"):
+                mask, user, node = ("not", node.args[1]), node, node.args[0]
+        if isinstance(node, fx.Node) and _only_user(node, user) and _op(node) in muls + divs:
+            c = next((_number(a) for a in node.args if _number(a) is not None), None)
+            base = next((a for a in node.args if isinstance(a, fx.Node)), None)
+            if _op(base) in (torch.tanh, "tanh"):
+                left.append(f"{site_name(sm, len(left), root)}: logit soft-capping (tanh) before the softmax is not "
+                            f"scaled-dot-product attention; left dense")
+                continue
+            if c and base is not None and (_op(node) in muls or node.args[0] is base):
+                scale, user, node = (c if _op(node) in muls else 1.0 / c), node, base
+        if not (isinstance(node, fx.Node) and _op(node) in MATMUL and _only_user(node, user)):
+            continue
+        q, kt = node.args[0], node.args[1]
+        if not (isinstance(kt, fx.Node) and _last_two_swapped(kt)) or scale is None:
+            continue
+        with g.inserting_before(out):
+            if isinstance(mask, tuple):  # masked_fill(c, -inf): attend where c is False
+                cond = mask[1]
+                mask = g.call_function(torch.logical_not, (cond,))
+                if (cv := _val(cond)) is not None:
+                    mask.meta["example_value"] = torch.logical_not(cv)
+            sdpa = g.call_function(torch.nn.functional.scaled_dot_product_attention, (q, kt.args[0], out.args[1]),
+                                   {"attn_mask": mask, "dropout_p": 0.0, "scale": scale})
+        sdpa.meta.update(out.meta)
+        out.replace_all_uses_with(sdpa)
+        first = sm.args[0]
+        for n in (out, *reversed(after), sm):
+            g.erase_node(n)
+        _erase_unused(g, first)
+    g.lint()
+    gm.recompile()
+    return left
+
+
+def _erase_unused(g: fx.Graph, n) -> None:
+    """Erase ``n`` and then its producers while they are unused pure calls (the fused scores' chain)."""
+    todo = [n]
+    while todo:
+        n = todo.pop()
+        if (isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and not n.users
+                and not str(getattr(n.target, "__name__", n.target)).endswith("_")):
+            ins = n.all_input_nodes
+            g.erase_node(n)
+            todo.extend(ins)
+
+
 def analyse(gm: fx.GraphModule, opts: Options, root: str = "") -> list[Site]:
     """Every SDPA node of ``gm`` as a Site, matched and decided (``site.report`` says what and why)."""
     flow = dataflow(gm.graph)

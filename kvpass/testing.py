@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -53,9 +54,9 @@ def tiny_model(family: str = "llama", **overrides):
 class GptFastAttention(torch.nn.Module):
     """gpt-fast style: preallocated cache buffers written with `cache[:, :, pos] = k`, a bool mask."""
 
-    def __init__(self, dim: int, n_head: int, n_kv: int, max_len: int):
+    def __init__(self, dim: int, n_head: int, n_kv: int, max_len: int, decomposed: bool = False):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = n_head, n_kv, dim // n_head
+        self.n_head, self.n_kv, self.hd, self.decomposed = n_head, n_kv, dim // n_head, decomposed
         self.wq = torch.nn.Linear(dim, dim, bias=False)
         self.wkv = torch.nn.Linear(dim, 2 * n_kv * self.hd, bias=False)
         self.wo = torch.nn.Linear(dim, dim, bias=False)
@@ -71,18 +72,24 @@ class GptFastAttention(torch.nn.Module):
         rep = self.n_head // self.n_kv
         keys = self.k_cache.repeat_interleave(rep, dim=1)
         values = self.v_cache.repeat_interleave(rep, dim=1)
-        y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.decomposed:  # nanoGPT style: the attention written out
+            att = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(self.hd))
+            att = att.masked_fill(~mask, float("-inf"))
+            y = torch.nn.functional.softmax(att, dim=-1) @ values
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class GptFast(torch.nn.Module):
     """A two-layer gpt-fast style decoder (no positional encoding: enough to exercise the cache)."""
 
-    def __init__(self, vocab: int = 256, dim: int = 64, n_head: int = 4, n_kv: int = 2, max_len: int = 512):
+    def __init__(self, vocab: int = 256, dim: int = 64, n_head: int = 4, n_kv: int = 2, max_len: int = 512,
+                 decomposed: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.emb = torch.nn.Embedding(vocab, dim)
-        self.layers = torch.nn.ModuleList(GptFastAttention(dim, n_head, n_kv, max_len) for _ in range(2))
+        self.layers = torch.nn.ModuleList(GptFastAttention(dim, n_head, n_kv, max_len, decomposed) for _ in range(2))
         self.out = torch.nn.Linear(dim, vocab, bias=False)
         self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)), persistent=False)
 

@@ -40,6 +40,58 @@ def test_hybrid_sliding_window_layers_keep_their_own_window(estimator):
     assert kvpass.runtime_stats()["tokens_offloaded"] == 1 * (400 + 11 - 4 - 16)  # the full layer only
 
 
+def test_eager_attention_is_recognised_and_rewritten():
+    """attn_implementation="eager" (matmul → scale → + mask → softmax (fp32) → dropout(p=0) → matmul) becomes
+    a site like SDPA's: rewritten, exact mode equals dense, sampling runs on it."""
+    import transformers as tf
+
+    from kvpass.testing import TINY
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**TINY), attn_implementation="eager").eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(4.0)
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(5))
+    report = kvpass.explain(lambda x: model(input_ids=x, use_cache=True), ids)
+    assert [s.rewritten for s in report.sites] == [True, True] and not report.unmatched
+    ref_ids, ref_logits = greedy(model, ids, 10)
+    fwd = model.forward
+    compile_kvpass(model, window_size=16, estimator="exact")
+    ids_k, logits_k = greedy(model, ids, 10)
+    assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
+    assert kvpass.runtime_stats()["tokens_offloaded"] == 2 * (300 + 9 - 4 - 16)
+    torch._dynamo.reset()
+    kvpass.reset()
+    model.forward = fwd
+    compile_kvpass(model, window_size=16, estimator="sample", lsh_k=4, lsh_l=20)
+    greedy(model, ids, 10)
+    assert 0 < kvpass.runtime_stats()["keys_read_fraction"] < 1
+
+
+def test_logit_soft_capping_stays_dense_with_a_reason_and_one_warning(caplog):
+    """Gemma2 (eager, tanh soft-capping of the scores): not scaled-dot-product attention — each layer is
+    named with the reason, the compile warns once, and the model's own attention runs (dense's tokens)."""
+    import logging
+
+    import transformers as tf
+
+    from kvpass.testing import TINY
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(head_dim=16, **TINY), attn_implementation="eager").eval()
+    ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(5))
+    report = kvpass.explain(lambda x: model(input_ids=x, use_cache=True), ids)
+    assert report.rewritten == 0 and len(report.unmatched) == 2
+    assert all("soft-capping" in u for u in report.unmatched) and "model.layers.1.self_attn" in report.unmatched[1]
+    ref_ids, _ = greedy(model, ids, 6)
+    compile_kvpass(model, window_size=16)
+    with caplog.at_level(logging.WARNING, logger="kvpass"):
+        ids_k, _ = greedy(model, ids, 6)
+    warned = [r for r in caplog.records if "no attention was rewritten" in r.getMessage()]
+    assert len(warned) == 1 and "soft-capping" in warned[0].getMessage()
+    assert torch.equal(ids_k, ref_ids)
+
+
 def test_gptfast_module_with_preallocated_cache_and_bool_mask():
     model = GptFast().eval()
     prompt = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(6))
@@ -52,3 +104,18 @@ def test_gptfast_module_with_preallocated_cache_and_bool_mask():
     assert torch.equal(ids_k, ref_ids)
     assert (logits_k - ref_logits).abs().max() <= 1e-4
     assert kvpass.runtime_stats()["tokens_offloaded"] == 2 * (60 + 15 - 4 - 8)
+
+
+def test_handwritten_decomposed_attention_over_a_preallocated_cache():
+    """nanoGPT-style attention written out (q @ kᵀ · s, masked_fill(~mask, -inf), softmax, @ v) over the
+    gpt-fast cache: recognised as a site and rewritten; exact mode gives the SDPA model's tokens."""
+    prompt = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref_ids, ref_logits = gptfast_greedy(GptFast().eval(), prompt, 16)
+        model = GptFast(decomposed=True).eval()
+        report = kvpass.explain(model, prompt[:, :1], torch.tensor([60]))
+        assert [(s.cache, s.phase, s.rewritten) for s in report.sites] == [("static", "decode", True)] * 2
+        step = torch.compile(model, backend="kvpass", options={"inductor": False, "window_size": 8, "estimator": "exact"})
+        ids_k, logits_k = gptfast_greedy(step, prompt, 16)
+    assert torch.equal(ids_k, ref_ids)
+    assert (logits_k - ref_logits).abs().max() <= 1e-4
