@@ -35,7 +35,8 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
 
 
 def runtime_stats() -> dict[str, float]:
-    """Bytes and tokens held by live kvpass stores (all sequences, all sites).  ``keys_read_fraction``:
+    """Bytes and tokens held by live kvpass stores (all sequences, all sites), and how many sequences are
+    live (a sequence's stores go when its cache is dropped, released, or its slot is prefilled anew).  ``keys_read_fraction``:
     keys the CPU scored at the last decode step, over the offloaded keys, averaged over the stores."""
     stores = REGISTRY.stores()
     read = [s.last_keys_read / s.tokens_offloaded for s in stores if s.tokens_offloaded]
@@ -44,8 +45,12 @@ def runtime_stats() -> dict[str, float]:
         if s.batch and s.site not in seen:
             seen.add(s.site)
             projection += s.index.projection_bytes
+    per_site: dict[str, int] = {}
+    for s in stores:
+        per_site[s.site] = per_site.get(s.site, 0) + 1
     return {
         "stores": len(stores),
+        "sequences": max(per_site.values(), default=0),  # live sequences (each has one store per site)
         "device_kv_bytes": sum(s.device_bytes for s in stores),
         "host_kv_bytes": sum(s.host_bytes for s in stores),
         "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),

@@ -7,6 +7,7 @@ drops it (its handle may be unused, at prefill over a static cache) nor reorders
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -18,10 +19,19 @@ from kvpass.lowering import static_attention as _static_ref
 from kvpass.runtime import REGISTRY, KVStore, Options
 
 log = logging.getLogger("kvpass")
+GC_FLOOR = 64 << 20  # host bytes kvpass's stores may reach before finished sequences are collected
 
 
 def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
     REGISTRY.sweep(site)
+    if REGISTRY.reserved_bytes() > max(2 * REGISTRY.after_collect, GC_FLOOR):
+        # A finished sequence's cache often dies in a reference cycle (transformers' caches do), which only
+        # Python's cycle collector frees — a full collection, ~0.1-0.3 s in a process holding a model.  Run
+        # one whenever the stores' memory has doubled since the last (heap-growth policy: what a finished
+        # sequence leaves is bounded by what is live, plus GC_FLOOR), then sweep again.
+        gc.collect()
+        REGISTRY.sweep(site)
+        REGISTRY.after_collect = REGISTRY.reserved_bytes()
     return KVStore(k.shape[1], k.shape[3], options=Options.from_op_string(config), batch=k.shape[0], dtype=k.dtype,
                    device=k.device, site=site)
 

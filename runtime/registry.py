@@ -28,6 +28,7 @@ class Registry:
         self._lock = threading.Lock()
         self._by_handle: dict[int, KVStore] = {}
         self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, KVStore]] = {}
+        self.after_collect = 0  # reserved_bytes() after the last cycle collection kvpass asked for
 
     def new_handle(self, store: KVStore) -> torch.Tensor:
         """A fresh handle for `store` (its previous handle is forgotten).  [B, Hkv, 1, D], NaN-filled:
@@ -79,6 +80,12 @@ class Registry:
                 store = self._by_buffer.pop(key)[1]
                 self._by_handle.pop(store.handle.data_ptr(), None)
         return len(dead) + len(dead_buf)
+
+    def reserved_bytes(self) -> int:
+        """Host bytes reserved by every registered store (live, or finished and not yet swept)."""
+        with self._lock:
+            stores = list(self._by_handle.values())
+        return sum(s.host.reserved_bytes + s.index_bytes for s in stores if s.batch)
 
     def release(self, tensors) -> int:
         """Drop the stores that ``tensors`` name — placeholders (by their handle) or static cache buffers —
