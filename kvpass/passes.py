@@ -53,7 +53,8 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], opts: Options) -> None:
 
 
 def run_pass(gm: fx.GraphModule, opts: Options, needs_grad: bool = False) -> Report:
-    unmatched = fuse_decomposed_attention(gm)  # eager softmax(q·kᵀ)·v → SDPA, first
+    # eager softmax(q·kᵀ)·v → SDPA first (inference graphs only: a training graph is left exactly as it is)
+    unmatched = [] if needs_grad else fuse_decomposed_attention(gm)
     sites = analyse(gm, opts)
     if needs_grad:  # kvpass's ops have no backward; training graphs stay exactly as they are
         for s in sites:
