@@ -130,14 +130,15 @@ _WARNED: set[str] = set()
 
 
 def _masked_path(mask: torch.Tensor | None, store: KVStore, site: str) -> bool:
-    """Whether this step must apply the model's mask itself (and say so once per site)."""
+    """Whether this step must apply the model's mask itself (and say so once per process, not per site:
+    a padded batch has such a mask at every layer)."""
     if mask is None or _mask_is_causal(mask, store, site):
         return False
-    if site not in _WARNED:
-        _WARNED.add(site)
-        log.warning("kvpass: site %s: the attention mask is not plain causal (padding, a sliding window or "
-                    "a bias); kvpass applies it exactly with a slower torch path for the offloaded part",
-                    site)
+    if "masked" not in _WARNED:
+        _WARNED.add("masked")
+        log.warning("kvpass: the attention mask (first at site %s) is not plain causal (padding, a sliding window "
+                    "or a bias); kvpass applies such masks exactly, with a slower torch path for the offloaded "
+                    "part (said once; runtime_stats()['masked_steps'] counts the steps)", site)
     return True
 
 

@@ -209,16 +209,24 @@ def test_beam_search_is_a_clear_error_not_nan(estimator):
         model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=0)
 
 
-def test_padded_batch_is_offloaded_and_exact():
+def test_padded_batch_is_offloaded_and_exact(caplog, monkeypatch):
     """A left-padded batch: the mask is not plain causal, so kvpass applies it exactly (slower path,
-    counted in runtime_stats) — the outputs equal the eager model's, and the KV is still offloaded."""
+    counted in runtime_stats, said in one log line, not one per layer) — the outputs equal the eager
+    model's, and the KV is still offloaded."""
+    import logging
+
+    from kvpass import ops
+
+    monkeypatch.setattr(ops, "_WARNED", set())
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     ref_ids, ref_logits = greedy(model, ids, 8, attention_mask=mask)
     compile_kvpass(model, window_size=8)
-    ids_k, logits_k = greedy(model, ids, 8, attention_mask=mask)
+    with caplog.at_level(logging.WARNING, logger="kvpass"):
+        ids_k, logits_k = greedy(model, ids, 8, attention_mask=mask)
+    assert sum("not plain causal" in r.getMessage() for r in caplog.records) == 1
     assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
     stats = kvpass.runtime_stats()
     assert stats["tokens_offloaded"] == 2 * (40 + 7 - 4 - 8)
