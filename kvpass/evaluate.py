@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpass.tasks import NOISE, Sample, encode, make_samples
+from kvpass.tasks import NOISE, Sample, common_prefix, encode, make_samples
 
 # SimHash bits for kvpass-sample in a budget sweep (L = 150, threshold 2).  Measured on SmolLM2 (real
 # text, 2k context): K = 11, 10, 9, 8 read 1.4%, 3.5%, 8.2%, 18.8% of the offloaded keys
@@ -135,8 +135,7 @@ def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None]
         n, q = s.ids.shape[1], s.question
         # a context that begins as the last one did (pass-key prompts differ from the needle on) reuses
         # that much of its cache
-        m = min(held.shape[1], n - q)
-        same = int((held[0, :m] == s.ids[0, :m]).int().cumprod(0).sum())
+        same = common_prefix(held[0], s.ids[0, :n - q])
         if same == 0:
             cache = dense_prefix(model, s.ids, n - q)
         else:

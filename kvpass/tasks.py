@@ -36,14 +36,19 @@ class Sample:
         return sum(a in text for a in self.answers) / len(self.answers)
 
 
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading tokens the 1-D id sequences ``a`` and ``b`` share."""
+    m = min(len(a), len(b))
+    return int((a[:m] == b[:m]).int().cumprod(0).sum())
+
+
 def encode(tok, context: str, question: str) -> tuple[torch.Tensor, int]:
     """Token ids [1, T] of ``context + question`` and how many of the last ones are the question: those after
     the longest run of tokens the context alone tokenises to (a space may merge with the question's first
     word)."""
     ids = tok(context + question, return_tensors="pt")["input_ids"]
-    alone = torch.tensor(tok(context)["input_ids"][:ids.shape[1]])
-    same = (ids[0, :len(alone)] == alone).int().cumprod(0).sum()
-    return ids, max(1, ids.shape[1] - int(same))
+    same = common_prefix(ids[0], torch.tensor(tok(context)["input_ids"]))
+    return ids, max(1, ids.shape[1] - same)
 
 
 @functools.cache

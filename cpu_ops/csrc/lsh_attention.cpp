@@ -632,12 +632,17 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
 // constant per row — the same ranking and ties as Σ q_d · code_d.  The sums are exact integers (|s| ≤
 // 127 · 255 · 512 < 2^24 for D ≤ 512), stored as floats; the portable path computes the same ones.
 
-// Each row's quantised query as 4-byte words [rows][⌈D/4⌉] (zero past D).
-void sketch_query_words(const Problem& P, int64_t b, int64_t hk, std::vector<int32_t>& qw) {
+// The quantised query rows of (batch row, kv head): 4-byte words [G·Tq][⌈D/4⌉] in P.sk_qw.
+KVPASS_INLINE int64_t sketch_qw_offset(const Problem& P, int64_t b, int64_t hk) {
+  return (b * P.Hkv + hk) * P.G * P.Tq * ((P.D + 3) / 4);
+}
+
+// Each row's quantised query as 4-byte words [rows][⌈D/4⌉] (zero past D), written at qw.
+void sketch_query_words(const Problem& P, int64_t b, int64_t hk, int32_t* qw) {
   const int64_t D = P.D, D4 = (D + 3) / 4, rows = P.G * P.Tq;
   const int64_t rg = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
   const float* scale = P.sk_scale + (b * P.Hkv + hk) * D;
-  qw.assign(rows * D4, 0);
+  std::fill(qw, qw + rows * D4, 0);
   float qs[512];
   for (int64_t r = 0; r < rows; ++r) {
     float m = 0.f;
@@ -646,7 +651,7 @@ void sketch_query_words(const Problem& P, int64_t b, int64_t hk, std::vector<int
       m = std::max(m, std::fabs(qs[i]));
     }
     const float inv = m > 0.f ? 127.f / m : 0.f;
-    int8_t* bytes = reinterpret_cast<int8_t*>(qw.data() + r * D4);
+    int8_t* bytes = reinterpret_cast<int8_t*>(qw + r * D4);
     for (int64_t i = 0; i < D; ++i) bytes[i] = static_cast<int8_t>(std::nearbyint(qs[i] * inv));
   }
 }
@@ -769,7 +774,8 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk)
           for (int64_t c = 0; c < n_chunks; ++c)
-            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles), P.sk_qw.data() + (b * P.Hkv + hk) * P.G * P.Tq * ((P.D + 3) / 4));
+            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles),
+                        P.sk_qw.data() + sketch_qw_offset(P, b, hk));
     } else if (P.estimator != kOracle) {
       const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
       const int64_t n_chunks = (P.L + chunk - 1) / chunk;
@@ -930,13 +936,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.candidates = std::max<int64_t>(budget, 1);
     const char* scan = std::getenv("KVPASS_SKETCH_SCAN");  // "portable": tests compare the two paths
     P.sk_vnni = cpu_has_vnni() && !(scan && std::string(scan) == "portable");
-    P.sk_qw.resize(B * Hkv * H / Hkv * Tq * D4);
+    P.sk_qw.resize(B * H * Tq * D4);
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t hk = 0; hk < Hkv; ++hk) {
-        std::vector<int32_t> qw;
-        sketch_query_words(P, b, hk, qw);
-        std::copy(qw.begin(), qw.end(), P.sk_qw.begin() + (b * Hkv + hk) * qw.size());
-      }
+      for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));
     sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
     P.sk_score = sk_score.data_ptr<float>();
   }
