@@ -65,40 +65,51 @@ def simhash(x: torch.Tensor, mu: torch.Tensor, proj: torch.Tensor, lsh_k: int, c
 
 # ---------------------------------------------------------------- the key sketch (the "sketch" retriever)
 
-SKETCH_LEVELS = 127  # int8 codes in [-127, 127]
+SKETCH_BITS = (8, 4)  # code widths the sketch supports
 
 
-def sketch_scale(keys: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+def sketch_levels(bits: int) -> int:
+    """The codes of a ``bits``-bit sketch lie in [-levels, levels]: 127 for int8, 7 for int4."""
+    return (1 << (bits - 1)) - 1
+
+
+def sketch_scale(keys: torch.Tensor, mu: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Per-dimension step of the key sketch, frozen with μ when the index is built: max |k − μ| over the
-    build keys / 127 (1 where a dimension is constant).  keys [B, Hkv, n, D]; mu [B, Hkv, D] → fp32."""
+    build keys / levels (``sketch_levels``; 1 where a dimension is constant).  keys [B, Hkv, n, D]; mu
+    [B, Hkv, D] → fp32."""
     amax = (keys.float() - mu[:, :, None]).abs().amax(2)
-    return torch.where(amax > 0, amax / SKETCH_LEVELS, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / sketch_levels(bits), torch.ones_like(amax))
 
 
-def sketch_codes(k: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int8 [B, Hkv, n, D]: round((k − μ) / scale), clamped to ±127 (a later key beyond the build keys'
+def sketch_codes(k: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """int8 [B, Hkv, n, D]: round((k − μ) / scale), clamped to ±levels (a later key beyond the build keys'
     range saturates).  The sketch score of key j for query q is Σ_d q_d · scale_d · code_jd, q·(k − μ) up
     to the rounding — the same ranking as q·k, since q·μ is one constant per query."""
     x = (k.float() - mu[:, :, None].to(k.device)) / scale[:, :, None].to(k.device)
-    return x.round().clamp(-SKETCH_LEVELS, SKETCH_LEVELS).to(torch.int8)
+    lv = sketch_levels(bits)
+    return x.round().clamp(-lv, lv).to(torch.int8)
 
 
-def sketch_query(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The query as the sketch scores it: q' = q · scale per dimension, rounded to ±127 levels of its own
-    max |q'_d| (one step per query row; a zero row stays 0).  q [B, Hkv, G, Tq, D] fp32, scale
-    [B, Hkv, D] → integer-valued fp32, same shape.  The kernel computes the same integers (the same fp32
-    products and one fp32 division per row, rounded half to even)."""
-    qs = q.float() * scale[:, :, None, None]
+def sketch_project(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q' = q · scale per dimension (fp32): q [B, Hkv, G, Tq, D], scale [B, Hkv, D] → same shape as q.  The
+    store hands the kernel these rows; the reference computes them here, so both quantise the same floats."""
+    return q.float() * scale[:, :, None, None]
+
+
+def sketch_query(qs: torch.Tensor) -> torch.Tensor:
+    """The scaled query rows (``sketch_project``) rounded to ±127 levels of their own max |q'_d| (one step
+    per row; a zero row stays 0) → integer-valued fp32, same shape.  The kernel computes the same integers
+    (one fp32 division per row, the same products, rounded half to even)."""
     m = qs.abs().amax(-1, keepdim=True)
-    inv = torch.where(m > 0, torch.full_like(m, SKETCH_LEVELS) / m, torch.zeros_like(m))  # one fp32 division
+    inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))  # one fp32 division
     return (qs * inv).round()
 
 
 def sketch_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Integer sketch scores Σ_d round(q'_d) · code_jd (``sketch_query``), exact in fp32 (|score| ≤
     127² · D < 2^24 for D ≤ 512), the ranking of q·(k − μ) up to both roundings: q [B, Hkv, G, Tq, D]
-    fp32, codes [B, Hkv, n, D] int8, scale [B, Hkv, D] → [B, Hkv, G, Tq, n]."""
-    return sketch_query(q, scale) @ codes.float().transpose(-1, -2)[:, :, None]
+    fp32, codes [B, Hkv, n, D] int8 (any width), scale [B, Hkv, D] → [B, Hkv, G, Tq, n]."""
+    return sketch_query(sketch_project(q, scale)) @ codes.float().transpose(-1, -2)[:, :, None]
 
 
 def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:

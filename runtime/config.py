@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpass.lowering.reference import ESTIMATORS
+from kvpass.lowering.reference import ESTIMATORS, SKETCH_BITS
 
 
 @dataclass
@@ -99,6 +99,8 @@ class Options:
                           "topk takes the `budget` best) | 'lsh' (SimHash tables: sample's retrieval; topk takes "
                           "the best candidates) | 'auto' (sketch for topk, lsh for sample)",
                           kind="custom", check=_retriever_error, runtime=True)
+    sketch_bits: int = knob(8, "retriever 'sketch': bits per code of a key dimension (8: int8; 4: int4, half "
+                            "the bytes scanned)", kind="choice", choices=SKETCH_BITS, runtime=True)
     lsh_k: int = knob(10, "SimHash bits per table", lo=1, hi=16, runtime=True)
     lsh_l: int = knob(150, "SimHash tables", lo=1, hi=65535, runtime=True)
     lsh_threshold: int = knob(2, "collisions (of lsh_l tables) that retrieve a key", kind="custom",

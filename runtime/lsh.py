@@ -38,21 +38,37 @@ def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: in
     return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device, torch.bfloat16)
 
 
+def sketch_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The kernel's bytes for sketch codes [B, Hkv, n, D] (int8 values in ±levels): [B, Hkv, n, words, 4],
+    which the index stores per tile of 16 keys as [words][16 keys][4 bytes] — one 64-byte load gives the
+    kernel 16 keys x 4 bytes, one int8 dot-product instruction's operand.
+    int8: byte e of word g = code of dimension 4g + e (words = ⌈D/4⌉; zero past D).
+    int4: byte e of word g = (code[8g + e] + 8) | (code[8g + 4 + e] + 8) << 4, unsigned nibbles (words =
+    ⌈D/8⌉; code 0 past D) — the low nibbles hold dimensions 8g..8g+3, the high ones 8g+4..8g+7."""
+    B, Hkv, n, D = codes.shape
+    if bits == 8:
+        return torch.nn.functional.pad(codes, (0, -D % 4)).reshape(B, Hkv, n, -1, 4)
+    c = (torch.nn.functional.pad(codes, (0, -D % 8)).to(torch.int16) + 8).reshape(B, Hkv, n, -1, 2, 4)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).to(torch.uint8).view(torch.int8)
+
+
 class LSHIndex:
     """The SimHash index of one store (one sequence batch at one attention site)."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, options: Options, *, site: str = "",
                  min_keys: int = 256, seal_size: int = 4096):
         self.batch, self.num_kv_heads, self.head_dim, self.site = batch, num_kv_heads, head_dim, site
-        # retriever "sketch": no bucket tables; an int8 sketch of every key (k − μ) / scale instead, in
-        # blocks of SKETCH_BLOCK keys (the kernel scans it).  Nothing is hashed: the kernel's SimHash
+        # retriever "sketch": no bucket tables; a sketch of every key (k − μ) / scale instead (int8, or int4:
+        # ``sketch_bits``), in blocks of SKETCH_BLOCK keys (the kernel scans it).  Nothing is hashed: the kernel's SimHash
         # arguments shrink to one table (a [Hkv, D, K] projection it never reads, not 150)
         self.sketch = options.index == "sketch"
         lsh_k, lsh_l = options.lsh_k, 1 if self.sketch else options.lsh_l
         self.lsh_k, self.lsh_l, self.seed = lsh_k, lsh_l, options.seed
         self.threshold = 1 if self.sketch else options.lsh_threshold
+        self.sketch_bits = options.sketch_bits
         self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
-        self.sketch_blocks: list[torch.Tensor] = []    # int8 [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]
+        # int8 codes: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]; int4: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/8⌉, 16, 4]
+        self.sketch_blocks: list[torch.Tensor] = []
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -98,36 +114,33 @@ class LSHIndex:
             keys = k if k.shape[2] == self.n_keys else host_keys()
             self.mu = keys.float().mean(2).cpu()  # [B, Hkv, D]
             if self.sketch:
-                self.sketch_scale = sketch_scale(keys.cpu(), self.mu)
+                self.sketch_scale = sketch_scale(keys.cpu(), self.mu, self.sketch_bits)
         else:
             return
         if self.sketch:
-            self._add_sketch(sketch_codes(keys.cpu(), self.mu, self.sketch_scale))
+            self._add_sketch(sketch_codes(keys.cpu(), self.mu, self.sketch_scale, self.sketch_bits))
         else:
             self._add_codes(self.codes(keys).cpu())
 
     def _add_sketch(self, codes: torch.Tensor) -> None:
         """codes: int8 [B, Hkv, n, D] of the next n offloaded keys, into the sketch blocks: SKETCH_BLOCK keys
-        each, laid out [B, Hkv, tiles, ⌈D/4⌉, 16, 4] — per tile of 16 keys, 4 dimensions at a time, each
-        key's 4 codes together (zero-padded past D): one 64-byte load gives the kernel 16 keys x 4
-        dimensions, one int8 dot-product instruction's operand."""
+        each, as ``sketch_tiles`` lays them out."""
         t, n = 0, codes.shape[2]
-        B, Hkv, _, D = codes.shape
-        D4 = -(-D // 4)
-        codes = torch.nn.functional.pad(codes, (0, 4 * D4 - D)).reshape(B, Hkv, n, D4, 4)
+        tiles = sketch_tiles(codes, self.sketch_bits)  # [B, Hkv, n, words, 4], n a multiple of 16 or not
+        B, Hkv, _, words, _ = tiles.shape
         at = self.n_keys - n  # keys sketched before these
         while t < n:
             if at % SKETCH_BLOCK == 0 and at // SKETCH_BLOCK == len(self.sketch_blocks):
-                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, D4, 16, 4, dtype=torch.int8))
+                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, words, 16, 4, dtype=torch.int8))
             blk = self.sketch_blocks[at // SKETCH_BLOCK]
             off = at % SKETCH_BLOCK
             m = min(SKETCH_BLOCK - off, n - t)
             if off % 16 == 0 and m % 16 == 0:  # whole tiles: one strided copy
-                blk[:, :, off // 16:(off + m) // 16] = codes[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, D4, 4) \
+                blk[:, :, off // 16:(off + m) // 16] = tiles[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, words, 4) \
                     .transpose(3, 4)
             else:
                 for i in range(m):
-                    blk[:, :, (off + i) // 16, :, (off + i) % 16] = codes[:, :, t + i]
+                    blk[:, :, (off + i) // 16, :, (off + i) % 16] = tiles[:, :, t + i]
             at, t = at + m, t + m
 
     def _add_codes(self, codes: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import sys
 import torch
 from kvpass.cpu_ops import lsh_attention
 from kvpass.lowering import merge_partials, static_attention
-from kvpass.lowering.reference import ESTIMATORS, ring_slot
+from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex
 
@@ -260,8 +260,9 @@ class KVStore:
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         rows = max(1, qh.shape[2])
-        if estimator == "topk" and idx.sketch:
-            static.update(sketch_blocks=idx.sketch_blocks, sketch_scale=idx.sketch_scale)
+        sketch = estimator == "topk" and idx.sketch
+        if sketch:
+            static["sketch_blocks"] = idx.sketch_blocks
             # the kernel keeps a sketch score per query row and key: bounded (256 MiB) by query chunks
             rows = max(1, SKETCH_SCORES // max(1, self.batch * qh.shape[1] * n))
         parts = []
@@ -269,6 +270,11 @@ class KVStore:
             kw = dict(static)
             if with_static:
                 kw["static_allowed"] = static["static_allowed"][t0:t0 + rows]
+            if sketch:  # the query rows scaled as the sketch's codes are
+                qc = qh[:, :, t0:t0 + rows]
+                B, H, Tq, D = qc.shape
+                qs = sketch_project(qc.reshape(B, self.num_kv_heads, H // self.num_kv_heads, Tq, D), idx.sketch_scale)
+                kw.update(sketch_query=qs.reshape(B, H, Tq, D), sketch_bits=idx.sketch_bits)
             parts.append(lsh_attention(
                 qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,
                 self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,

@@ -10,11 +10,11 @@
 // Retrieval visits the query's bucket in every table of every segment and counts collisions per key;
 // keys reaching `threshold` collisions are the candidates.  Nothing scans all keys' codes.
 //
-// The "sketch" retriever (topk only) instead scans an int8 sketch of every centred key, code = round((k -
-// mu) / scale) per dimension (lowering/reference.py: sketch_codes), scoring all of them approximately,
-// in integers: round(q * scale, 127 levels) . code (sketch_query, sketch_scores; AVX512-VNNI where the
-// CPU has it) — once per (batch row, kv head) for all the group's query rows, in key chunks — and
-// attends the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its
+// The "sketch" retriever (topk only) instead scans a sketch of every centred key, code = round((k - mu) /
+// scale) per dimension, int8 or int4 (lowering/reference.py: sketch_codes), scoring all of them
+// approximately, in integers: round(q * scale, 127 levels) . code (sketch_project, computed by the caller;
+// sketch_query, sketch_scores; AVX512-VNNI where the CPU has it) — once per (batch row, kv head) for all
+// the group's query rows, in key chunks — and attends the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its
 // best keys are the exact best, measured on Qwen2.5-Coder-0.5B keys; re-ranking 2-4x as many by exact
 // score changed nothing).
 //
@@ -212,11 +212,12 @@ std::tuple<at::Tensor, at::Tensor> merge_segments(const at::Tensor& ids_a, const
 // ---------------------------------------------------------------- selecting the sketch's best keys
 
 // The positions of the m largest of x[0, n) in ascending order, equal values by position (the reference's
-// stable sort).  Usually one pass: a threshold τ from a strided sample of ~1024 (the value that ~1.5 m + 16 of the
-// n would exceed, were the sample representative) keeps every position with x ≥ τ — a superset of the
-// answer whenever at least m pass, and then the best m of those are chosen exactly.  When fewer pass
-// (an unrepresentative sample), a histogram of the top 11 bits of order-preserving integer keys finds
-// the bin holding the m-th largest and the same exact choice runs on that bin's and the higher bins'
+// stable sort).  Usually one pass: a threshold τ from a sample of ~1024 (whole cache lines of 16 scores,
+// 64 lines spread over the row: one miss per 16 samples; the value that ~1.5 m + 16 of the n would
+// exceed, were the sample representative) keeps every position with x ≥ τ — a superset of the answer
+// whenever at least m pass, and then the best m of those are chosen exactly.  When fewer pass (an
+// unrepresentative sample), a histogram of the top 11 bits of order-preserving integer keys finds the
+// bin holding the m-th largest and the same exact choice runs on that bin's and the higher bins'
 // positions.  Either way the result is exact.
 KVPASS_INLINE uint32_t float_key(float f) {
   uint32_t u;
@@ -226,33 +227,66 @@ KVPASS_INLINE uint32_t float_key(float f) {
 
 struct TopScratch {
   std::vector<uint32_t> hist, sample;
+  std::vector<uint64_t> rank;
   std::vector<int32_t> above, edge;
 };
 
-void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratch& t) {
+// Appends to `out` the positions j of x[0, n) with x[j] >= tau, in order (AVX-512: a compare mask per 16).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void positions_at_least_avx512(const float* x, int64_t n, float tau,
+                                                                   std::vector<int32_t>& out) {
+  const __m512 t = _mm512_set1_ps(tau);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= n; j0 += 16)
+    for (uint32_t bits = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j0), t, _CMP_GE_OQ); bits; bits &= bits - 1)
+      out.push_back(int32_t(j0 + __builtin_ctz(bits)));
+  for (; j0 < n; ++j0)
+    if (x[j0] >= tau) out.push_back(int32_t(j0));
+}
+#endif
+
+void positions_at_least(const float* x, int64_t n, float tau, std::vector<int32_t>& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return positions_at_least_avx512(x, n, tau, out);
+#endif
+  for (int64_t j = 0; j < n; ++j)
+    if (x[j] >= tau) out.push_back(int32_t(j));
+}
+
+KVPASS_CLONES void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratch& t) {
   if (m >= n) {
     std::iota(out, out + n, 0);
     return;
   }
-  auto better = [&](int32_t a, int32_t c) {
-    const uint32_t ka = float_key(x[a]), kc = float_key(x[c]);
-    return ka > kc || (ka == kc && a < c);
-  };
+  // a position's rank key: its value's key, then the lower position first — larger is better, all distinct
+  auto rank = [&](int32_t j) { return (uint64_t(float_key(x[j])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(j)); };
   auto choose = [&](std::vector<int32_t>& sure, std::vector<int32_t>& maybe, int64_t need) {
-    // `sure` are in the answer, `maybe` hold the rest of it: their best `need`; both in position order
+    // `sure` are in the answer, `maybe` hold the rest of it: their best `need`; both in position order.
+    // The need-th best rank key of `maybe` is found by selection; one pass in position order then keeps
+    // exactly those at or above it, still in order (no sort)
     if (need < int64_t(maybe.size())) {
-      std::nth_element(maybe.begin(), maybe.begin() + need, maybe.end(), better);
-      maybe.resize(need);
-      std::sort(maybe.begin(), maybe.end());
+      t.rank.resize(maybe.size());
+      for (size_t i = 0; i < maybe.size(); ++i) t.rank[i] = rank(maybe[i]);
+      std::nth_element(t.rank.begin(), t.rank.begin() + (need - 1), t.rank.end(), std::greater<uint64_t>());
+      const uint64_t cut = t.rank[need - 1];
+      size_t kept = 0;
+      for (size_t i = 0; i < maybe.size(); ++i) {
+        maybe[kept] = maybe[i];
+        kept += rank(maybe[i]) >= cut;
+      }
+      maybe.resize(kept);
     }
     std::merge(sure.begin(), sure.end(), maybe.begin(), maybe.end(), out);
   };
   t.above.clear();
   t.edge.clear();
-  const int64_t stride = std::max<int64_t>(1, n / 1024);
-  if (stride >= 4) {
+  constexpr int64_t kLines = 64, kLine = 16;
+  if (n >= 16 * kLines * kLine) {
     t.sample.clear();
-    for (int64_t j = 0; j < n; j += stride) t.sample.push_back(float_key(x[j]));
+    const int64_t step = n / kLines / kLine * kLine;  // whole lines (x is 64-byte aligned per row or not:
+    for (int64_t c = 0; c < kLines; ++c)              // either way 16 neighbours, one or two lines)
+      for (int64_t l = 0; l < kLine; ++l) t.sample.push_back(float_key(x[c * step + l]));
     const int64_t s = int64_t(t.sample.size());
     const int64_t want = std::min<int64_t>(s - 1, (3 * m / 2 + 16) * s / n);
     std::nth_element(t.sample.begin(), t.sample.begin() + want, t.sample.end(), std::greater<uint32_t>());
@@ -262,15 +296,7 @@ void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratc
     const uint32_t u = (tau & 0x80000000u) ? (tau & 0x7fffffffu) : ~tau;
     float tau_f;
     std::memcpy(&tau_f, &u, 4);
-    int64_t j0 = 0;
-    for (; j0 + 16 <= n; j0 += 16) {
-      uint32_t bits = 0;
-#pragma omp simd reduction(| : bits)
-      for (int l = 0; l < 16; ++l) bits |= uint32_t(x[j0 + l] >= tau_f) << l;
-      for (; bits; bits &= bits - 1) t.edge.push_back(int32_t(j0 + __builtin_ctz(bits)));
-    }
-    for (; j0 < n; ++j0)
-      if (x[j0] >= tau_f) t.edge.push_back(int32_t(j0));
+    positions_at_least(x, n, tau_f, t.edge);
     if (int64_t(t.edge.size()) >= m) {
       choose(t.above, t.edge, m);
       return;
@@ -316,13 +342,16 @@ struct Problem {
   const float* logp;     // kTable + 1
   std::vector<Segment> segs;
   std::vector<const void*> kb, vb;  // per host block, at (b=0, hk=0, token 0)
-  std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, int8 [B, Hkv, tiles, ⌈D/4⌉, 16, 4] (empty: LSH)
-  std::vector<int32_t> sk_qw;       // sketch: the quantised query rows, [B, Hkv, G·Tq, ⌈D/4⌉] words of 4 int8
+  std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, [B, Hkv, tiles, words, 16, 4] (empty: LSH)
+  std::vector<int32_t> sk_qw;       // sketch: the quantised query rows, [B, Hkv, G·Tq, qwords] words of 4 int8
+  int64_t sk_bits = 8, sk_words = 0, sk_qwords = 0;  // code width; 4-byte words per key in a tile; per query row
   bool sk_vnni = false;             // sketch: scan with AVX512-VNNI (else the portable loop: the same sums)
   int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
-  const float* sk_scale = nullptr;  // [B, Hkv, D]
+  const float* sk_q = nullptr;      // [B, H, Tq, D]: the query rows scaled as the codes are (q * scale)
   int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
-  float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores (scratch, filled by sketch_scan)
+  float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores (scratch, filled by sketch_scan), or
+  bool sk_group = false;            // null: each (batch row, kv head) is one work unit, scanned into a
+                                    // per-thread buffer and its rows attended at once (sketch_group_units)
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
@@ -339,6 +368,8 @@ struct Scratch {
   int64_t n_touched = 0, n_cand = 0;
   std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
   TopScratch top;  // sketch: selecting the best sketch scores
+  std::vector<float> skg;  // sketch, group units: the unit's rows' scores
+  const float* sk_row = nullptr;  // sketch: the current row's scores (n_keys)
 };
 
 // Prefetch one cache line (into L1).  Not __builtin_prefetch: GCC 12 deleted the K/V row prefetch loops
@@ -373,7 +404,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     s.n_cand = P.n_keys;
   } else if (!P.skb.empty()) {  // sketch: the `candidates` best sketch scores, in key order
     const int64_t m = std::min(P.candidates, P.n_keys);
-    top_positions(P.sk_score + r * P.n_keys, P.n_keys, m, s.cand.data(), s.top);
+    top_positions(s.sk_row, P.n_keys, m, s.cand.data(), s.top);
     s.n_cand = m;
   } else {
     const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
@@ -624,57 +655,61 @@ KVPASS_CLONES void hash_queries(const Problem& P, int64_t b, int64_t hk, int64_t
 }
 
 // Sketch scores of key tiles [t0, t1) (16 keys each) for the G·Tq query rows of one (batch row, kv head),
-// in integers: each row's q' = q · scale rounded to ±127 levels of its max |q'_d| (lowering/reference.py:
-// sketch_query), dotted with the keys' int8 codes.  A tile is stored [⌈D/4⌉][16][4]: one 64-byte load holds
-// 16 keys x 4 dimensions, the operand of one int8 dot-product instruction (AVX512-VNNI vpdpbusd: unsigned
-// x signed bytes, 4 per 32-bit lane), which then serves every row of the group with the row's 4 query
-// bytes broadcast.  vpdpbusd needs the keys unsigned: code ^ 0x80 = code + 128, which adds 128 · Σ_d q_d, one
-// constant per row — the same ranking and ties as Σ q_d · code_d.  The sums are exact integers (|s| ≤
-// 127 · 255 · 512 < 2^24 for D ≤ 512), stored as floats; the portable path computes the same ones.
+// in integers: each row's q' = q · scale (handed in) rounded to ±127 levels of its max |q'_d|
+// (lowering/reference.py: sketch_query), dotted with the keys' codes.  A tile is stored [words][16][4]
+// (runtime/lsh.py: sketch_tiles): one 64-byte load holds 16 keys x 4 bytes, the operand of one int8
+// dot-product instruction (AVX512-VNNI vpdpbusd: unsigned x signed bytes, 4 per 32-bit lane), which then
+// serves every row of the group with the row's 4 query bytes broadcast.  int8: 4 dimensions a word;
+// vpdpbusd needs the keys unsigned: code ^ 0x80 = code + 128, which adds 128 · Σ_d q_d, one constant per
+// row — the same ranking and ties as Σ q_d · code_d.  int4: 8 dimensions a word, stored as code + 8 in
+// nibbles (low: 4 dimensions, high: the next 4), two instructions a load (masked, shifted) and a constant
+// 8 · Σ_d q_d.  The sums are exact integers (|s| ≤ 127 · 255 · 512 < 2^24 for D ≤ 512), stored as
+// floats; the portable path computes the same ones.
 
-// The quantised query rows of (batch row, kv head): 4-byte words [G·Tq][⌈D/4⌉] in P.sk_qw.
+// The quantised query rows of (batch row, kv head): 4-byte words [G·Tq][qwords] in P.sk_qw.
 KVPASS_INLINE int64_t sketch_qw_offset(const Problem& P, int64_t b, int64_t hk) {
-  return (b * P.Hkv + hk) * P.G * P.Tq * ((P.D + 3) / 4);
+  return (b * P.Hkv + hk) * P.G * P.Tq * P.sk_qwords;
 }
 
-// Each row's quantised query as 4-byte words [rows][⌈D/4⌉] (zero past D), written at qw.
+// Each row's quantised query as 4-byte words [rows][qwords] (zero past D), written at qw.
 void sketch_query_words(const Problem& P, int64_t b, int64_t hk, int32_t* qw) {
-  const int64_t D = P.D, D4 = (D + 3) / 4, rows = P.G * P.Tq;
-  const int64_t rg = (b * P.H + hk * P.G) * P.Tq;  // the group's rows are consecutive
-  const float* scale = P.sk_scale + (b * P.Hkv + hk) * D;
-  std::fill(qw, qw + rows * D4, 0);
-  float qs[512];
-  for (int64_t r = 0; r < rows; ++r) {
+  const int64_t D = P.D, QW = P.sk_qwords, rows = P.G * P.Tq;
+  const float* qs = P.sk_q + (b * P.H + hk * P.G) * P.Tq * D;  // the group's rows are consecutive
+  std::fill(qw, qw + rows * QW, 0);
+  for (int64_t r = 0; r < rows; ++r, qs += D) {
     float m = 0.f;
-    for (int64_t i = 0; i < D; ++i) {
-      qs[i] = P.q[(rg + r) * D + i] * scale[i];
-      m = std::max(m, std::fabs(qs[i]));
-    }
+    for (int64_t i = 0; i < D; ++i) m = std::max(m, std::fabs(qs[i]));
     const float inv = m > 0.f ? 127.f / m : 0.f;
-    int8_t* bytes = reinterpret_cast<int8_t*>(qw + r * D4);
+    int8_t* bytes = reinterpret_cast<int8_t*>(qw + r * QW);
     for (int64_t i = 0; i < D; ++i) bytes[i] = static_cast<int8_t>(std::nearbyint(qs[i] * inv));
   }
 }
 
 KVPASS_INLINE const uint8_t* sketch_tile(const Problem& P, int64_t b, int64_t hk, int64_t tile) {
   return reinterpret_cast<const uint8_t*>(P.skb[tile / P.sk_tiles] + b * P.skb_s0 + hk * P.skb_s1) +
-         (tile % P.sk_tiles) * ((P.D + 3) / 4) * 64;
+         (tile % P.sk_tiles) * P.sk_words * 64;
 }
 
 KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
-                                        const int32_t* qw) {
-  const int64_t D4 = (P.D + 3) / 4, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+                                        const int32_t* qw, float* scores) {
+  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+  const bool int4 = P.sk_bits == 4;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
     const uint8_t* c = sketch_tile(P, b, hk, tile);
     for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* qb = reinterpret_cast<const int8_t*>(qw + r * D4);
+      const int8_t* qb = reinterpret_cast<const int8_t*>(qw + r * QW);
       int32_t acc[16] = {};
-      for (int64_t g = 0; g < D4; ++g)
+      for (int64_t g = 0; g < W; ++g)
         for (int64_t l = 0; l < 16; ++l)
-          for (int64_t e = 0; e < 4; ++e)
-            acc[l] += int32_t(uint8_t(c[g * 64 + l * 4 + e] ^ 0x80u)) * int32_t(qb[g * 4 + e]);
-      for (int64_t l = 0; l < nl; ++l) P.sk_score[(rg + r) * P.n_keys + j + l] = float(acc[l]);
+          for (int64_t e = 0; e < 4; ++e) {
+            const uint8_t x = c[g * 64 + l * 4 + e];
+            if (int4)
+              acc[l] += int32_t(x & 15u) * int32_t(qb[g * 8 + e]) + int32_t(x >> 4) * int32_t(qb[g * 8 + 4 + e]);
+            else
+              acc[l] += int32_t(uint8_t(x ^ 0x80u)) * int32_t(qb[g * 4 + e]);
+          }
+      for (int64_t l = 0; l < nl; ++l) scores[r * P.n_keys + j + l] = float(acc[l]);
     }
   }
 }
@@ -682,39 +717,50 @@ KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk,
 #if defined(__x86_64__) && defined(__GNUC__)
 #define KVPASS_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-template <int NR>
-KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t* qw, int64_t D4, float* out,
-                                                int64_t stride, __mmask16 keep) {
+// NR query rows against one tile; INT4: the tile's words hold nibbles (two query words each)
+template <int NR, bool INT4>
+KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t* qw, int64_t W, int64_t QW,
+                                                float* out, int64_t stride, __mmask16 keep) {
   __m512i acc[NR];
   for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t g = 0; g < D4; ++g) {
-    const __m512i k = _mm512_xor_si512(_mm512_loadu_si512(c + g * 64), flip);
-    for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_dpbusd_epi32(acc[rr], k, _mm512_set1_epi32(qw[rr * D4 + g]));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), low = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < W; ++g) {
+    const __m512i v = _mm512_loadu_si512(c + g * 64);
+    if constexpr (INT4) {
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int rr = 0; rr < NR; ++rr) {
+        acc[rr] = _mm512_dpbusd_epi32(acc[rr], lo, _mm512_set1_epi32(qw[rr * QW + 2 * g]));
+        acc[rr] = _mm512_dpbusd_epi32(acc[rr], hi, _mm512_set1_epi32(qw[rr * QW + 2 * g + 1]));
+      }
+    } else {
+      const __m512i k = _mm512_xor_si512(v, flip);
+      for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_dpbusd_epi32(acc[rr], k, _mm512_set1_epi32(qw[rr * QW + g]));
+    }
   }
   for (int rr = 0; rr < NR; ++rr) _mm512_mask_storeu_ps(out + rr * stride, keep, _mm512_cvtepi32_ps(acc[rr]));
 }
 
+template <bool INT4>
 KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
-                                  const int32_t* qw) {
-  const int64_t D4 = (P.D + 3) / 4, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+                                  const int32_t* qw, float* scores) {
+  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
     const __mmask16 keep = static_cast<__mmask16>((1u << nl) - 1);
     const uint8_t* c = sketch_tile(P, b, hk, tile);
     if (tile + 1 < t1) prefetch_line(reinterpret_cast<const char*>(sketch_tile(P, b, hk, tile + 1)));
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-      float* out = P.sk_score + (rg + r0) * P.n_keys + j;
-      const int32_t* q = qw + r0 * D4;
+      float* out = scores + r0 * P.n_keys + j;
+      const int32_t* q = qw + r0 * QW;
       switch (std::min<int64_t>(8, rows - r0)) {
-        case 1: sketch_tile_vnni<1>(c, q, D4, out, P.n_keys, keep); break;
-        case 2: sketch_tile_vnni<2>(c, q, D4, out, P.n_keys, keep); break;
-        case 3: sketch_tile_vnni<3>(c, q, D4, out, P.n_keys, keep); break;
-        case 4: sketch_tile_vnni<4>(c, q, D4, out, P.n_keys, keep); break;
-        case 5: sketch_tile_vnni<5>(c, q, D4, out, P.n_keys, keep); break;
-        case 6: sketch_tile_vnni<6>(c, q, D4, out, P.n_keys, keep); break;
-        case 7: sketch_tile_vnni<7>(c, q, D4, out, P.n_keys, keep); break;
-        default: sketch_tile_vnni<8>(c, q, D4, out, P.n_keys, keep); break;
+        case 1: sketch_tile_vnni<1, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 2: sketch_tile_vnni<2, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 3: sketch_tile_vnni<3, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 4: sketch_tile_vnni<4, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 5: sketch_tile_vnni<5, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 6: sketch_tile_vnni<6, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 7: sketch_tile_vnni<7, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        default: sketch_tile_vnni<8, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
       }
     }
   }
@@ -729,11 +775,25 @@ bool cpu_has_vnni() {
 bool cpu_has_vnni() { return false; }
 #endif
 
-void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, const int32_t* qw) {
+// Sketch scores of tiles [t0, t1) of (b, hk) for the unit's G·Tq rows, into scores [G·Tq][n_keys].
+void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, float* scores) {
+  const int32_t* qw = P.sk_qw.data() + sketch_qw_offset(P, b, hk);
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (P.sk_vnni) return sketch_scan_vnni(P, b, hk, t0, t1, qw);
+  if (P.sk_vnni) {
+    if (P.sk_bits == 4) return sketch_scan_vnni<true>(P, b, hk, t0, t1, qw, scores);
+    return sketch_scan_vnni<false>(P, b, hk, t0, t1, qw, scores);
+  }
 #endif
-  sketch_scan_portable(P, b, hk, t0, t1, qw);
+  sketch_scan_portable(P, b, hk, t0, t1, qw, scores);
+}
+
+// Sketch work units.  When the (batch row, kv head) units spread evenly over the threads (or are many),
+// each is one unit: a thread scans its keys into its own buffer (G·Tq rows x n_keys scores: L2-sized at
+// 32k) and attends its rows right away — no shared score array written to memory and read back, no
+// barrier between scanning and attending.  Otherwise (SmolLM2's 3 kv heads on 2 threads; one kv head)
+// the scan is split in key chunks over all threads, into one shared array, then the rows are attended.
+bool sketch_group_units(int64_t units, int64_t threads) {
+  return units % threads == 0 || units >= 4 * threads;
 }
 
 // Tables per hashing work unit.  (batch row, kv head) units alone leave threads idle when there are
@@ -763,32 +823,15 @@ KVPASS_CLONES void row_f16(const Problem& P, int64_t b, int64_t h, int64_t t, Sc
 // a clone's target, so the parallel loop stays outside them.
 void run_rows(const Problem& P, at::ScalarType dtype) {
   auto* fn = dtype == at::kFloat ? &row_f32 : dtype == at::kBFloat16 ? &row_bf16 : &row_f16;
-  const int64_t rows = P.B * P.H * P.Tq;
+  const int64_t rows = P.B * P.H * P.Tq, tiles = (P.n_keys + 15) / 16;
+  const bool sketch = !P.skb.empty();
 #pragma omp parallel
   {
     Scratch s;
-    if (!P.skb.empty()) {  // sketch scores of every key for every row, in chunks of 128 tiles (2048 keys)
-      constexpr int64_t kTiles = 128;
-      const int64_t tiles = (P.n_keys + 15) / 16, n_chunks = (tiles + kTiles - 1) / kTiles;
-#pragma omp for collapse(3) schedule(dynamic, 1)
-      for (int64_t b = 0; b < P.B; ++b)
-        for (int64_t hk = 0; hk < P.Hkv; ++hk)
-          for (int64_t c = 0; c < n_chunks; ++c)
-            sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles),
-                        P.sk_qw.data() + sketch_qw_offset(P, b, hk));
-    } else if (P.estimator != kOracle) {
-      const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
-      const int64_t n_chunks = (P.L + chunk - 1) / chunk;
-#pragma omp for collapse(3) schedule(static)
-      for (int64_t b = 0; b < P.B; ++b)
-        for (int64_t hk = 0; hk < P.Hkv; ++hk)
-          for (int64_t c = 0; c < n_chunks; ++c)
-            hash_queries(P, b, hk, c * chunk, std::min(P.L, (c + 1) * chunk), s.proj, s.qpad);
-    }  // (the implicit barrier: every row's codes exist before retrieval starts)
     // each key enters each list at most once (+1: the branch-free stores write one slot past the end
     // before deciding to keep it)
     s.cand.resize(P.n_keys + 1);
-    const bool lsh = P.estimator != kOracle && P.skb.empty();
+    const bool lsh = P.estimator != kOracle && !sketch;
     if (lsh && P.T > 2) {
       s.count.assign(P.n_keys, 0);
       s.touched.resize(P.n_keys + 1);
@@ -797,10 +840,43 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
       s.seen.assign(2 * ((kMaxSegment + 63) / 64), 0);
     }
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
+    if (sketch && P.sk_group) {  // one unit per (batch row, kv head): scan, then its rows
+      const int64_t unit_rows = P.G * P.Tq;
+      s.skg.resize(unit_rows * P.n_keys);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+      for (int64_t b = 0; b < P.B; ++b)
+        for (int64_t hk = 0; hk < P.Hkv; ++hk) {
+          sketch_scan(P, b, hk, 0, tiles, s.skg.data());
+          for (int64_t i = 0; i < unit_rows; ++i) {
+            s.sk_row = s.skg.data() + i * P.n_keys;
+            fn(P, b, hk * P.G + i / P.Tq, i % P.Tq, s);
+          }
+        }
+    } else {
+      if (sketch) {  // sketch scores of every key for every row, in chunks of 128 tiles (2048 keys)
+        constexpr int64_t kTiles = 128;
+        const int64_t n_chunks = (tiles + kTiles - 1) / kTiles;
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t b = 0; b < P.B; ++b)
+          for (int64_t hk = 0; hk < P.Hkv; ++hk)
+            for (int64_t c = 0; c < n_chunks; ++c)
+              sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles),
+                          P.sk_score + (b * P.H + hk * P.G) * P.Tq * P.n_keys);
+      } else if (P.estimator != kOracle) {
+        const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
+        const int64_t n_chunks = (P.L + chunk - 1) / chunk;
+#pragma omp for collapse(3) schedule(static)
+        for (int64_t b = 0; b < P.B; ++b)
+          for (int64_t hk = 0; hk < P.Hkv; ++hk)
+            for (int64_t c = 0; c < n_chunks; ++c)
+              hash_queries(P, b, hk, c * chunk, std::min(P.L, (c + 1) * chunk), s.proj, s.qpad);
+      }  // (the implicit barrier: every row's codes / scores exist before retrieval starts)
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t t = i % P.Tq, h = (i / P.Tq) % P.H, b = i / (P.Tq * P.H);
-      fn(P, b, h, t, s);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t t = i % P.Tq, h = (i / P.Tq) % P.H, b = i / (P.Tq * P.H);
+        if (sketch) s.sk_row = P.sk_score + i * P.n_keys;
+        fn(P, b, h, t, s);
+      }
     }
   }
 }
@@ -812,7 +888,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     int64_t tail_len, int64_t lsh_k, int64_t threshold, c10::string_view estimator_name, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
-    const std::optional<at::Tensor>& sketch_scale) {
+    const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -911,36 +987,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
   }
   P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
-  at::Tensor sk_score, sk_scale_c;
+  at::Tensor sk_score, sk_q;
   if (sketch_blocks.has_value() && !sketch_blocks->empty() && estimator == kTopK) {
     const auto& blocks = *sketch_blocks;
-    const int64_t tiles = blocks[0].dim() == 6 ? blocks[0].size(2) : 0, D4 = (D + 3) / 4;
+    TORCH_CHECK(sketch_query.has_value() && sketch_query->scalar_type() == at::kFloat &&
+                    sketch_query->sizes() == q.sizes(), fn, "sketch_query must be float32 [B, H, Tq, D] = ",
+                q.sizes(), "; got ", sketch_query.has_value() ? sketch_query->sizes() : at::IntArrayRef{});
+    TORCH_CHECK(sketch_bits == 8 || sketch_bits == 4, fn, "sketch_bits must be 8 or 4, got ", sketch_bits);
+    TORCH_CHECK(D <= 512, fn, "the sketch needs head_dim <= 512");
+    P.sk_bits = sketch_bits;
+    P.sk_words = sketch_bits == 8 ? (D + 3) / 4 : (D + 7) / 8;
+    P.sk_qwords = sketch_bits == 8 ? P.sk_words : 2 * P.sk_words;
+    const int64_t tiles = blocks[0].dim() == 6 ? blocks[0].size(2) : 0, D4 = P.sk_words;
     for (size_t i = 0; i < blocks.size(); ++i)
       TORCH_CHECK(blocks[i].scalar_type() == at::kChar && blocks[i].dim() == 6 && blocks[i].size(0) == B &&
                       blocks[i].size(1) == Hkv && blocks[i].size(2) == tiles && blocks[i].size(3) == D4 &&
                       blocks[i].size(4) == 16 && blocks[i].size(5) == 4 && blocks[i].stride(5) == 1 &&
                       blocks[i].stride(4) == 4 && blocks[i].stride(3) == 64 && blocks[i].stride(2) == 64 * D4 &&
                       blocks[i].strides() == blocks[0].strides(), fn,
-                  "sketch block ", i, " must be int8 [B, Hkv, tiles, ceil(D/4), 16, 4] = [", B, ", ", Hkv, ", ",
+                  "sketch block ", i, " must be int8 [B, Hkv, tiles, words, 16, 4] = [", B, ", ", Hkv, ", ",
                   tiles, ", ", D4, ", 16, 4], tiles contiguous, with the others' strides; got ", blocks[i].sizes(),
                   " ", blocks[i].scalar_type());
     TORCH_CHECK(int64_t(blocks.size()) * tiles * 16 >= n_keys, fn, "the sketch covers ",
                 int64_t(blocks.size()) * tiles * 16, " keys, the store ", n_keys);
-    TORCH_CHECK(sketch_scale.has_value() && sketch_scale->scalar_type() == at::kFloat &&
-                    sketch_scale->sizes() == mu.sizes(), fn, "sketch_scale must be float32 [B, Hkv, D]");
-    TORCH_CHECK(D <= 512, fn, "the sketch needs head_dim <= 512");
     for (const auto& t : blocks) P.skb.push_back(t.data_ptr<int8_t>());
     P.skb_s0 = blocks[0].stride(0), P.skb_s1 = blocks[0].stride(1), P.sk_tiles = tiles;
-    sk_scale_c = sketch_scale->contiguous();
-    P.sk_scale = sk_scale_c.data_ptr<float>();
+    sk_q = sketch_query->contiguous();
+    P.sk_q = sk_q.data_ptr<float>();
     P.candidates = std::max<int64_t>(budget, 1);
     const char* scan = std::getenv("KVPASS_SKETCH_SCAN");  // "portable": tests compare the two paths
     P.sk_vnni = cpu_has_vnni() && !(scan && std::string(scan) == "portable");
-    P.sk_qw.resize(B * H * Tq * D4);
+    P.sk_qw.resize(B * H * Tq * P.sk_qwords);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));
-    sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
-    P.sk_score = sk_score.data_ptr<float>();
+    P.sk_group = sketch_group_units(B * Hkv, omp_get_max_threads());
+    if (!P.sk_group) {
+      sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
+      P.sk_score = sk_score.data_ptr<float>();
+    }
   }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
               " is not supported (float32, bfloat16, float16)");
@@ -1002,7 +1086,8 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
   m.def("lsh_attention(Tensor q, Tensor proj, Tensor mu, Tensor[] k_blocks, Tensor[] v_blocks, int block_size, "
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
-        "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_scale=None) "
+        "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
+        "int sketch_bits=8) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");

@@ -28,7 +28,7 @@ from kvpass.lowering.reference import (
     sketch_scale,
     sketch_scores,
 )
-from kvpass.runtime.lsh import projection
+from kvpass.runtime.lsh import projection, sketch_tiles
 
 import kvpass
 from kvpass import KVStore
@@ -242,13 +242,15 @@ def test_sign_codes_are_the_torch_packing(K, L):
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4, 7]), Tq=st.integers(1, 3),
        D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
-       seed=st.integers(0, 5), scan=st.sampled_from(["native", "portable"]))
-def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan):
-    """topk over the sketch's `budget` best keys.  The sketch scores are integers (the quantised query
-    dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU has one, and
-    the portable loop — and torch pick the same candidates (ties by key order in both), for any query."""
+       seed=st.integers(0, 5), scan=st.sampled_from(["native", "portable"]),
+       bits=st.sampled_from([8, 4]))
+def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan, bits):
+    """topk over the sketch's `budget` best keys, int8 or int4 codes.  The sketch scores are integers (the
+    quantised query dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU
+    has one, and the portable loop — and torch pick the same candidates (ties by key order in both), for
+    any query."""
     store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
-                    dtype=dtype, host_block_size=64)
+                    dtype=dtype, host_block_size=64, sketch_bits=bits)
     store.index.min_keys = 20
     gen = torch.Generator().manual_seed(seed)
     for n in chunks:
@@ -268,29 +270,42 @@ def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, 
         os.environ.pop("KVPASS_SKETCH_SCAN", None)
         if old is not None:
             os.environ["KVPASS_SKETCH_SCAN"] = old
-    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale) if idx.built else None
+    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale) if idx.built else None
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
                                                      mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
     if idx.built:
         assert store.last_scored.tolist() == ref_read.tolist()  # min(n, budget) per row
-        assert idx.index_bytes >= k.shape[2] * B * Hkv * D  # one byte per key and dimension
+        assert idx.index_bytes >= k.shape[2] * B * Hkv * D * bits // 8  # a code per key and dimension
 
 
-def test_sketch_codes_saturate_and_rank_like_the_keys():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sketch_codes_saturate_and_rank_like_the_keys(bits):
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 2, 500, 32, generator=gen)
     mu = keys.mean(2)
-    scale = sketch_scale(keys, mu)
-    codes = sketch_codes(keys, mu, scale)
-    assert codes.dtype == torch.int8 and codes.abs().max() == 127
-    assert sketch_codes(keys * 10, mu, scale).abs().max() == 127  # beyond the build range: saturated
+    scale = sketch_scale(keys, mu, bits)
+    codes = sketch_codes(keys, mu, scale, bits)
+    lv = 127 if bits == 8 else 7
+    assert codes.dtype == torch.int8 and codes.abs().max() == lv
+    assert sketch_codes(keys * 10, mu, scale, bits).abs().max() == lv  # beyond the build range: saturated
     q = torch.randn(1, 2, 1, 1, 32, generator=gen)
     exact = (q @ keys.transpose(-1, -2)[:, :, None])[..., 0, :]
     approx = sketch_scores(q, codes, scale)[..., 0, :]
     top = exact.topk(5, -1).indices
-    assert approx.topk(10, -1).indices.unsqueeze(-1).eq(top.unsqueeze(-2)).any(-2).all()
+    assert approx.topk(10 if bits == 8 else 25, -1).indices.unsqueeze(-1).eq(top.unsqueeze(-2)).any(-2).all()
+
+
+def test_int4_tiles_pack_two_codes_a_byte():
+    """The int4 layout: byte e of word g holds dimension 8g + e (low nibble) and 8g + 4 + e (high), each as
+    code + 8; dimensions past D count as code 0."""
+    codes = torch.tensor([[[[-7, -1, 0, 1, 2, 3, 6, 7, 5, -5]]]], dtype=torch.int8)  # D = 10
+    t = sketch_tiles(codes, 4).view(torch.uint8)
+    assert t.shape == (1, 1, 1, 2, 4)
+    assert t[0, 0, 0, 0].tolist() == [(-7 + 8) | (2 + 8) << 4, 7 | (3 + 8) << 4, 8 | (6 + 8) << 4, 9 | (7 + 8) << 4]
+    assert t[0, 0, 0, 1].tolist() == [(5 + 8) | 8 << 4, (-5 + 8) | 8 << 4, 8 | 8 << 4, 8 | 8 << 4]
+    assert torch.equal(sketch_tiles(codes, 8)[0, 0, 0].flatten()[:10], codes.flatten())
 
 
 def test_sample_is_refused_with_the_sketch_retriever():
@@ -331,10 +346,11 @@ def test_sketch_blocks_hold_every_key_across_blocks_and_appends():
 
 @pytest.mark.parametrize("budget", [40, 3000])
 def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
-    """The kernel picks its threshold from every 8th sketch score at this size.  High scores at every 4th
-    position (the sampled ones among them) mislead it whenever the budget exceeds them (3000 > 2048): the exact fallback must
-    then give the same keys as the definition, ties by key order included (the low scores tie a lot)."""
-    B, Hkv, D, n = 1, 1, 8, 8192
+    """The kernel picks its threshold from a sample: at this size the first 16 scores of every 256.  High
+    scores at exactly those positions mislead it whenever the budget exceeds them (3000 > 1024): the exact
+    fallback must then give the same keys as the definition, ties by key order included (the low scores
+    tie a lot); below that (40) the threshold keeps a superset and the exact choice decides."""
+    B, Hkv, D, n = 1, 1, 8, 16384
     store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch")
     gen = torch.Generator().manual_seed(5)
     store.append(torch.randn(B, Hkv, n + 1, D, generator=gen), torch.randn(B, Hkv, n + 1, D, generator=gen))
@@ -342,7 +358,7 @@ def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
     k, v = torch.cat(store.host.views()[0], 2), torch.cat(store.host.views()[1], 2)
     assert k.shape[2] == n
     codes = torch.randint(-3, 4, (B, Hkv, n, D), generator=gen, dtype=torch.int8)
-    sampled = torch.arange(n) % 4 == 0
+    sampled = torch.arange(n) % 256 < 16
     codes[:, :, sampled] = (50 + torch.arange(n)[sampled] % 7).to(torch.int8)[None, None, :, None]
     idx.sketch_scale = torch.ones_like(idx.sketch_scale)
     idx.sketch_blocks = []
