@@ -349,9 +349,9 @@ struct Problem {
   int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
   const float* sk_q = nullptr;      // [B, H, Tq, D]: the query rows scaled as the codes are (q * scale)
   int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
-  float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores (scratch, filled by sketch_scan), or
-  bool sk_group = false;            // null: each (batch row, kv head) is one work unit, scanned into a
-                                    // per-thread buffer and its rows attended at once (sketch_group_units)
+  float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores when the scan is split in key chunks
+                                    // over the threads (scratch, filled by sketch_scan); else null and
+  bool sk_group = false;            // one work unit per (batch row, kv head) (sketch_group_units)
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
@@ -692,7 +692,7 @@ KVPASS_INLINE const uint8_t* sketch_tile(const Problem& P, int64_t b, int64_t hk
 
 KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
                                         const int32_t* qw, float* scores) {
-  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
   const bool int4 = P.sk_bits == 4;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
@@ -743,7 +743,7 @@ KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t*
 template <bool INT4>
 KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
                                   const int32_t* qw, float* scores) {
-  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq, rg = (b * P.H + hk * P.G) * P.Tq;
+  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
     const __mmask16 keep = static_cast<__mmask16>((1u << nl) - 1);

@@ -318,13 +318,15 @@ def test_sample_is_refused_with_the_sketch_retriever():
         store.attend_host(torch.randn(1, 2, 1, 8), estimator="sample")
 
 
-def test_sketch_blocks_hold_every_key_across_blocks_and_appends():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sketch_blocks_hold_every_key_across_blocks_and_appends(bits):
     """Bulk and one-token appends over three sketch blocks: the blocks hold exactly ``sketch_codes`` of the
-    host keys (tile layout undone), and the kernel still matches the definition there."""
+    host keys, laid out by ``sketch_tiles`` (tiles undone), and the kernel still matches the definition."""
     from kvpass.runtime.lsh import SKETCH_BLOCK
 
     B, Hkv, D = 1, 2, 16
-    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch")
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+                    sketch_bits=bits)
     gen = torch.Generator().manual_seed(3)
     for n in (5000, *[1] * 37, 3000, 7, 1500):
         store.append(torch.randn(B, Hkv, n, D, generator=gen), torch.randn(B, Hkv, n, D, generator=gen))
@@ -333,13 +335,15 @@ def test_sketch_blocks_hold_every_key_across_blocks_and_appends():
     v = torch.cat(store.host.views()[1], 2)
     n = k.shape[2]
     assert len(idx.sketch_blocks) == -(-n // SKETCH_BLOCK) == 3
-    # [.., tiles, D/4, 16 keys, 4 dims] back to [.., keys, D]
-    stored = torch.cat([b.transpose(3, 4).reshape(B, Hkv, SKETCH_BLOCK, D) for b in idx.sketch_blocks], 2)[:, :, :n]
-    assert torch.equal(stored, sketch_codes(k, idx.mu, idx.sketch_scale))
+    codes = sketch_codes(k, idx.mu, idx.sketch_scale, bits)
+    # [.., tiles, words, 16 keys, 4 bytes] back to [.., keys, words, 4]
+    stored = torch.cat([b.transpose(3, 4).reshape(B, Hkv, SKETCH_BLOCK, *b.shape[3:4], 4) for b in idx.sketch_blocks],
+                       2)[:, :, :n]
+    assert torch.equal(stored, sketch_tiles(codes, bits))
     q = torch.randn(B, 2 * Hkv, 1, D, generator=gen)
     out, lse = store.attend_host(q, estimator="topk", budget=50)
     ref_out, ref_lse, _ = reference_attention(q, k, v, D ** -0.5, "topk", mu=idx.mu, budget=50,
-                                              sketch=(sketch_codes(k, idx.mu, idx.sketch_scale), idx.sketch_scale))
+                                              sketch=(codes, idx.sketch_scale))
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
 
@@ -351,7 +355,8 @@ def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
     fallback must then give the same keys as the definition, ties by key order included (the low scores
     tie a lot); below that (40) the threshold keeps a superset and the exact choice decides."""
     B, Hkv, D, n = 1, 1, 8, 16384
-    store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch")
+    store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch",
+                    sketch_bits=8)  # the codes below are int8
     gen = torch.Generator().manual_seed(5)
     store.append(torch.randn(B, Hkv, n + 1, D, generator=gen), torch.randn(B, Hkv, n + 1, D, generator=gen))
     idx = store.index

@@ -1,5 +1,6 @@
 """The SimHash index's memory: at most 2 bytes per token per table (the reference layout: 4)."""
 
+import pytest
 import torch
 
 from kvpass import KVStore
@@ -49,20 +50,22 @@ def test_a_prompt_is_sealed_at_once_and_the_layout_does_not_change_the_estimate(
     torch.testing.assert_close(out_sealed, out_tail, rtol=1e-5, atol=1e-6)
 
 
-def test_the_key_sketch_holds_one_byte_per_key_dimension_and_no_hashing_state():
-    """retriever "sketch": an int8 code per key and dimension (in blocks of SKETCH_BLOCK keys), no bucket
-    tables, and a SimHash projection of one table that is never read (not lsh_l tables) — all counted."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_key_sketch_holds_one_code_per_key_dimension_and_no_hashing_state(bits):
+    """retriever "sketch": an int8 or int4 code per key and dimension (in blocks of SKETCH_BLOCK keys), no
+    bucket tables, and a SimHash projection of one table that is never read (not lsh_l tables) — all
+    counted."""
     from kvpass.runtime.lsh import SKETCH_BLOCK
 
     Hkv, D, n = 2, 64, 5000
     gen = torch.Generator().manual_seed(0)
-    store = KVStore(Hkv, D, batch=1, lsh_k=10, lsh_l=150, dtype=torch.bfloat16)  # the defaults: topk, sketch
+    store = KVStore(Hkv, D, batch=1, lsh_k=10, lsh_l=150, dtype=torch.bfloat16, sketch_bits=bits)  # topk, sketch
     k = torch.randn(1, Hkv, n, D, generator=gen)
     store.append(k, k)
     idx, stats = store.index, store.stats()
     assert idx.sketch and not idx.seg_ids and idx.tail_len == 0
     blocks = -(-stats["tokens_offloaded"] // SKETCH_BLOCK)
-    assert stats["index_bytes"] == blocks * SKETCH_BLOCK * Hkv * D + 2 * Hkv * D * 4  # codes + scale + mu
+    assert stats["index_bytes"] == blocks * SKETCH_BLOCK * Hkv * D * bits // 8 + 2 * Hkv * D * 4  # codes, scale, mu
     assert stats["projection_bytes"] == idx.proj().nbytes == Hkv * D * 10 * 2
     q = torch.randn(1, 2 * Hkv, 1, D, generator=gen)
     assert torch.isfinite(store.attend(q)).all() and int(store.last_kept.max()) == store.resolve_budget(None)
