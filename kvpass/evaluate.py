@@ -8,7 +8,7 @@
   every scored position a kvpass decode step (measured by ``kvpass.frontier``, which equals decoding
   through the compiled model without a prefill per configuration);
 * configurations: dense (the model unchanged), static-only (sinks + window: StreamingLLM), and at each
-  budget oracle top-B, kvpass-topk (the defaults: the B best keys by the int8 key sketch) and kvpass-sample (the budget
+  budget oracle top-B, kvpass-topk (the defaults: the B best keys by the int4 key sketch) and kvpass-sample (the budget
   is set through the SimHash bits K: fewer bits, more keys) — with the fraction of offloaded keys
   actually scored reported for each.
 """

@@ -19,7 +19,7 @@ from kvpass.lowering.attention import softmax_lse
 ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
 #   sample  keys colliding in >= threshold of L tables, each weighted by 1 / P(retrieved) (MagicPIG)
 #   topk    the `budget` best exact scores among those candidates (retriever "sketch": the `budget`
-#           keys whose int8 sketch of k - mu scores best, attended with their exact scores)
+#           keys whose int4/int8 sketch of k - mu scores best, attended with their exact scores)
 #   oracle  the `budget` best exact scores of all offloaded keys (evaluation only)
 #   exact   every offloaded key: equals dense attention (validation)
 #   none    no offloaded key: the static part alone (StreamingLLM)

@@ -95,7 +95,7 @@ class Options:
                           choices=ESTIMATORS, runtime=True)  # runtime: it chooses the store's index
     budget: float | int = knob(0.02, "topk/oracle: a fraction of the offloaded keys (float) or a count (int)",
                                kind="custom", check=_budget_error, runtime=True)
-    retriever: str = knob("auto", "the index: 'sketch' (an int8 sketch of every centred offloaded key, scanned; "
+    retriever: str = knob("auto", "the index: 'sketch' (an int4/int8 sketch of every centred offloaded key, scanned; "
                           "topk takes the `budget` best) | 'lsh' (SimHash tables: sample's retrieval; topk takes "
                           "the best candidates) | 'auto' (sketch for topk, lsh for sample)",
                           kind="custom", check=_retriever_error, runtime=True)
