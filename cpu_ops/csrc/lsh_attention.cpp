@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <cstring>
 #include <map>
@@ -254,49 +255,68 @@ void positions_at_least(const float* x, int64_t n, float tau, std::vector<int32_
     if (x[j] >= tau) out.push_back(int32_t(j));
 }
 
+// A position's rank key: its score's key, then the lower position first — larger is better, all distinct.
+KVPASS_INLINE uint64_t rank_key(float v, int32_t j) {
+  return (uint64_t(float_key(v)) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(j));
+}
+
+// Of `maybe` (positions in order, their scores score_of(i)), keeps the best `need` in place, in order: the
+// need-th best rank key is found by selection; one pass in position order then keeps exactly those at or
+// above it (no sort).  Returns how many are kept (need, or all when there are fewer).
+template <typename ScoreOf>
+KVPASS_INLINE int64_t keep_best(int32_t* maybe, int64_t count, int64_t need, ScoreOf score_of, TopScratch& t) {
+  if (need >= count) return count;
+  t.rank.resize(count);
+  for (int64_t i = 0; i < count; ++i) t.rank[i] = rank_key(score_of(i), maybe[i]);
+  std::nth_element(t.rank.begin(), t.rank.begin() + (need - 1), t.rank.begin() + count, std::greater<uint64_t>());
+  const uint64_t cut = t.rank[need - 1];
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint64_t k = rank_key(score_of(i), maybe[i]);
+    maybe[kept] = maybe[i];
+    kept += k >= cut;
+  }
+  return kept;
+}
+
+// The score that ~2 m + 32 of n would reach, were the sample (float keys, reordered) representative: twice
+// what is needed, so that the keys reaching it are fewer than m only when the sample is far off (with 1.5 m,
+// 2 of 32 rows fell short on random keys at 32k — a listed scan then scans its unit again).
+float sample_threshold(std::vector<uint32_t>& sample, int64_t n, int64_t m) {
+  const int64_t s = int64_t(sample.size());
+  const int64_t want = std::min<int64_t>(s - 1, (2 * m + 32) * s / n);
+  std::nth_element(sample.begin(), sample.begin() + want, sample.end(), std::greater<uint32_t>());
+  // as a float: x >= τ is then a superset of the key comparison's set (the two differ only in taking -0
+  // with +0), which is all the exact choice needs
+  const uint32_t tau = sample[want];
+  const uint32_t u = (tau & 0x80000000u) ? (tau & 0x7fffffffu) : ~tau;
+  float tau_f;
+  std::memcpy(&tau_f, &u, 4);
+  return tau_f;
+}
+
+constexpr int64_t kSampleLines = 64, kLine = 16;  // the threshold's sample: 64 runs of 16 neighbours
+constexpr int64_t kSampleMin = 16 * kSampleLines * kLine;  // below this many keys: no sample
+
 KVPASS_CLONES void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratch& t) {
   if (m >= n) {
     std::iota(out, out + n, 0);
     return;
   }
-  // a position's rank key: its value's key, then the lower position first — larger is better, all distinct
-  auto rank = [&](int32_t j) { return (uint64_t(float_key(x[j])) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(j)); };
+  // `sure` are in the answer, `maybe` hold the rest of it (both in position order): their best `need`
   auto choose = [&](std::vector<int32_t>& sure, std::vector<int32_t>& maybe, int64_t need) {
-    // `sure` are in the answer, `maybe` hold the rest of it: their best `need`; both in position order.
-    // The need-th best rank key of `maybe` is found by selection; one pass in position order then keeps
-    // exactly those at or above it, still in order (no sort)
-    if (need < int64_t(maybe.size())) {
-      t.rank.resize(maybe.size());
-      for (size_t i = 0; i < maybe.size(); ++i) t.rank[i] = rank(maybe[i]);
-      std::nth_element(t.rank.begin(), t.rank.begin() + (need - 1), t.rank.end(), std::greater<uint64_t>());
-      const uint64_t cut = t.rank[need - 1];
-      size_t kept = 0;
-      for (size_t i = 0; i < maybe.size(); ++i) {
-        maybe[kept] = maybe[i];
-        kept += rank(maybe[i]) >= cut;
-      }
-      maybe.resize(kept);
-    }
+    const int32_t* at = maybe.data();
+    maybe.resize(keep_best(maybe.data(), int64_t(maybe.size()), need, [&](int64_t i) { return x[at[i]]; }, t));
     std::merge(sure.begin(), sure.end(), maybe.begin(), maybe.end(), out);
   };
   t.above.clear();
   t.edge.clear();
-  constexpr int64_t kLines = 64, kLine = 16;
-  if (n >= 16 * kLines * kLine) {
+  if (n >= kSampleMin) {
     t.sample.clear();
-    const int64_t step = n / kLines / kLine * kLine;  // whole lines (x is 64-byte aligned per row or not:
-    for (int64_t c = 0; c < kLines; ++c)              // either way 16 neighbours, one or two lines)
+    const int64_t step = n / kSampleLines / kLine * kLine;  // whole lines (x is 64-byte aligned per row or
+    for (int64_t c = 0; c < kSampleLines; ++c)              // not: either way 16 neighbours, 1 or 2 lines)
       for (int64_t l = 0; l < kLine; ++l) t.sample.push_back(float_key(x[c * step + l]));
-    const int64_t s = int64_t(t.sample.size());
-    const int64_t want = std::min<int64_t>(s - 1, (3 * m / 2 + 16) * s / n);
-    std::nth_element(t.sample.begin(), t.sample.begin() + want, t.sample.end(), std::greater<uint32_t>());
-    // x >= τ as floats: 16 compares at a time, positions out of the (rarely set) mask; a superset of the
-    // key comparison's set (the two differ only in taking -0 with +0), which is all `choose` needs
-    const uint32_t tau = t.sample[want];
-    const uint32_t u = (tau & 0x80000000u) ? (tau & 0x7fffffffu) : ~tau;
-    float tau_f;
-    std::memcpy(&tau_f, &u, 4);
-    positions_at_least(x, n, tau_f, t.edge);
+    positions_at_least(x, n, sample_threshold(t.sample, n, m), t.edge);
     if (int64_t(t.edge.size()) >= m) {
       choose(t.above, t.edge, m);
       return;
@@ -316,6 +336,14 @@ KVPASS_CLONES void top_positions(const float* x, int64_t n, int64_t m, int32_t* 
     else if (b == bin) t.edge.push_back(int32_t(j));
   }
   choose(t.above, t.edge, need);
+}
+
+// The best m of a listed superset (positions in order with their scores: every position whose score
+// reaches a threshold, at least m of them), into out in order — top_positions' answer, without a pass
+// over all scores.
+void top_listed(int32_t* pos, const float* score, int64_t count, int64_t m, int32_t* out, TopScratch& t) {
+  const int64_t kept = keep_best(pos, count, m, [&](int64_t i) { return score[i]; }, t);
+  std::copy(pos, pos + kept, out);
 }
 
 // ---------------------------------------------------------------- the fused attention pass
@@ -352,6 +380,7 @@ struct Problem {
   float* sk_score = nullptr;        // [B, H, Tq, n_keys] sketch scores when the scan is split in key chunks
                                     // over the threads (scratch, filled by sketch_scan); else null and
   bool sk_group = false;            // one work unit per (batch row, kv head) (sketch_group_units)
+  bool sk_listed = true;            // group units list the keys above a sampled threshold (scan_unit)
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
@@ -368,8 +397,18 @@ struct Scratch {
   int64_t n_touched = 0, n_cand = 0;
   std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
   TopScratch top;  // sketch: selecting the best sketch scores
-  std::vector<float> skg;  // sketch, group units: the unit's rows' scores
-  const float* sk_row = nullptr;  // sketch: the current row's scores (n_keys)
+  // sketch, group units (scan_unit): the unit's rows' scores, uninitialised, allocated on first use; the
+  // listed scan's per-row lists (position, score) and counts, thresholds and sample
+  std::unique_ptr<float[]> skg, lsc;
+  std::unique_ptr<int32_t[]> lpos;
+  int64_t skg_cap = 0, l_cap = 0;
+  std::vector<int64_t> lcnt;
+  std::vector<float> tau, samp;
+  std::vector<uint8_t> listed;  // per row of the unit: its list holds the budget (else its scores are in skg)
+  const float* sk_row = nullptr;  // sketch: the current row's scores (n_keys), or
+  int32_t* list_pos = nullptr;    // its list of the keys at or above its threshold (list_n >= 0)
+  const float* list_sc = nullptr;
+  int64_t list_n = -1;
 };
 
 // Prefetch one cache line (into L1).  Not __builtin_prefetch: GCC 12 deleted the K/V row prefetch loops
@@ -404,7 +443,8 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     s.n_cand = P.n_keys;
   } else if (!P.skb.empty()) {  // sketch: the `candidates` best sketch scores, in key order
     const int64_t m = std::min(P.candidates, P.n_keys);
-    top_positions(s.sk_row, P.n_keys, m, s.cand.data(), s.top);
+    if (s.list_n >= 0) top_listed(s.list_pos, s.list_sc, s.list_n, m, s.cand.data(), s.top);
+    else top_positions(s.sk_row, P.n_keys, m, s.cand.data(), s.top);
     s.n_cand = m;
   } else {
     const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
@@ -690,8 +730,22 @@ KVPASS_INLINE const uint8_t* sketch_tile(const Problem& P, int64_t b, int64_t hk
          (tile % P.sk_tiles) * P.sk_words * 64;
 }
 
+// Where a scan's scores go.  Stored: row r's score of key j at out[r * stride + j - key0].  Listed (tau set):
+// only the keys whose score reaches the row's threshold tau[r], appended as (position, score) to row r's
+// list — pos / sc + r * cap, count cnt[r] — in key order (cap >= n_keys + 16: the SIMD path stores 16 at
+// a time).
+struct ScanSink {
+  float* out = nullptr;
+  int64_t stride = 0, key0 = 0;
+  const float* tau = nullptr;
+  int32_t* pos = nullptr;
+  float* sc = nullptr;
+  int64_t* cnt = nullptr;
+  int64_t cap = 0;
+};
+
 KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
-                                        const int32_t* qw, float* scores) {
+                                        const int32_t* qw, const ScanSink& o) {
   const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
   const bool int4 = P.sk_bits == 4;
   for (int64_t tile = t0; tile < t1; ++tile) {
@@ -709,7 +763,16 @@ KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk,
             else
               acc[l] += int32_t(uint8_t(x ^ 0x80u)) * int32_t(qb[g * 4 + e]);
           }
-      for (int64_t l = 0; l < nl; ++l) scores[r * P.n_keys + j + l] = float(acc[l]);
+      for (int64_t l = 0; l < nl; ++l) {
+        const float v = float(acc[l]);
+        if (o.tau == nullptr) {
+          o.out[r * o.stride + j + l - o.key0] = v;
+        } else if (v >= o.tau[r]) {
+          const int64_t at = r * o.cap + o.cnt[r]++;
+          o.pos[at] = int32_t(j + l);
+          o.sc[at] = v;
+        }
+      }
     }
   }
 }
@@ -717,10 +780,11 @@ KVPASS_CLONES void sketch_scan_portable(const Problem& P, int64_t b, int64_t hk,
 #if defined(__x86_64__) && defined(__GNUC__)
 #define KVPASS_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-// NR query rows against one tile; INT4: the tile's words hold nibbles (two query words each)
+// NR query rows (from r0) against one tile (keys j..j+15, `keep` of them); INT4: the tile's words hold
+// nibbles (two query words each)
 template <int NR, bool INT4>
 KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t* qw, int64_t W, int64_t QW,
-                                                float* out, int64_t stride, __mmask16 keep) {
+                                                int64_t r0, int64_t j, __mmask16 keep, const ScanSink& o) {
   __m512i acc[NR];
   for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), low = _mm512_set1_epi8(0x0F);
@@ -737,12 +801,30 @@ KVPASS_VNNI KVPASS_INLINE void sketch_tile_vnni(const uint8_t* c, const int32_t*
       for (int rr = 0; rr < NR; ++rr) acc[rr] = _mm512_dpbusd_epi32(acc[rr], k, _mm512_set1_epi32(qw[rr * QW + g]));
     }
   }
-  for (int rr = 0; rr < NR; ++rr) _mm512_mask_storeu_ps(out + rr * stride, keep, _mm512_cvtepi32_ps(acc[rr]));
+  if (o.tau == nullptr) {
+    for (int rr = 0; rr < NR; ++rr)
+      _mm512_mask_storeu_ps(o.out + (r0 + rr) * o.stride + j - o.key0, keep, _mm512_cvtepi32_ps(acc[rr]));
+    return;
+  }
+  const __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int rr = 0; rr < NR; ++rr) {
+    const int64_t r = r0 + rr;
+    const __m512 f = _mm512_cvtepi32_ps(acc[rr]);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(keep, f, _mm512_set1_ps(o.tau[r]), _CMP_GE_OQ);
+    // compressed in registers and stored whole, hit or not (16 slots of slack per list): a compress with a
+    // memory destination is microcoded on Zen 4, ~10x slower, and a branch on `hit` mispredicts (a tile
+    // holds a kept key about half the time)
+    const int64_t at = r * o.cap + o.cnt[r];
+    _mm512_storeu_ps(o.sc + at, _mm512_maskz_compress_ps(hit, f));
+    _mm512_storeu_si512(o.pos + at, _mm512_maskz_compress_epi32(hit, keys));
+    o.cnt[r] += __builtin_popcount(hit);
+  }
 }
 
 template <bool INT4>
 KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
-                                  const int32_t* qw, float* scores) {
+                                  const int32_t* qw, const ScanSink& o) {
   const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
@@ -750,17 +832,16 @@ KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64
     const uint8_t* c = sketch_tile(P, b, hk, tile);
     if (tile + 1 < t1) prefetch_line(reinterpret_cast<const char*>(sketch_tile(P, b, hk, tile + 1)));
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-      float* out = scores + r0 * P.n_keys + j;
       const int32_t* q = qw + r0 * QW;
       switch (std::min<int64_t>(8, rows - r0)) {
-        case 1: sketch_tile_vnni<1, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 2: sketch_tile_vnni<2, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 3: sketch_tile_vnni<3, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 4: sketch_tile_vnni<4, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 5: sketch_tile_vnni<5, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 6: sketch_tile_vnni<6, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        case 7: sketch_tile_vnni<7, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
-        default: sketch_tile_vnni<8, INT4>(c, q, W, QW, out, P.n_keys, keep); break;
+        case 1: sketch_tile_vnni<1, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 2: sketch_tile_vnni<2, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 3: sketch_tile_vnni<3, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 4: sketch_tile_vnni<4, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 5: sketch_tile_vnni<5, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 6: sketch_tile_vnni<6, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        case 7: sketch_tile_vnni<7, INT4>(c, q, W, QW, r0, j, keep, o); break;
+        default: sketch_tile_vnni<8, INT4>(c, q, W, QW, r0, j, keep, o); break;
       }
     }
   }
@@ -775,16 +856,23 @@ bool cpu_has_vnni() {
 bool cpu_has_vnni() { return false; }
 #endif
 
-// Sketch scores of tiles [t0, t1) of (b, hk) for the unit's G·Tq rows, into scores [G·Tq][n_keys].
-void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, float* scores) {
+// Sketch scores of tiles [t0, t1) of (b, hk) for the unit's G·Tq rows, into the sink.
+void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, const ScanSink& o) {
   const int32_t* qw = P.sk_qw.data() + sketch_qw_offset(P, b, hk);
 #if defined(__x86_64__) && defined(__GNUC__)
   if (P.sk_vnni) {
-    if (P.sk_bits == 4) return sketch_scan_vnni<true>(P, b, hk, t0, t1, qw, scores);
-    return sketch_scan_vnni<false>(P, b, hk, t0, t1, qw, scores);
+    if (P.sk_bits == 4) return sketch_scan_vnni<true>(P, b, hk, t0, t1, qw, o);
+    return sketch_scan_vnni<false>(P, b, hk, t0, t1, qw, o);
   }
 #endif
-  sketch_scan_portable(P, b, hk, t0, t1, qw, scores);
+  sketch_scan_portable(P, b, hk, t0, t1, qw, o);
+}
+
+// Every score of tiles [t0, t1) for the unit's rows, stored at scores [G·Tq][n_keys].
+void sketch_scan_all(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, float* scores) {
+  ScanSink o;
+  o.out = scores, o.stride = P.n_keys;
+  sketch_scan(P, b, hk, t0, t1, o);
 }
 
 // Sketch work units.  When the (batch row, kv head) units spread evenly over the threads (or are many),
@@ -794,6 +882,42 @@ void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1
 // the scan is split in key chunks over all threads, into one shared array, then the rows are attended.
 bool sketch_group_units(int64_t units, int64_t threads) {
   return units % threads == 0 || units >= 4 * threads;
+}
+
+// One group unit's scan.  From kSampleMin keys on, listed: each row's threshold from 64 sampled tiles (the
+// 1024 scores of 64 runs of 16 neighbours, as top_positions samples), then one scan that keeps only the keys
+// at or above it, with their scores — no row's scores are written whole and read back.  A row whose list
+// came out shorter than the budget (an unrepresentative sample) gets every score (skg) and top_positions.
+void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
+  const int64_t R = P.G * P.Tq, n = P.n_keys, tiles = (n + 15) / 16, m = std::min(P.candidates, n);
+  s.listed.assign(R, 0);
+  auto all = [&]() {
+    if (s.skg_cap < R * n) s.skg.reset(new float[R * n]), s.skg_cap = R * n;
+    sketch_scan_all(P, b, hk, 0, tiles, s.skg.get());
+  };
+  if (n < kSampleMin || m >= n || !P.sk_listed) return all();
+  const int64_t step = tiles / kSampleLines, per_row = kSampleLines * kLine;
+  s.samp.resize(R * per_row);
+  for (int64_t c = 0; c < kSampleLines; ++c) {
+    ScanSink o;
+    o.out = s.samp.data(), o.stride = per_row, o.key0 = c * step * 16 - c * kLine;
+    sketch_scan(P, b, hk, c * step, c * step + 1, o);
+  }
+  s.tau.resize(R);
+  for (int64_t r = 0; r < R; ++r) {
+    s.top.sample.resize(per_row);
+    for (int64_t i = 0; i < per_row; ++i) s.top.sample[i] = float_key(s.samp[r * per_row + i]);
+    s.tau[r] = sample_threshold(s.top.sample, n, m);
+  }
+  const int64_t cap = n + 16;
+  if (s.l_cap < R * cap) s.lpos.reset(new int32_t[R * cap]), s.lsc.reset(new float[R * cap]), s.l_cap = R * cap;
+  s.lcnt.assign(R, 0);
+  ScanSink o;
+  o.tau = s.tau.data(), o.pos = s.lpos.get(), o.sc = s.lsc.get(), o.cnt = s.lcnt.data(), o.cap = cap;
+  sketch_scan(P, b, hk, 0, tiles, o);
+  bool short_list = false;
+  for (int64_t r = 0; r < R; ++r) short_list |= !(s.listed[r] = s.lcnt[r] >= m);
+  if (short_list) all();
 }
 
 // Tables per hashing work unit.  (batch row, kv head) units alone leave threads idle when there are
@@ -842,13 +966,17 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
     if (sketch && P.sk_group) {  // one unit per (batch row, kv head): scan, then its rows
       const int64_t unit_rows = P.G * P.Tq;
-      s.skg.resize(unit_rows * P.n_keys);
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk) {
-          sketch_scan(P, b, hk, 0, tiles, s.skg.data());
+          scan_unit(P, b, hk, s);
           for (int64_t i = 0; i < unit_rows; ++i) {
-            s.sk_row = s.skg.data() + i * P.n_keys;
+            if (s.listed[i]) {
+              s.list_pos = s.lpos.get() + i * (P.n_keys + 16), s.list_sc = s.lsc.get() + i * (P.n_keys + 16);
+              s.list_n = s.lcnt[i];
+            } else {
+              s.list_n = -1, s.sk_row = s.skg.get() + i * P.n_keys;
+            }
             fn(P, b, hk * P.G + i / P.Tq, i % P.Tq, s);
           }
         }
@@ -860,7 +988,7 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
         for (int64_t b = 0; b < P.B; ++b)
           for (int64_t hk = 0; hk < P.Hkv; ++hk)
             for (int64_t c = 0; c < n_chunks; ++c)
-              sketch_scan(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles),
+              sketch_scan_all(P, b, hk, c * kTiles, std::min(tiles, (c + 1) * kTiles),
                           P.sk_score + (b * P.H + hk * P.G) * P.Tq * P.n_keys);
       } else if (P.estimator != kOracle) {
         const int64_t chunk = hash_chunk_tables(P.K, P.L, P.B * P.Hkv, omp_get_num_threads());
@@ -1021,6 +1149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));
     P.sk_group = sketch_group_units(B * Hkv, omp_get_max_threads());
+    const char* select = std::getenv("KVPASS_SKETCH_SELECT");  // "scores": every score stored (tests, A/B)
+    P.sk_listed = !(select && std::string(select) == "scores");
     if (!P.sk_group) {
       sk_score = at::empty({B * H * Tq, std::max<int64_t>(n_keys, 1)}, q.options());
       P.sk_score = sk_score.data_ptr<float>();

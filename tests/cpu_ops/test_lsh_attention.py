@@ -349,12 +349,16 @@ def test_sketch_blocks_hold_every_key_across_blocks_and_appends(bits):
 
 
 @pytest.mark.parametrize("budget", [40, 3000])
-def test_sketch_selection_is_exact_when_the_sample_misleads(budget):
+@pytest.mark.parametrize("units", ["key chunks", "one per kv head"])
+def test_sketch_selection_is_exact_when_the_sample_misleads(budget, units):
     """The kernel picks its threshold from a sample: at this size the first 16 scores of every 256.  High
     scores at exactly those positions mislead it whenever the budget exceeds them (3000 > 1024): the exact
     fallback must then give the same keys as the definition, ties by key order included (the low scores
-    tie a lot); below that (40) the threshold keeps a superset and the exact choice decides."""
-    B, Hkv, D, n = 1, 1, 8, 16384
+    tie a lot); below that (40) the threshold keeps a superset and the exact choice decides.  Both ways
+    the kernel splits the scan: one kv head over all threads (key chunks, every score stored), and a kv
+    head per thread (each scanned by one thread, the keys above the threshold listed as they are scored)."""
+    B, D, n = 1, 8, 16384
+    Hkv = 1 if units == "key chunks" or torch.get_num_threads() == 1 else min(torch.get_num_threads(), 8)
     store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch",
                     sketch_bits=8)  # the codes below are int8
     gen = torch.Generator().manual_seed(5)
@@ -389,3 +393,38 @@ def test_a_long_query_block_is_split_into_chunks_with_the_same_result(monkeypatc
     monkeypatch.setattr(store_mod, "SKETCH_SCORES", 4 * 590 * 2)  # 2 query rows per call
     torch.testing.assert_close(store.attend(q), whole)
     assert store.last_scored.shape == (1, 4, 7)
+
+
+@settings(max_examples=fuzz_examples(12), deadline=None)
+@given(G=st.sampled_from([1, 4, 7]), Tq=st.integers(1, 2), D=st.sampled_from([8, 64]), bits=st.sampled_from([8, 4]),
+       budget=st.sampled_from([1, 37, 400, 2000]), extra=st.integers(0, 700), seed=st.integers(0, 3),
+       scan=st.sampled_from(["native", "portable"]))
+def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget, extra, seed, scan):
+    """From 16,384 offloaded keys on, a kv head scanned by one thread lists only the keys whose sketch score
+    reaches a sampled threshold, with their scores, and picks the budget best from the list: the same keys
+    as the definition (any budget, both code widths, GQA groups of 1-7 rows, a partial last tile)."""
+    threads = torch.get_num_threads()
+    Hkv = min(threads, 8) if threads > 1 else 2  # a kv head per thread: the units are scanned one by one
+    n = 16384 + extra
+    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+                    sketch_bits=bits)
+    gen = torch.Generator().manual_seed(seed)
+    store.append(torch.randn(1, Hkv, n + 5, D, generator=gen) * 3 + 0.5, torch.randn(1, Hkv, n + 5, D, generator=gen))
+    q = torch.randn(1, Hkv * G, Tq, D, generator=gen) * 2
+    idx = store.index
+    k, v = torch.cat(store.host.views()[0], 2), torch.cat(store.host.views()[1], 2)
+    old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
+    try:
+        if scan == "portable":
+            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
+        out, lse = store.attend_host(q, estimator="topk", budget=budget)
+    finally:
+        os.environ.pop("KVPASS_SKETCH_SCAN", None)
+        if old is not None:
+            os.environ["KVPASS_SKETCH_SCAN"] = old
+    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale)
+    ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk", mu=idx.mu, budget=budget,
+                                                     sketch=sketch)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
+    assert store.last_scored.tolist() == ref_read.tolist()
