@@ -20,7 +20,9 @@ from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex
 
-SKETCH_SCORES = 1 << 26  # sketch scores (fp32) one kernel call may hold: query rows x offloaded keys
+# query rows x offloaded keys one sketch kernel call may score: its scratch is a score (4 B) per pair, and
+# where it lists the keys above each row's threshold, room for a position and a score (8 B) per pair more
+SKETCH_SCORES = 1 << 24
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
 
@@ -263,7 +265,7 @@ class KVStore:
         sketch = estimator == "topk" and idx.sketch
         if sketch:
             static["sketch_blocks"] = idx.sketch_blocks
-            # the kernel keeps a sketch score per query row and key: bounded (256 MiB) by query chunks
+            # the kernel keeps a sketch score per query row and key: bounded (192 MiB) by query chunks
             rows = max(1, SKETCH_SCORES // max(1, self.batch * qh.shape[1] * n))
         parts = []
         for t0 in range(0, max(1, qh.shape[2]), rows):  # host keys precede every query: chunks are independent
