@@ -129,7 +129,7 @@ def _register_fakes() -> None:
     @fake("kvpass_cpu::lsh_attention")
     def _(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids, seg_starts, seg_meta, tail_codes,
           tail_base, tail_len, lsh_k, threshold, estimator, budget, scale, static_k=None, static_v=None,
-          static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8):
+          static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8, threads=0):
         B, H, Tq, _ = q.shape
         return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
                 q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
@@ -167,7 +167,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   tail_base: int, tail_len: int, *, lsh_k: int, threshold: int, estimator: str, budget: int,
                   scale: float, static_k: torch.Tensor | None = None, static_v: torch.Tensor | None = None,
                   static_allowed: torch.Tensor | None = None, sketch_blocks: list[torch.Tensor] | None = None,
-                  sketch_query: torch.Tensor | None = None, sketch_bits: int = 8
+                  sketch_query: torch.Tensor | None = None, sketch_bits: int = 8, threads: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
@@ -180,7 +180,8 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     ``sketch_blocks`` (int8 [B, Hkv, block_size / 16, words, 16, 4] per host block: ``sketch_codes`` of
     the keys as ``runtime.lsh.sketch_tiles`` lays them out, ``sketch_bits`` wide) and ``sketch_query``
     [B, H, Tq, D] fp32 (``sketch_project`` of q), "topk" keeps the ``budget`` keys of best sketch score instead of the
-    best LSH candidates (no query codes then: they stay 0).
+    best LSH candidates (no query codes then: they stay 0).  ``threads``: the OpenMP team (0: OpenMP's
+    default, i.e. torch's setting).
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored) and
     the query codes [B, H, Tq, L] int32 it used."""
     load()
@@ -188,7 +189,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
                                               threshold, estimator, budget, scale, static_k,
                                               static_v, static_allowed, sketch_blocks, sketch_query,
-                                              sketch_bits)
+                                              sketch_bits, threads)
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

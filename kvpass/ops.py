@@ -159,11 +159,6 @@ def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: flo
     return out.to(q.device), lse.to(q.device)
 
 
-def _set_threads(cpu_threads: int) -> None:
-    if cpu_threads > 0 and torch.get_num_threads() != cpu_threads:
-        torch.set_num_threads(cpu_threads)
-
-
 @torch.library.custom_op("kvpass::split_attention", mutates_args=())
 def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
                        estimator: str, cpu_threads: int, site: str) -> torch.Tensor:
@@ -174,7 +169,7 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
     Any other mask is applied exactly by both parts in torch, then merged (counted in masked_steps).
     """
     store = _store(handle, site)
-    _set_threads(cpu_threads)
+    store.cpu_threads = cpu_threads  # the kernel's team (runtime.store.kernel_threads); torch's is untouched
     if not _masked_path(mask, store, site):
         return store.attend(q, estimator=estimator, scale=scale)
     store.masked_steps += 1

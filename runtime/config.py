@@ -111,7 +111,8 @@ class Options:
     seed: int = knob(0, "seeds the SimHash projections (one per site and kv head)", lo=0, hi=2**62, runtime=True)
     dense_layers: tuple[int, ...] = knob((), "layer indices left dense (the model keeps their cache)",
                                          kind="custom", check=_layers_error)
-    cpu_threads: int | None = knob(None, "OpenMP threads of the CPU kernel (None: torch's setting)", lo=1,
+    cpu_threads: int | None = knob(None, "OpenMP threads of the CPU kernel (None: torch's setting, one fewer when "
+                                   "the model runs on an accelerator; torch's own setting is never changed)", lo=1,
                                    optional=True)
     on_unmatched: str = knob("fallback", "a site kvpass cannot rewrite: 'fallback' (dense, reported) | 'error'",
                              kind="choice", choices=("fallback", "error"))

@@ -23,6 +23,17 @@ from kvpass.runtime.lsh import LSHIndex
 # query rows x offloaded keys one sketch kernel call may score: its scratch is a score (4 B) per pair, and
 # where it lists the keys above each row's threshold, room for a position and a score (8 B) per pair more
 SKETCH_SCORES = 1 << 24
+
+
+def kernel_threads(cpu_threads: int, device: torch.device) -> int:
+    """OpenMP threads of the CPU kernel: ``cpu_threads`` when given (> 0); else torch's setting, less one
+    when the model runs on an accelerator — that core is left to the thread driving the device (and the
+    tokenizer, the data pipeline), which would otherwise deschedule a kernel thread mid-step and make the
+    whole team wait a time slice for it (README: "On a busy host").  torch's own setting is not touched."""
+    if cpu_threads > 0:
+        return cpu_threads
+    n = torch.get_num_threads()
+    return n if device.type == "cpu" else max(1, n - 1)
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
 
@@ -139,6 +150,7 @@ class KVStore:
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
+        self.cpu_threads = self.options.cpu_threads or 0  # the CPU kernel's threads (kernel_threads; 0: default)
         self.last_scored: torch.Tensor | None = None  # [B, H, Tq] int: host keys scored per query row, last call
         self.last_kept: torch.Tensor | None = None    # [B, H, Tq] int: of them, in the estimate (topk/oracle: ≤ B)
         self.last_query_codes: torch.Tensor | None = None  # [B, H, Tq, L] the kernel's, at the last call
@@ -281,7 +293,7 @@ class KVStore:
                 qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,
                 self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
-                scale=scale, **kw))
+                scale=scale, threads=kernel_threads(self.cpu_threads, self.device), **kw))
         out, lse, n_read, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
         self.last_scored = n_read
         self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read

@@ -381,6 +381,7 @@ struct Problem {
                                     // over the threads (scratch, filled by sketch_scan); else null and
   bool sk_group = false;            // one work unit per (batch row, kv head) (sketch_group_units)
   bool sk_listed = true;            // group units list the keys above a sampled threshold (scan_unit)
+  int threads = 1;                  // the OpenMP team of this call
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
@@ -949,7 +950,7 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   auto* fn = dtype == at::kFloat ? &row_f32 : dtype == at::kBFloat16 ? &row_bf16 : &row_f16;
   const int64_t rows = P.B * P.H * P.Tq, tiles = (P.n_keys + 15) / 16;
   const bool sketch = !P.skb.empty();
-#pragma omp parallel
+#pragma omp parallel num_threads(P.threads)
   {
     Scratch s;
     // each key enters each list at most once (+1: the branch-free stores write one slot past the end
@@ -1016,7 +1017,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     int64_t tail_len, int64_t lsh_k, int64_t threshold, c10::string_view estimator_name, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
-    const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits) {
+    const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1115,6 +1116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
   }
   P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
+  TORCH_CHECK(threads >= 0, fn, "threads must be >= 0 (0: OpenMP's default), got ", threads);
+  P.threads = threads > 0 ? int(threads) : omp_get_max_threads();
   at::Tensor sk_score, sk_q;
   if (sketch_blocks.has_value() && !sketch_blocks->empty() && estimator == kTopK) {
     const auto& blocks = *sketch_blocks;
@@ -1148,7 +1151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.sk_qw.resize(B * H * Tq * P.sk_qwords);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));
-    P.sk_group = sketch_group_units(B * Hkv, omp_get_max_threads());
+    P.sk_group = sketch_group_units(B * Hkv, P.threads);
     const char* select = std::getenv("KVPASS_SKETCH_SELECT");  // "scores": every score stored (tests, A/B)
     P.sk_listed = !(select && std::string(select) == "scores");
     if (!P.sk_group) {
@@ -1217,7 +1220,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
-        "int sketch_bits=8) "
+        "int sketch_bits=8, int threads=0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");

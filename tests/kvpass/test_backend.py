@@ -368,3 +368,29 @@ def test_release_frees_a_static_cache_sequence():
         model(torch.randint(1, 256, (1, 30)), **{CACHE: cache}, cache_position=torch.arange(30))
     assert kvpass.runtime_stats()["stores"] == 2
     assert kvpass.release(cache) == 2 and kvpass.runtime_stats()["stores"] == 0
+
+
+def test_cpu_threads_sets_the_kernels_team_not_torchs():
+    """options={"cpu_threads": 1}: the CPU kernel runs one thread — same tokens and logits as the default
+    team (each query row is one thread's work) — and torch's own thread setting is left as it was."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, 256, (1, 600), generator=torch.Generator().manual_seed(7))
+    before = torch.get_num_threads()
+    compile_kvpass(model, window_size=16)
+    ref, ref_logits = greedy(model, ids, 4)
+    torch._dynamo.reset()
+    kvpass.reset()
+    compile_kvpass(model, window_size=16, cpu_threads=1)
+    out, logits = greedy(model, ids, 4)
+    assert torch.get_num_threads() == before
+    assert torch.equal(out, ref) and torch.equal(logits, ref_logits)
+    assert all(s.cpu_threads == 1 for s in kvpass.runtime.REGISTRY.stores())
+
+
+def test_the_kernel_leaves_a_core_to_the_accelerators_host_thread():
+    from kvpass.runtime.store import kernel_threads
+
+    n = torch.get_num_threads()
+    assert kernel_threads(0, torch.device("cpu")) == n
+    assert kernel_threads(0, torch.device("cuda")) == max(1, n - 1)
+    assert kernel_threads(3, torch.device("cuda")) == 3 and kernel_threads(1, torch.device("cpu")) == 1
