@@ -26,7 +26,7 @@ def suite_dir() -> Path:
 
 
 SUITES = ("test_decode_attention.py", "test_contention.py", "test_end_to_end.py", "test_onnx_step.py")
-# --quick: the kernel at 8k (both layouts), SmolLM2 end to end and its ONNX step at 2k, eager pairing (no
+# --quick: the kernel at 8k (all three layouts), SmolLM2 end to end and its ONNX step at 2k, eager pairing (no
 # Inductor compiles): a smoke run of every suite in a few minutes on 2 cores
 QUICK = "(decode_attention and 8k and not 128k) or (e2e and 2k and eager) or (onnx and 2k and eager)"
 
