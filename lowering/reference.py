@@ -101,7 +101,7 @@ def sketch_query(qs: torch.Tensor) -> torch.Tensor:
     per row; a zero row stays 0) → integer-valued fp32, same shape.  The kernel computes the same integers
     (one fp32 division per row, the same products, rounded half to even)."""
     m = qs.abs().amax(-1, keepdim=True)
-    inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))  # one fp32 division
+    inv = torch.where(m > 0, torch.full_like(m, sketch_levels(8)) / m, torch.zeros_like(m))  # one fp32 division
     return (qs * inv).round()
 
 

@@ -14,9 +14,10 @@
 // scale) per dimension, int8 or int4 (lowering/reference.py: sketch_codes), scoring all of them
 // approximately, in integers: round(q * scale, 127 levels) . code (sketch_project, computed by the caller;
 // sketch_query, sketch_scores; AVX512-VNNI where the CPU has it) — once per (batch row, kv head) for all
-// the group's query rows, in key chunks — and attends the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its
-// best keys are the exact best, measured on Qwen2.5-Coder-0.5B keys; re-ranking 2-4x as many by exact
-// score changed nothing).
+// the group's query rows (run_rows: one thread per kv head, or key chunks over all threads) — and attends
+// the `budget` best with their exact scores (the sketch ranks like q.k: at int8 precision its best keys are
+// the exact best, at int4 98% of them, measured on Qwen2.5-Coder-0.5B keys; re-ranking 2-4x as many by
+// exact score changed nothing).
 //
 // The formulas shared with the onnxruntime op library (score and weight, log P lookup, sign bits, online
 // softmax, SIMD clones) are kvpass_math.h.
@@ -214,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> merge_segments(const at::Tensor& ids_a, const
 
 // The positions of the m largest of x[0, n) in ascending order, equal values by position (the reference's
 // stable sort).  Usually one pass: a threshold τ from a sample of ~1024 (whole cache lines of 16 scores,
-// 64 lines spread over the row: one miss per 16 samples; the value that ~1.5 m + 16 of the n would
-// exceed, were the sample representative) keeps every position with x ≥ τ — a superset of the answer
+// 64 runs spread over the row, sample_run: one miss per 16 samples; sample_threshold) keeps every
+// position with x ≥ τ — a superset of the answer
 // whenever at least m pass, and then the best m of those are chosen exactly.  When fewer pass (an
 // unrepresentative sample), a histogram of the top 11 bits of order-preserving integer keys finds the
 // bin holding the m-th largest and the same exact choice runs on that bin's and the higher bins'
@@ -298,6 +299,10 @@ float sample_threshold(std::vector<uint32_t>& sample, int64_t n, int64_t m) {
 constexpr int64_t kSampleLines = 64, kLine = 16;  // the threshold's sample: 64 runs of 16 neighbours
 constexpr int64_t kSampleMin = 16 * kSampleLines * kLine;  // below this many keys: no sample
 
+// The first of the 16 positions of sample run c of n (c < kSampleLines): runs spread evenly, each starting
+// on a multiple of 16 — a whole tile of the sketch, one or two cache lines of a score row.
+KVPASS_INLINE int64_t sample_run(int64_t c, int64_t n) { return c * (n / kSampleLines / kLine) * kLine; }
+
 KVPASS_CLONES void top_positions(const float* x, int64_t n, int64_t m, int32_t* out, TopScratch& t) {
   if (m >= n) {
     std::iota(out, out + n, 0);
@@ -313,9 +318,8 @@ KVPASS_CLONES void top_positions(const float* x, int64_t n, int64_t m, int32_t* 
   t.edge.clear();
   if (n >= kSampleMin) {
     t.sample.clear();
-    const int64_t step = n / kSampleLines / kLine * kLine;  // whole lines (x is 64-byte aligned per row or
-    for (int64_t c = 0; c < kSampleLines; ++c)              // not: either way 16 neighbours, 1 or 2 lines)
-      for (int64_t l = 0; l < kLine; ++l) t.sample.push_back(float_key(x[c * step + l]));
+    for (int64_t c = 0; c < kSampleLines; ++c)
+      for (int64_t l = 0; l < kLine; ++l) t.sample.push_back(float_key(x[sample_run(c, n) + l]));
     positions_at_least(x, n, sample_threshold(t.sample, n, m), t.edge);
     if (int64_t(t.edge.size()) >= m) {
       choose(t.above, t.edge, m);
@@ -877,16 +881,16 @@ void sketch_scan_all(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_
 }
 
 // Sketch work units.  When the (batch row, kv head) units spread evenly over the threads (or are many),
-// each is one unit: a thread scans its keys into its own buffer (G·Tq rows x n_keys scores: L2-sized at
-// 32k) and attends its rows right away — no shared score array written to memory and read back, no
-// barrier between scanning and attending.  Otherwise (SmolLM2's 3 kv heads on 2 threads; one kv head)
+// each is one unit: a thread scans its keys (scan_unit: into its own buffer, or listing only the keys
+// above each row's threshold) and attends its rows right away — no shared score array written to memory
+// and read back, no barrier between scanning and attending.  Otherwise (SmolLM2's 3 kv heads on 2 threads; one kv head)
 // the scan is split in key chunks over all threads, into one shared array, then the rows are attended.
 bool sketch_group_units(int64_t units, int64_t threads) {
   return units % threads == 0 || units >= 4 * threads;
 }
 
 // One group unit's scan.  From kSampleMin keys on, listed: each row's threshold from 64 sampled tiles (the
-// 1024 scores of 64 runs of 16 neighbours, as top_positions samples), then one scan that keeps only the keys
+// 1024 scores of the runs top_positions samples: sample_run), then one scan that keeps only the keys
 // at or above it, with their scores — no row's scores are written whole and read back.  A row whose list
 // came out shorter than the budget (an unrepresentative sample) gets every score (skg) and top_positions.
 void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
@@ -897,12 +901,13 @@ void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
     sketch_scan_all(P, b, hk, 0, tiles, s.skg.get());
   };
   if (n < kSampleMin || m >= n || !P.sk_listed) return all();
-  const int64_t step = tiles / kSampleLines, per_row = kSampleLines * kLine;
+  const int64_t per_row = kSampleLines * kLine;
   s.samp.resize(R * per_row);
-  for (int64_t c = 0; c < kSampleLines; ++c) {
+  for (int64_t c = 0; c < kSampleLines; ++c) {  // run c's 16 scores at columns [16 c, 16 c + 16)
+    const int64_t tile = sample_run(c, n) / 16;
     ScanSink o;
-    o.out = s.samp.data(), o.stride = per_row, o.key0 = c * step * 16 - c * kLine;
-    sketch_scan(P, b, hk, c * step, c * step + 1, o);
+    o.out = s.samp.data(), o.stride = per_row, o.key0 = sample_run(c, n) - c * kLine;
+    sketch_scan(P, b, hk, tile, tile + 1, o);
   }
   s.tau.resize(R);
   for (int64_t r = 0; r < R; ++r) {

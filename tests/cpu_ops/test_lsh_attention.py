@@ -238,6 +238,20 @@ def test_sign_codes_are_the_torch_packing(K, L):
         sign_codes(torch.zeros(4, 17), 16)
 
 
+def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str):
+    """store.attend_host(q, "topk") with the sketch scanned by the kernel's native path (VNNI where the CPU
+    has it) or its portable loop ($KVPASS_SKETCH_SCAN, restored after)."""
+    old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
+    try:
+        if scan == "portable":
+            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
+        return store.attend_host(q, estimator="topk", budget=budget)
+    finally:
+        os.environ.pop("KVPASS_SKETCH_SCAN", None)
+        if old is not None:
+            os.environ["KVPASS_SKETCH_SCAN"] = old
+
+
 @settings(max_examples=fuzz_examples(40), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4, 7]), Tq=st.integers(1, 3),
        D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -261,15 +275,7 @@ def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, 
         return
     ks, vs = store.host.views()
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
-    old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
-    try:
-        if scan == "portable":
-            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
-        out, lse = store.attend_host(q, estimator="topk", budget=budget)
-    finally:
-        os.environ.pop("KVPASS_SKETCH_SCAN", None)
-        if old is not None:
-            os.environ["KVPASS_SKETCH_SCAN"] = old
+    out, lse = attend_topk(store, q, budget, scan)
     sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale) if idx.built else None
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
                                                      mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch)
@@ -413,15 +419,7 @@ def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget,
     q = torch.randn(1, Hkv * G, Tq, D, generator=gen) * 2
     idx = store.index
     k, v = torch.cat(store.host.views()[0], 2), torch.cat(store.host.views()[1], 2)
-    old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
-    try:
-        if scan == "portable":
-            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
-        out, lse = store.attend_host(q, estimator="topk", budget=budget)
-    finally:
-        os.environ.pop("KVPASS_SKETCH_SCAN", None)
-        if old is not None:
-            os.environ["KVPASS_SKETCH_SCAN"] = old
+    out, lse = attend_topk(store, q, budget, scan)
     sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale)
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk", mu=idx.mu, budget=budget,
                                                      sketch=sketch)
