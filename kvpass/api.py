@@ -56,6 +56,8 @@ def runtime_stats() -> dict[str, float]:
         "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
         "tokens_offloaded": sum(s.tokens_offloaded for s in stores),
         "masked_steps": sum(s.masked_steps for s in stores),
+        "reorders": sum(s.reorders for s in stores),  # beam search's batch reorders followed (per store)
+        "crops": sum(s.crops for s in stores),        # cache crops followed (rejected drafts; per store)
         "index_bytes": sum(s.index_bytes for s in stores),
         "projection_bytes": projection,
         "keys_read_fraction": sum(read) / len(read) if read else 0.0,

@@ -59,16 +59,21 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
                     f"kvpass: site {site}: the cache passed in holds a kvpass placeholder that no live store "
                     f"owns (after kvpass.reset(), or a cache reordered/copied outside kvpass, e.g. beam "
                     f"search). Start a new sequence with a fresh cache.")
-            if store.length != past_len:
-                raise RuntimeError(f"kvpass: site {site}: the cache says {past_len} past tokens but the "
-                                   f"kvpass store holds {store.length}; was the cache cropped or edited?")
+            _follow_crop(store, past_len, site)
+        elif (tagged := REGISTRY.by_tags(past_k)) is not None:  # rows of placeholders, copied: beam search
+            store, rows = tagged
+            if store.site != site or rows.shape[0] != k.shape[0]:
+                raise RuntimeError(f"kvpass: site {site}: the cache holds rows of another site's or batch's "
+                                   f"kvpass placeholders (store of {store.site}, batch {store.batch})")
+            _follow_crop(store, past_len, site)
+            store.reorder(rows)
         else:  # real KV from a cache filled without kvpass: adopt it
             if bool(torch.isnan(past_k).any()):  # copies of placeholders: the KV itself is in a store
                 raise RuntimeError(
-                    f"kvpass: site {site}: the cache holds copies of kvpass placeholders (NaN), not KV: it was "
-                    f"reordered or copied outside kvpass (beam search with num_beams > 1, a cache reorder or "
-                    f"crop). kvpass does not follow cache reordering yet; decode with num_beams=1, or without "
-                    f"kvpass for this call.")
+                    f"kvpass: site {site}: the cache holds NaN where KV should be: copies of kvpass placeholders "
+                    f"that lost their tags (a dtype conversion of the cache, or a store already released), or "
+                    f"KV that is NaN. kvpass follows beam search's row reorders and crops of the cache, not "
+                    f"conversions; start a new sequence with a fresh cache.")
             store = _new_store(site, k, config)
             store.append(past_k, past_v)
             log.info("kvpass: site %s adopted %d cached tokens", site, past_len)
@@ -83,7 +88,9 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
         if p0 == 0 or store is None:
             if p0 != 0:
                 raise RuntimeError(f"kvpass: site {site}: the static cache starts at position {p0}, but "
-                                   f"kvpass saw no earlier tokens for it; prefill through kvpass first")
+                                   f"kvpass saw no earlier tokens for it; prefill through kvpass first (a static "
+                                   f"cache reordered or copied, e.g. by beam search, is a new buffer to kvpass: "
+                                   f"use the default DynamicCache there)")
             store = _new_store(site, k, config)
             REGISTRY.bind_buffer(site, past_k, store)
         elif p0 != store.length:
@@ -91,6 +98,19 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
                                f"{store.length} tokens; rewriting earlier positions is not supported")
         store.append(k, v)
     return REGISTRY.new_handle(store)
+
+
+def _follow_crop(store: KVStore, past_len: int, site: str) -> None:
+    """The model's cache says past_len tokens: a store holding more drops the rest (``cache.crop``)."""
+    if past_len > store.length:
+        raise RuntimeError(f"kvpass: site {site}: the cache says {past_len} past tokens but the kvpass store "
+                           f"holds {store.length}; was the cache edited outside kvpass?")
+    if past_len < store.length:
+        try:
+            store.crop(past_len)
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
+        log.debug("kvpass: site %s cropped to %d tokens", site, past_len)
 
 
 @append_kv.register_fake
@@ -142,6 +162,21 @@ def _masked_path(mask: torch.Tensor | None, store: KVStore, site: str) -> bool:
     return True
 
 
+def _block_reaches_host(store: KVStore, q_len: int, site: str) -> bool:
+    """A query block longer than the window (a long draft to verify, a prefill chunk) put some of its own
+    tokens in the host store at once: the CPU kernel takes every host key as visible to every query, so
+    such a step applies the causal mask exactly instead (the masked path; said once)."""
+    first_query = store.length - q_len
+    if store.sink_size + store.tokens_offloaded <= first_query + 1:
+        return False
+    if "block" not in _WARNED:
+        _WARNED.add("block")
+        log.warning("kvpass: a block of %d query tokens (first at site %s) is longer than window_size + 1; its "
+                    "offloaded part is attended exactly with the causal mask, on a slower torch path (said once; "
+                    "runtime_stats()['masked_steps'] counts the steps)", q_len, site)
+    return True
+
+
 def _masked_static(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float):
     """Static part under a mask that is not plain causal: the mask's columns at the slots' positions."""
     bias = _mask_bias(mask.to(store.device), store.num_kv_heads)
@@ -170,7 +205,10 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
     """
     store = _store(handle, site)
     store.cpu_threads = cpu_threads  # the kernel's team (runtime.store.kernel_threads); torch's is untouched
-    if not _masked_path(mask, store, site):
+    if _block_reaches_host(store, q.shape[2], site):
+        if mask is None:
+            mask = torch.arange(store.length)[None, :] <= store.last_positions.cpu()[:, None]
+    elif not _masked_path(mask, store, site):
         return store.attend(q, estimator=estimator, scale=scale)
     store.masked_steps += 1
     out, lse = _masked_static(store, q, mask, scale)

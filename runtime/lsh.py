@@ -52,6 +52,13 @@ def sketch_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (c[..., 0, :] | (c[..., 1, :] << 4)).to(torch.uint8).view(torch.int8)
 
 
+def take_rows(t: torch.Tensor | None, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """t[dst] = t[src] along the batch (first) dimension, in place (views of t stay valid); the right side
+    is gathered before it is written, so rows may swap or repeat."""
+    if t is not None:
+        t[dst.to(t.device)] = t[src.to(t.device)]
+
+
 class LSHIndex:
     """The SimHash index of one store (one sequence batch at one attention site)."""
 
@@ -191,6 +198,25 @@ class LSHIndex:
             self.seg_ids.append(ids)
             self.seg_starts.append(starts)
             self.seg_meta.append((b0, n0 + n1))
+
+    def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Batch rows dst become copies of rows src: every per-row tensor of the index (see
+        ``KVStore.reorder``).  The projection is per site, shared by every row."""
+        for t in [self.mu, self.sketch_scale, self.tail, *self.sketch_blocks, *self.seg_ids, *self.seg_starts]:
+            take_rows(t, dst, src)
+
+    def truncate(self, n: int) -> None:
+        """Forget every key from the n-th offloaded one on (``KVStore.crop``).  The sketch and the unsealed
+        tail are indexed by position (codes past n are never read: the kernel scans n_keys); keys already
+        sealed into a bucket segment cannot be taken out of it."""
+        if n >= self.n_keys:
+            return
+        if self.built and not self.sketch:
+            if n < self.tail_base:
+                raise ValueError(f"the LSH index sealed keys {self.tail_base - n} and more before the crop point "
+                                 f"into a bucket segment, which cannot be undone")
+            self.tail_len = n - self.tail_base
+        self.n_keys = n
 
     @property
     def index_bytes(self) -> int:

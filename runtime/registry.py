@@ -6,10 +6,18 @@ its position bookkeeping, `get_seq_length()`, masks and `generate()` work unchan
 storage.  The handle's address names the store; a placeholder whose storage nothing but the registry
 holds any more belongs to a dropped sequence, and its store is freed.  Static caches (preallocated
 buffers the model owns) are named by the buffer's address instead.
+
+Beam search reorders the model's cache by copying batch rows (``index_select``), which turns placeholders
+into plain NaN tensors with no link to their store.  So each handle row also carries a *tag* in its NaN
+payloads (the mantissa bits a NaN ignores; a copy keeps them): a magic number, the store's serial number
+and the row.  The first elements of the copied row say which store and which of its rows it came from,
+and the store follows (``KVStore.reorder``).  A conversion that drops payloads (a dtype cast) leaves
+untagged NaN, which kvpass refuses with an error, never adopts as KV.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -23,12 +31,53 @@ def _storage_refs(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+TAG_MAGIC = 0x4B56  # "KV"; < 2^15: the word is a signed int64
+TAG_NIBBLES = 16  # 64 bits, 4 per element: magic (16) | store serial (32) | row (16)
+# a quiet NaN of each dtype, as its integer bits; an element of a tag is NAN | nibble
+_QNAN = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
+         torch.float16: (torch.int16, 0x7E00)}
+
+
+def _tag_words(serial: int, batch: int) -> torch.Tensor:
+    """[batch, TAG_NIBBLES] int64: the nibbles of each row's tag, most significant first."""
+    words = [(TAG_MAGIC << 48) | ((serial & 0xFFFFFFFF) << 16) | b for b in range(batch)]
+    shifts = torch.arange(TAG_NIBBLES - 1, -1, -1) * 4
+    return (torch.tensor(words, dtype=torch.int64)[:, None] >> shifts) & 0xF
+
+
+def write_tags(h: torch.Tensor, serial: int) -> None:
+    """Tag the rows of a fresh handle h [B, Hkv, 1, D] (no-op where its dtype or size cannot carry a tag)."""
+    if h.dtype not in _QNAN or h[0].numel() < TAG_NIBBLES or h.shape[0] > 0xFFFF:
+        return
+    int_dtype, nan = _QNAN[h.dtype]
+    flat = h.view(int_dtype).view(h.shape[0], -1)
+    flat[:, :TAG_NIBBLES] = (_tag_words(serial, h.shape[0]) | nan).to(int_dtype).to(h.device)
+
+
+def read_tags(t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """(store serial, rows [B] int64) when every batch row of a cache tensor t [B, Hkv, L, D] begins with
+    a kvpass tag of one store; else None."""
+    if t.dim() != 4 or t.dtype not in _QNAN or t.shape[2] == 0 or t[0, :, 0].numel() < TAG_NIBBLES:
+        return None
+    int_dtype, nan = _QNAN[t.dtype]
+    head = t[:, :, 0].reshape(t.shape[0], -1)[:, :TAG_NIBBLES].cpu().contiguous().view(int_dtype).long()
+    if not bool(((head & ~0xF) == nan).all()):
+        return None
+    shifts = torch.arange(TAG_NIBBLES - 1, -1, -1) * 4
+    words = ((head & 0xF) << shifts).sum(1)
+    magic, serial, rows = words >> 48, (words >> 16) & 0xFFFFFFFF, words & 0xFFFF
+    if not bool((magic == TAG_MAGIC).all()) or not bool((serial == serial[0]).all()):
+        return None
+    return int(serial[0]), rows
+
+
 class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_handle: dict[int, KVStore] = {}
         self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, KVStore]] = {}
         self.after_collect = 0  # reserved_bytes() after the last cycle collection kvpass asked for
+        self._serials = itertools.count(1)
 
     def new_handle(self, store: KVStore) -> torch.Tensor:
         """A fresh handle for `store` (its previous handle is forgotten).  [B, Hkv, 1, D], NaN-filled:
@@ -41,6 +90,9 @@ class Registry:
             old = getattr(store, "handle", None)
             if old is not None:
                 self._by_handle.pop(old.data_ptr(), None)
+            if getattr(store, "serial", None) is None:
+                store.serial = next(self._serials)
+            write_tags(h, store.serial)
             store.handle = h
             store.handle_refs = _storage_refs(h)  # the count with no placeholder alive
             self._by_handle[h.data_ptr()] = store
@@ -52,6 +104,15 @@ class Registry:
         if store is not None and store.handle.data_ptr() != t.data_ptr():
             return None
         return store
+
+    def by_tags(self, t: torch.Tensor) -> tuple[KVStore, torch.Tensor] | None:
+        """(store, rows) when t is a row-wise copy of a live store's placeholder (``read_tags``)."""
+        tags = read_tags(t)
+        if tags is None:
+            return None
+        with self._lock:
+            store = next((s for s in self._by_handle.values() if s.serial == tags[0]), None)
+        return None if store is None else (store, tags[1])
 
     def by_buffer(self, site: str, buf: torch.Tensor) -> KVStore | None:
         with self._lock:
@@ -88,11 +149,14 @@ class Registry:
         return sum(s.host.reserved_bytes + s.index_bytes for s in stores if s.batch)
 
     def release(self, tensors) -> int:
-        """Drop the stores that ``tensors`` name — placeholders (by their handle) or static cache buffers —
-        and return how many were dropped.  Anything else is ignored."""
-        ptrs = {t.data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        """Drop the stores that ``tensors`` name — placeholders (by their handle; row copies of them, after a
+        beam reorder, by their tags) or static cache buffers — and return how many were dropped.  Anything
+        else is ignored."""
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        ptrs = {t.data_ptr() for t in tensors}
+        serials = {tags[0] for t in tensors if t.dim() == 4 and (tags := read_tags(t)) is not None}  # reordered
         with self._lock:
-            doomed = [s for p, s in self._by_handle.items() if p in ptrs]
+            doomed = [s for p, s in self._by_handle.items() if p in ptrs or s.serial in serials]
             doomed += [s for (_, p), (_, s) in self._by_buffer.items() if p in ptrs and s not in doomed]
             for store in doomed:
                 self._by_handle.pop(store.handle.data_ptr(), None)

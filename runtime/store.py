@@ -18,7 +18,7 @@ from kvpass.cpu_ops import lsh_attention
 from kvpass.lowering import merge_partials, static_attention
 from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project
 from kvpass.runtime.config import Options, parse_options
-from kvpass.runtime.lsh import LSHIndex
+from kvpass.runtime.lsh import LSHIndex, take_rows
 
 # query rows x offloaded keys one sketch kernel call may score: its scratch is a score (4 B) per pair, and
 # where it lists the keys above each row's threshold, room for a position and a score (8 B) per pair more
@@ -34,6 +34,7 @@ def kernel_threads(cpu_threads: int, device: torch.device) -> int:
         return cpu_threads
     n = torch.get_num_threads()
     return n if device.type == "cpu" else max(1, n - 1)
+
 _MADV_HUGEPAGE = 14
 _HUGE = 2 << 20
 
@@ -70,7 +71,8 @@ class HostKV:
                  block_size: int = 4096, pin: bool = False):
         self.shape = (batch, num_kv_heads, block_size, head_dim)
         self.dtype, self.block_size, self.pin = dtype, block_size, pin
-        self.k_blocks: list[torch.Tensor] = []
+        self.kv_blocks: list[torch.Tensor] = []  # [B, Hkv, block_size, 2, D] each
+        self.k_blocks: list[torch.Tensor] = []   # views of them: [..., 0, :] and [..., 1, :]
         self.v_blocks: list[torch.Tensor] = []
         self.length = 0
 
@@ -86,6 +88,7 @@ class HostKV:
                 kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
                 if not self.pin:
                     _huge_pages(kv)
+                self.kv_blocks.append(kv)
                 self.k_blocks.append(kv[:, :, :, 0])
                 self.v_blocks.append(kv[:, :, :, 1])
             n = min(self.block_size - used, T - t0)
@@ -106,6 +109,15 @@ class HostKV:
             vs.append(vb[:, :, :n])
             left -= n
         return ks, vs
+
+    def truncate(self, n: int) -> None:
+        """Forget the tokens from the n-th on (``KVStore.crop``); the blocks stay, to be written over."""
+        self.length = min(self.length, n)
+
+    def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Batch rows dst become copies of rows src (in place; see ``KVStore.reorder``)."""
+        for kv in self.kv_blocks:
+            take_rows(kv, dst, src)
 
     @property
     def nbytes(self) -> int:
@@ -150,6 +162,7 @@ class KVStore:
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
+        self.reorders = self.crops = 0  # batch reorders (beam search) and crops (rejected drafts) followed
         self.cpu_threads = self.options.cpu_threads or 0  # the CPU kernel's threads (kernel_threads; 0: default)
         self.last_scored: torch.Tensor | None = None  # [B, H, Tq] int: host keys scored per query row, last call
         self.last_kept: torch.Tensor | None = None    # [B, H, Tq] int: of them, in the estimate (topk/oracle: ≤ B)
@@ -209,8 +222,10 @@ class KVStore:
             self.static_k[:, :, L:L + n_sink] = k[:, :, :n_sink]
             self.static_v[:, :, L:L + n_sink] = v[:, :, :n_sink]
             self.static_pos[L:L + n_sink] = torch.arange(L, L + n_sink, device=self.device)
-        # tokens at positions [host_from, host_to) leave (or skip) the window for the host store
-        host_from, host_to = max(S, L - W), max(S, end - W)
+        # tokens at positions [host_from, host_to) leave (or skip) the window for the host store; the ring
+        # holds [host_from, L) — the last W tokens, or fewer after a crop
+        host_from = S + (self.host.length if self.batch else 0)
+        host_to = max(host_from, end - W)
         old_to = min(host_to, L)  # part still in the ring
         if old_to > host_from:
             slots = torch.tensor([ring_slot(p, S, W) for p in range(host_from, old_to)], device=self.device)
@@ -229,6 +244,48 @@ class KVStore:
             self.static_pos.index_copy_(0, slots, torch.tensor(positions, device=self.device))
         self.length = end
         self.last_positions = torch.arange(L, end, device=self.device)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Batch row i becomes a copy of row ``rows[i]`` (beam search's cache reorder), in every part: static
+        slots, host KV, index.  Only the rows that change are copied; rows may repeat (a beam forks)."""
+        rows = rows.to(torch.long).cpu()
+        if rows.shape != (self.batch,) or bool((rows < 0).any() | (rows >= self.batch).any()):
+            raise ValueError(f"kvpass: reorder of a {self.batch}-row store by rows {rows.tolist()}: a reorder "
+                             f"keeps the batch size and names existing rows")
+        dst = torch.nonzero(rows != torch.arange(self.batch)).flatten()
+        if not dst.numel():
+            return
+        src = rows[dst]
+        for t in (self.static_k, self.static_v):
+            take_rows(t, dst, src)
+        self.host.take_rows(dst, src)
+        self.index.take_rows(dst, src)
+        self.last_scored = self.last_kept = self.last_query_codes = None
+        self.reorders += 1
+
+    def crop(self, length: int) -> None:
+        """Forget the tokens at positions >= length (``cache.crop``: assisted or speculative decoding rejecting
+        a draft).  Their static slots are emptied and the host store and its index cut back; the ring then
+        holds fewer than W tokens until new ones come.  Refused (ValueError) only where the LSH index
+        (retriever "lsh") has sealed some of those tokens into a bucket segment."""
+        S, W, L = self.sink_size, self.window_size, self.length
+        if not 0 <= length <= L:
+            raise ValueError(f"kvpass: crop to {length} tokens of a store holding {L}")
+        if length == L:
+            return
+        if self.tokens_offloaded > max(0, length - S):
+            try:
+                self.index.truncate(max(0, length - S))
+            except ValueError as e:
+                raise ValueError(f"kvpass: site {self.site}: cannot drop the last {L - length} tokens: {e}. "
+                                 f"Draft fewer tokens, or use the sketch retriever (the defaults)") from None
+            self.host.truncate(max(0, length - S))
+        slots = [p if p < S else ring_slot(p, S, W) for p in range(length, L)]
+        pos = self.static_pos[torch.tensor(slots, device=self.device)]
+        self.static_pos[torch.tensor(slots, device=self.device)[pos >= length]] = -1  # slots of dropped tokens only
+        self.length = length
+        self.last_positions = torch.empty(0, dtype=torch.long, device=self.device)
+        self.crops += 1
 
     # ------------------------------------------------------------ attention
 

@@ -198,15 +198,90 @@ def test_reset_mid_sequence_is_a_clear_error():
             model(ids[:, :1], **{CACHE: cache})
 
 
-@pytest.mark.parametrize("estimator", ["exact", "sample"])
-def test_beam_search_is_a_clear_error_not_nan(estimator):
-    """Beam search reorders the cache (index_select of batch rows): the model's cache then holds copies of
-    kvpass's NaN placeholders, not KV.  kvpass refuses them at the next step instead of adopting NaN as KV
-    (which returned two tokens and stopped, silently)."""
-    model = compile_kvpass(tiny_model("llama"), window_size=8, sink_size=2, estimator=estimator)
-    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), pytest.raises(Exception, match="copies of kvpass placeholders.*num_beams"):
-        model.generate(ids, max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=0)
+def _generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+                              **kw)
+
+
+@pytest.mark.parametrize("num_beams,batch", [(2, 1), (4, 2)])
+def test_beam_search_follows_the_cache_reorder(num_beams, batch):
+    """Beam search reorders the cache every step (index_select of batch rows): the copied placeholders carry
+    their store and row in NaN payloads, and the store follows — exact mode returns dense's beams and
+    scores; sampling runs on the reordered rows (finite scores, every step reordered)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (batch, 300), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 10, "num_beams": num_beams, "num_return_sequences": num_beams}
+    ref = _generate(model, ids, **kw)
+    compile_kvpass(model, window_size=8, sink_size=2, estimator="exact")
+    out = _generate(model, ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.sequences_scores - ref.sequences_scores).abs().max() <= 1e-3
+    torch._dynamo.reset()
+    compile_kvpass(model, window_size=8, sink_size=2, estimator="sample", retriever="lsh")
+    kvpass.reset()
+    out = _generate(model, ids, **kw)
+    stores = kvpass.runtime.REGISTRY.stores()
+    assert torch.isfinite(out.sequences_scores).all() and out.sequences.shape == ref.sequences.shape
+    assert all(s.reorders > 0 for s in stores) and len(stores) == 2
+    assert kvpass.runtime_stats()["reorders"] == sum(s.reorders for s in stores)
+    assert kvpass.release(out.past_key_values) == 2  # the cache holds reordered copies: found by their tags
+
+
+def test_a_cache_converted_outside_kvpass_is_a_clear_error():
+    """A dtype conversion of the cache drops the tags: kvpass refuses the NaN, never adopts it as KV."""
+    model = compile_kvpass(tiny_model("llama"), window_size=8, estimator="exact")
+    ids = torch.randint(1, 256, (1, 30))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{CACHE: cache})
+        for layer in cache.layers:
+            layer.keys = layer.keys.to(torch.bfloat16).float()
+            layer.values = layer.values.to(torch.bfloat16).float()
+        with pytest.raises(Exception, match="NaN where KV should be"):
+            model(ids[:, :1], **{CACHE: cache})
+
+
+@pytest.mark.parametrize("window", [16, 8])
+def test_assisted_decoding_equals_dense_in_exact_mode(window):
+    """Assisted decoding verifies a 12-token draft in one block and crops the rejected part
+    (``cache.crop``): the store drops those tokens, from the host store too when the block pushed some
+    there (window 8 < 13-token block: the block's own tokens reach the host, and that step applies the
+    causal mask exactly)."""
+    model, helper = tiny_model("llama"), tiny_model("llama", num_hidden_layers=1)
+    helper.generation_config.num_assistant_tokens = 12
+    helper.generation_config.num_assistant_tokens_schedule = "constant"
+    helper.generation_config.assistant_confidence_threshold = 0.0
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    ref = _generate(model, ids, max_new_tokens=30)
+    compile_kvpass(model, window_size=window, sink_size=2, estimator="exact")
+    kvpass.reset()
+    out = _generate(model, ids, max_new_tokens=30, assistant_model=helper)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max((a - b).abs().max() for a, b in zip(out.scores, ref.scores)) <= 1e-4
+    stores = kvpass.runtime.REGISTRY.stores()
+    assert all(s.crops > 0 for s in stores)
+    assert all(s.masked_steps > 0 for s in stores) == (window == 8)
+
+
+def test_a_block_longer_than_the_window_is_causal():
+    """A multi-token step longer than window + 1 puts its own first tokens in the host store; their queries
+    must not see the later ones (the CPU kernel takes every host key as visible): exact equals dense."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 320), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :300], **{CACHE: cache})
+            return model(ids[:, 300:], **{CACHE: cache}).logits
+
+    ref = run()
+    compile_kvpass(model, window_size=8, sink_size=2, estimator="exact")
+    kvpass.reset()
+    out = run()
+    assert (out - ref).abs().max() <= 1e-4
+    assert all(s.masked_steps == 1 for s in kvpass.runtime.REGISTRY.stores())
 
 
 def test_padded_batch_is_offloaded_and_exact(caplog, monkeypatch):

@@ -42,6 +42,36 @@ def test_exact_split_generates_the_dense_tokens(smollm2):
 
 
 @pytest.mark.slow
+def test_beam_search_and_prompt_lookup_decoding_equal_dense_in_exact_mode(smollm2):
+    """generate(num_beams=4) reorders the cache every step; prompt-lookup decoding verifies drafts taken
+    from the prompt in one block and crops the rejected part: kvpass follows both, and exact mode returns
+    dense's sequences and scores."""
+    model, tok = smollm2
+    ids = tok(long_document_prompt(tok, 600, "Summarise the text above."), return_tensors="pt")["input_ids"]
+    kw = {"max_new_tokens": 12, "do_sample": False, "return_dict_in_generate": True, "output_scores": True,
+          "pad_token_id": tok.eos_token_id}
+    beam = {"num_beams": 4, "num_return_sequences": 4}
+    with torch.no_grad():
+        ref, ref_greedy = model.generate(ids, **kw, **beam), model.generate(ids, **kw)
+    fwd = model.forward
+    model.forward = torch.compile(fwd, backend="kvpass", options={"estimator": "exact", "inductor": False})
+    try:
+        kvpass.reset()
+        with torch.no_grad():
+            out = model.generate(ids, **kw, **beam)
+            assert kvpass.runtime_stats()["reorders"] > 0
+            kvpass.reset()
+            lookup = model.generate(ids, prompt_lookup_num_tokens=8, **kw)
+            assert kvpass.runtime_stats()["crops"] > 0
+    finally:
+        model.forward = fwd
+    assert torch.equal(out.sequences, ref.sequences)
+    assert (out.sequences_scores - ref.sequences_scores).abs().max() <= 1e-3
+    assert torch.equal(lookup.sequences, ref_greedy.sequences)
+    assert max((a - b).abs().max() for a, b in zip(lookup.scores, ref_greedy.scores)) <= 1e-3
+
+
+@pytest.mark.slow
 def test_static_cache_split_generates_the_dense_tokens(smollm2):
     """The same model with a preallocated StaticCache: the model keeps its buffers, kvpass mirrors them
     and splits every decode step under the model's own mask."""

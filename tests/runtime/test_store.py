@@ -1,5 +1,6 @@
 """The per-(sequence, site) store: every token in exactly one place, accounting honest."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,3 +45,79 @@ def test_host_store_keeps_its_dtype_and_bf16():
     store.append(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8))
     ks, _ = store.host.views()
     assert ks[0].dtype == torch.bfloat16 and ks[0].shape[2] == 7
+
+
+@settings(max_examples=60, deadline=None)
+@given(S=st.integers(0, 4), W=st.integers(1, 8),
+       ops=st.lists(st.tuples(st.integers(1, 20), st.integers(0, 12)), min_size=1, max_size=10))
+def test_crops_forget_exactly_the_dropped_tokens(S, W, ops):
+    """Appends of n tokens, each followed by a crop of up to m of the newest (a rejected draft): the store
+    holds exactly the surviving tokens, each once, with the host store cut back where the crop reaches it."""
+    torch.manual_seed(0)
+    store = KVStore(2, 4, batch=2, sink_size=S, window_size=W, host_block_size=8)
+    kept = torch.empty(2, 2, 0, 4)
+    for n, m in ops:
+        new = torch.randn(2, 2, n, 4)
+        store.append(new, new * 2)
+        kept = torch.cat([kept, new], 2)
+        m = min(m, kept.shape[2])
+        store.crop(kept.shape[2] - m)
+        kept = kept[:, :, :kept.shape[2] - m]
+        pos, k = _contents(store)
+        assert torch.equal(pos, torch.arange(kept.shape[2])) and torch.equal(k, kept)
+        assert store.index.n_keys == store.tokens_offloaded
+
+
+def _decode(store, full, t0, t1):
+    for t in range(t0, t1):
+        store.append(full[:, :, t:t + 1], -full[:, :, t:t + 1])
+
+
+@pytest.mark.parametrize("estimator,retriever", [("exact", "sketch"), ("topk", "sketch"), ("sample", "lsh")])
+def test_reorder_equals_a_store_of_the_reordered_rows(estimator, retriever):
+    """Beam search's reorder (rows may repeat): every estimator then gives what a store built from the
+    reordered rows gives — static slots, host KV, the sketch or the LSH segments and tail all follow."""
+    torch.manual_seed(0)
+    B, Hkv, D, n = 3, 2, 16, 1200
+    full = torch.randn(B, Hkv, n + 30, D)
+    rows = torch.tensor([2, 0, 0])
+    kw = {"batch": B, "sink_size": 2, "window_size": 8, "estimator": estimator, "retriever": retriever, "budget": 0.05}
+    store, ref = KVStore(Hkv, D, **kw), KVStore(Hkv, D, **kw)
+    store.append(full[:, :, :n], -full[:, :, :n])  # a prompt (sealed at once), then decode steps (the tail)
+    _decode(store, full, n, n + 20)
+    store.reorder(rows)
+    ref.append(full[rows, :, :n], -full[rows, :, :n])
+    _decode(ref, full[rows], n, n + 20)
+    _decode(store, full, n + 20, n + 30)
+    _decode(ref, full, n + 20, n + 30)
+    assert store.reorders == 1 and ref.reorders == 0
+    q = torch.randn(B, 4, 1, D)
+    torch.testing.assert_close(store.attend(q), ref.attend(q), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator,retriever", [("topk", "sketch"), ("sample", "lsh")])
+def test_crop_then_new_tokens_equals_never_having_seen_the_draft(estimator, retriever):
+    torch.manual_seed(0)
+    B, Hkv, D, n = 1, 2, 16, 1200
+    full, draft = torch.randn(B, Hkv, n + 40, D), torch.randn(B, Hkv, 12, D)
+    kw = {"batch": B, "sink_size": 2, "window_size": 8, "estimator": estimator, "retriever": retriever, "budget": 0.05}
+    store, ref = KVStore(Hkv, D, **kw), KVStore(Hkv, D, **kw)
+    for s in (store, ref):
+        s.append(full[:, :, :n], -full[:, :, :n])
+        _decode(s, full, n, n + 20)
+    store.append(draft, -draft)  # 12 draft tokens, 4 of them pushed to the host at once; all rejected
+    store.crop(n + 20)
+    for s in (store, ref):
+        s.append(full[:, :, n + 20:n + 25], -full[:, :, n + 20:n + 25])  # a verify block, accepted
+        _decode(s, full, n + 25, n + 40)
+    q = torch.randn(B, 4, 1, D)
+    torch.testing.assert_close(store.attend(q), ref.attend(q), rtol=1e-6, atol=1e-6)
+
+
+def test_crop_into_a_sealed_lsh_segment_is_refused():
+    store = KVStore(1, 16, batch=1, sink_size=2, window_size=8, estimator="sample", retriever="lsh")
+    store.append(torch.randn(1, 1, 1200, 16), torch.randn(1, 1, 1200, 16))  # sealed at once
+    with pytest.raises(ValueError, match="sealed .* bucket segment"):
+        store.crop(1100)
+    store.crop(1195)  # inside the window: fine
+    assert store.length == 1195
