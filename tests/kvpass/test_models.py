@@ -68,3 +68,5 @@ def test_a_missing_model_is_one_line_saying_how_to_install_it(tmp_path, monkeypa
     assert "qwen2.5-coder-0.5b     absent" in listing and "smollm2-135m           installed" in listing
     with pytest.raises(ValueError, match="unknown model"):
         models.path("llama-9000")
+    assert main(["models", "path", "smollm2-135m"]) == 0  # the embedded default: its package's folder
+    assert capsys.readouterr().out.strip() == str(models.default_model_dir())
