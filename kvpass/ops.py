@@ -128,10 +128,11 @@ def _store(handle: torch.Tensor, site: str) -> KVStore:
     return store
 
 
-def _mask_is_causal(mask: torch.Tensor, store: KVStore, site: str) -> bool:
-    """True when the model's mask over its cache ([.., Tq, L] bool or additive) says exactly "key
-    position j visible to query t iff j <= q_pos[t]" — the split's own rule, so the fast path applies.
-    Anything else (left padding, a sliding window, additive biases) is honoured exactly, slower."""
+def _left_padding(mask: torch.Tensor, store: KVStore, site: str) -> torch.Tensor | None:
+    """Each batch row's first real position ([B] int64; zeros: plain causal) when the model's mask over
+    its cache ([.., Tq, L] bool or additive) says exactly "key position j visible to query t iff
+    pad[b] <= j <= q_pos[t]" — causal with left padding, which the split applies itself (fast path).
+    None for anything else (right padding, a sliding window, additive biases): honoured exactly, slower."""
     q_pos = store.last_positions
     if mask.shape[-1] < store.length or mask.shape[-2] != q_pos.shape[0]:
         raise RuntimeError(f"kvpass: site {site}: attention mask of shape {tuple(mask.shape)} does not cover "
@@ -141,25 +142,32 @@ def _mask_is_causal(mask: torch.Tensor, store: KVStore, site: str) -> bool:
     else:
         allowed = mask == 0
         if not bool(torch.all(allowed | torch.isneginf(mask))):
-            return False
-    causal = torch.arange(mask.shape[-1], device=mask.device)[None, :] <= q_pos[:, None].to(mask.device)
-    return bool(torch.all(allowed == causal))
+            return None
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    if allowed.shape[0] not in (1, store.batch):
+        return None
+    cols = torch.arange(allowed.shape[-1], device=allowed.device)
+    pad = allowed[:, 0, -1].int().argmax(-1)  # the last query's first visible key, per batch row
+    causal = cols[None, :] <= q_pos[:, None].to(allowed.device)  # [Tq, L]
+    expected = causal[None, None] & (cols >= pad[:, None, None, None])
+    if not bool(torch.all(allowed == expected)):
+        return None
+    return pad.long().cpu().expand(store.batch).contiguous()
 
 
 _WARNED: set[str] = set()
 
 
-def _masked_path(mask: torch.Tensor | None, store: KVStore, site: str) -> bool:
-    """Whether this step must apply the model's mask itself (and say so once per process, not per site:
-    a padded batch has such a mask at every layer)."""
-    if mask is None or _mask_is_causal(mask, store, site):
-        return False
+def _say_masked(site: str) -> None:
+    """Say once per process (not per site: a padded batch has such a mask at every layer) that a mask
+    takes the masked path."""
     if "masked" not in _WARNED:
         _WARNED.add("masked")
-        log.warning("kvpass: the attention mask (first at site %s) is not plain causal (padding, a sliding window "
-                    "or a bias); kvpass applies such masks exactly, with a slower torch path for the offloaded "
-                    "part (said once; runtime_stats()['masked_steps'] counts the steps)", site)
-    return True
+        log.warning("kvpass: the attention mask (first at site %s) is neither plain causal nor causal with left "
+                    "padding (right padding, a sliding window or a bias); kvpass applies such masks exactly, with "
+                    "a slower torch path for the offloaded part (said once; runtime_stats()['masked_steps'] counts "
+                    "the steps)", site)
 
 
 def _block_reaches_host(store: KVStore, q_len: int, site: str) -> bool:
@@ -208,8 +216,12 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
     if _block_reaches_host(store, q.shape[2], site):
         if mask is None:
             mask = torch.arange(store.length)[None, :] <= store.last_positions.cpu()[:, None]
-    elif not _masked_path(mask, store, site):
+    elif mask is None:
         return store.attend(q, estimator=estimator, scale=scale)
+    elif (pad := _left_padding(mask, store, site)) is not None:  # causal, maybe left-padded: the split
+        return store.attend(q, estimator=estimator, scale=scale, row_pad=pad if bool(pad.any()) else None)
+    else:
+        _say_masked(site)
     store.masked_steps += 1
     out, lse = _masked_static(store, q, mask, scale)
     if estimator != "none" and store.tokens_offloaded:

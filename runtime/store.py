@@ -303,13 +303,15 @@ class KVStore:
         return max(1, round(budget * n)) if isinstance(budget, float) else min(budget, n)
 
     def attend_host(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
-                    scale: float | None = None, with_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float | None = None, with_static: bool = False,
+                    row_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
         [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there).
 
         with_static (a CPU store only): the static part (sinks + window, causal for the newest Tq tokens)
         is attended exactly in the same pass, so out/lse are the whole attention — no merge needed.
-        estimator: None = the store's (``options.estimator``)."""
+        estimator: None = the store's (``options.estimator``).  row_pad: int64 [B], each batch row's first
+        real position (left padding before it: never attended, never counted), or None."""
         estimator = self.options.estimator if estimator is None else estimator
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
@@ -324,7 +326,11 @@ class KVStore:
         if with_static:
             q_pos = torch.arange(self.length - q.shape[2], self.length)
             allowed = (self.static_pos >= 0)[None, :] & (self.static_pos[None, :] <= q_pos[:, None])
+            if row_pad is not None:  # [B, Tq, NS]: a row's padding slots are not its keys
+                allowed = allowed[None] & (self.static_pos[None, None, :] >= row_pad.cpu()[:, None, None])
             static = {"static_k": self.static_k, "static_v": self.static_v, "static_allowed": allowed}
+        if row_pad is not None:
+            static["row_lo"] = (row_pad.cpu() - self.sink_size).clamp(0, n)
         budget_n = self.resolve_budget(budget) if n else 0
         if estimator == "exact" or (estimator in ("sample", "topk") and not idx.built):
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
@@ -340,7 +346,7 @@ class KVStore:
         for t0 in range(0, max(1, qh.shape[2]), rows):  # host keys precede every query: chunks are independent
             kw = dict(static)
             if with_static:
-                kw["static_allowed"] = static["static_allowed"][t0:t0 + rows]
+                kw["static_allowed"] = static["static_allowed"][..., t0:t0 + rows, :]
             if sketch:  # the query rows scaled as the sketch's codes are
                 qc = qh[:, :, t0:t0 + rows]
                 B, H, Tq, D = qc.shape
@@ -357,11 +363,13 @@ class KVStore:
         return out.to(q.device), lse.to(q.device)
 
     def attend(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, row_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the newest Tq tokens' queries q [B, H, Tq, D] over every stored token (causal
         inside the block): static part on the device + host part by the CPU, merged exactly by LSE.
         estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only); None = the store's
-        (``options.estimator``).  Returns [B, H, Tq, D] in q's dtype."""
+        (``options.estimator``).  row_pad: int64 [B], each batch row's first real position — a left-padded
+        batch: the padding is never attended (sinks included), never retrieved, never counted — or None.
+        Returns [B, H, Tq, D] in q's dtype."""
         estimator = self.options.estimator if estimator is None else estimator
         if q.shape[2] > self.length:
             raise ValueError(f"kvpass: {q.shape[2]} queries but only {self.length} tokens stored")
@@ -369,8 +377,11 @@ class KVStore:
         backend = self.static_backend()
         if self.device.type == "cpu" and estimator != "none" and backend == "torch":
             # one fused CPU pass over the static slots and the host keys, no merge
-            out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True)
+            out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True,
+                                      row_pad=row_pad)
             return out.to(q.device, q.dtype)
+        if row_pad is not None:  # the static part with the padding masked (torch), the host part by the CPU
+            return self._attend_padded(q, estimator, budget, scale, row_pad)
         if self.device.type == "cuda" and estimator != "none" and self.overlap:
             return attend_overlapped(self, q, _CUDA, estimator=estimator, budget=budget, scale=scale,
                                      backend=backend)
@@ -390,6 +401,18 @@ class KVStore:
             return out_s.to(q.device, q.dtype)
         out_d, lse_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
         out, _ = merge_partials(out_s, lse_s, out_d.to(self.device), lse_d.to(self.device))
+        return out.to(q.device, q.dtype)
+
+    def _attend_padded(self, q, estimator, budget, scale, row_pad) -> torch.Tensor:
+        q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
+        cols = torch.arange(self.length, device=self.device)
+        allowed = (cols[None, :] <= q_pos[:, None])[None] & (cols[None, None, :] >= row_pad.to(self.device)[:, None, None])
+        bias = torch.zeros(allowed.shape, device=self.device).masked_fill(~allowed, float("-inf"))[:, None, None]
+        out, lse = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos, scale,
+                                    bias)
+        if estimator != "none":
+            out, _ = merge_partials(out, lse, *(t.to(self.device) for t in self.attend_host(
+                q, estimator=estimator, budget=budget, scale=scale, row_pad=row_pad)))
         return out.to(q.device, q.dtype)
 
     def static_backend(self) -> str:

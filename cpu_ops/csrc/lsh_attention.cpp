@@ -368,7 +368,9 @@ struct Problem {
   const float* mu;       // [B, Hkv, D]
   const void* sk = nullptr;  // static keys/values [B, Hkv, NS, D] (KV dtype) attended exactly, or null
   const void* sv = nullptr;
-  const bool* s_allowed = nullptr;  // [Tq, NS]
+  const bool* s_allowed = nullptr;  // [Tq, NS], or [B, Tq, NS] (s_allowed_b = Tq·NS: per batch row)
+  int64_t s_allowed_b = 0;
+  const int64_t* row_lo = nullptr;  // [B]: host keys below row_lo[b] are not row b's (left padding), or null
   int64_t NS = 0, sk_s0 = 0, sk_s1 = 0, sk_s2 = 0, sv_s0 = 0, sv_s1 = 0, sv_s2 = 0;
   const uint16_t* tail;  // [B, Hkv, L, tail_cap]
   const float* logp;     // kTable + 1
@@ -443,9 +445,10 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const int64_t bh = b * P.Hkv + hk;
   const int32_t* qc = P.qcode + r * L;  // filled by hash_queries
   s.n_touched = s.n_cand = 0;  // s.cand / s.touched are sized once per thread (n_keys + 1): never
+  const int64_t lo_key = P.row_lo ? P.row_lo[b] : 0;  // left padding: keys before it are not this row's
   if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
-    std::iota(s.cand.begin(), s.cand.begin() + P.n_keys, 0);
-    s.n_cand = P.n_keys;
+    std::iota(s.cand.begin(), s.cand.begin() + (P.n_keys - lo_key), int32_t(lo_key));
+    s.n_cand = P.n_keys - lo_key;
   } else if (!P.skb.empty()) {  // sketch: the `candidates` best sketch scores, in key order
     const int64_t m = std::min(P.candidates, P.n_keys);
     if (s.list_n >= 0) top_listed(s.list_pos, s.list_sc, s.list_n, m, s.cand.data(), s.top);
@@ -534,6 +537,14 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         if (tc[j] >= P.T) s.cand[s.n_cand++] = int32_t(P.tail_base + j);
     }
   }
+  if (lo_key > 0 && P.estimator != kOracle) {  // padding keys are never attended, never counted
+    int64_t kept = 0;
+    for (int64_t j = 0; j < s.n_cand; ++j) {
+      s.cand[kept] = s.cand[j];
+      kept += s.cand[j] >= lo_key;
+    }
+    s.n_cand = kept;
+  }
   const int64_t m = s.n_cand;
   P.n_read[r] = int32_t(m);
   float* o = P.out + r * D;
@@ -543,7 +554,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   s.sscore.assign(P.NS, kNegInf);
   float smx = kNegInf;
   for (int64_t j = 0; j < P.NS; ++j) {
-    if (!P.s_allowed[t * P.NS + j]) continue;
+    if (!P.s_allowed[b * P.s_allowed_b + t * P.NS + j]) continue;
     const T* k = sk + j * P.sk_s2;
     float qk = 0.f;
 #pragma omp simd reduction(+ : qk)
@@ -1022,7 +1033,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     int64_t tail_len, int64_t lsh_k, int64_t threshold, c10::string_view estimator_name, int64_t budget, double scale,
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
-    const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads) {
+    const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads,
+    const std::optional<at::Tensor>& row_lo) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1079,14 +1091,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
                     sk.stride(3) == 1 && sv.stride(3) == 1, fn, "static_k/static_v must be CPU [B, Hkv, NS, D] "
                 "in the KV dtype, head_dim contiguous; got ", sk.sizes());
     allowed_c = static_allowed->to(at::kBool).contiguous();
-    TORCH_CHECK(allowed_c.dim() == 2 && allowed_c.size(0) == Tq && allowed_c.size(1) == sk.size(2), fn,
-                "static_allowed must be bool [Tq, NS], got ", allowed_c.sizes());
+    const bool per_row = allowed_c.dim() == 3;
+    TORCH_CHECK((allowed_c.dim() == 2 || (per_row && allowed_c.size(0) == B)) && allowed_c.size(-2) == Tq &&
+                    allowed_c.size(-1) == sk.size(2), fn, "static_allowed must be bool [Tq, NS] or [B, Tq, NS], got ",
+                allowed_c.sizes());
+  }
+  at::Tensor row_lo_c;
+  if (row_lo.has_value()) {
+    row_lo_c = row_lo->to(at::kLong).contiguous();
+    TORCH_CHECK(row_lo_c.dim() == 1 && row_lo_c.size(0) == B && row_lo_c.device().is_cpu(), fn,
+                "row_lo must be int64 [B] on the CPU, got ", row_lo_c.sizes());
+    TORCH_CHECK(B == 0 || (row_lo_c.min().item<int64_t>() >= 0 && row_lo_c.max().item<int64_t>() <= n_keys), fn,
+                "row_lo must lie in [0, n_keys = ", n_keys, "]");
   }
 
   Problem P;
   if (fuse_static) {
     P.sk = static_k->data_ptr(), P.sv = static_v->data_ptr(), P.s_allowed = allowed_c.data_ptr<bool>();
     P.NS = static_k->size(2);
+    P.s_allowed_b = allowed_c.dim() == 3 ? Tq * P.NS : 0;
     P.sk_s0 = static_k->stride(0), P.sk_s1 = static_k->stride(1), P.sk_s2 = static_k->stride(2);
     P.sv_s0 = static_v->stride(0), P.sv_s1 = static_v->stride(1), P.sv_s2 = static_v->stride(2);
   }
@@ -1098,6 +1121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   P.q = qc.data_ptr<float>(), P.proj = projc.data_ptr<c10::BFloat16>(), P.qcode = q_codes.data_ptr<int32_t>();
   P.mu = muc.data_ptr<float>();
   P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
+  if (row_lo_c.defined()) P.row_lo = row_lo_c.data_ptr<int64_t>();
   P.logp = logp_table(lsh_k, L, threshold).data();
   const int64_t* meta = seg_meta.data_ptr<int64_t>();
   for (size_t i = 0; i < seg_ids.size(); ++i) {
@@ -1225,7 +1249,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
-        "int sketch_bits=8, int threads=0) "
+        "int sketch_bits=8, int threads=0, Tensor? row_lo=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");

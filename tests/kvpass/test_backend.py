@@ -284,10 +284,31 @@ def test_a_block_longer_than_the_window_is_causal():
     assert all(s.masked_steps == 1 for s in kvpass.runtime.REGISTRY.stores())
 
 
-def test_padded_batch_is_offloaded_and_exact(caplog, monkeypatch):
-    """A left-padded batch: the mask is not plain causal, so kvpass applies it exactly (slower path,
-    counted in runtime_stats, said in one log line, not one per layer) — the outputs equal the eager
-    model's, and the KV is still offloaded."""
+def test_left_padded_batch_takes_the_split_and_equals_each_prompt_alone():
+    """A left-padded batch (prompts of 300, 260 and 180 tokens): the mask is causal with left padding,
+    which the split applies itself — the padding is never attended, not even as a sink — so it takes the
+    fast path (masked_steps 0), and exact mode gives each prompt's own tokens."""
+    model = tiny_model("llama")
+    lengths = [300, 260, 180]
+    prompts = [torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    ids = torch.zeros(3, 300, dtype=torch.long)
+    mask = torch.zeros(3, 300, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 300 - p.shape[1]:], mask[b, 300 - p.shape[1]:] = p[0], 1
+    alone = [greedy(model, p, 10) for p in prompts]
+    compile_kvpass(model, window_size=8, sink_size=2, estimator="exact")
+    kvpass.reset()
+    ids_k, logits_k = greedy(model, ids, 10, attention_mask=mask)
+    for b, (ref_ids, ref_logits) in enumerate(alone):
+        assert torch.equal(ids_k[b, 300:], ref_ids[0, lengths[b]:]), b
+        assert (logits_k[b] - ref_logits[0]).abs().max() <= 1e-4
+    stats = kvpass.runtime_stats()
+    assert stats["masked_steps"] == 0 and stats["tokens_offloaded"] == 2 * (300 + 9 - 2 - 8)
+
+
+def test_other_masks_are_applied_exactly_on_the_masked_path(caplog, monkeypatch):
+    """A mask that is neither causal nor left-padded causal (a hole in the middle of a row): applied
+    exactly on the slower torch path, counted in runtime_stats, said in one log line (not per layer)."""
     import logging
 
     from kvpass import ops
@@ -296,12 +317,13 @@ def test_padded_batch_is_offloaded_and_exact(caplog, monkeypatch):
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, 10:15] = 0
     ref_ids, ref_logits = greedy(model, ids, 8, attention_mask=mask)
     compile_kvpass(model, window_size=8)
+    kvpass.reset()
     with caplog.at_level(logging.WARNING, logger="kvpass"):
         ids_k, logits_k = greedy(model, ids, 8, attention_mask=mask)
-    assert sum("not plain causal" in r.getMessage() for r in caplog.records) == 1
+    assert sum("neither plain causal" in r.getMessage() for r in caplog.records) == 1
     assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
     stats = kvpass.runtime_stats()
     assert stats["tokens_offloaded"] == 2 * (40 + 7 - 4 - 8)

@@ -121,3 +121,34 @@ def test_crop_into_a_sealed_lsh_segment_is_refused():
         store.crop(1100)
     store.crop(1195)  # inside the window: fine
     assert store.length == 1195
+
+
+@pytest.mark.parametrize("estimator,retriever", [("exact", "sketch"), ("oracle", "sketch"), ("topk", "sketch"),
+                                                 ("sample", "lsh"), ("none", "sketch")])
+def test_left_padding_is_never_attended(estimator, retriever):
+    """Row 1's first 300 positions are padding whose keys point along the query (they would take all the
+    attention) and whose values are 1000: with row_pad no estimator attends or counts them — sinks
+    included — exact equals dense attention over the real keys, and row 0 is unchanged."""
+    from kvpass.lowering import dense_attention_with_lse
+
+    torch.manual_seed(0)
+    B, Hkv, H, D, n, pad, S = 2, 2, 4, 16, 1500, 300, 2
+    k, v = torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
+    q = torch.randn(B, H, 1, D)
+    k[1, :, :pad] = 30 * q[1, ::2, 0, None] / q[1, ::2, 0, None].norm(dim=-1, keepdim=True)
+    v[1, :, :pad] = 1000.0
+    store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=8, estimator=estimator, retriever=retriever,
+                    budget=0.05)
+    store.append(k, v)
+    row_pad = torch.tensor([0, pad])
+    out = store.attend(q, row_pad=row_pad)
+    scored = store.last_scored
+    assert out[1].abs().max() < 50  # no padding value reached the output
+    assert torch.equal(out[0], store.attend(q)[0])
+    if estimator == "exact":
+        allowed = torch.arange(n)[None, :] >= row_pad[:, None]  # [B, n]
+        ref, _ = dense_attention_with_lse(q, k, v, 1 / D**0.5, allowed[:, None, None, None, :])
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert bool((scored[0] == n - S - 8).all()) and bool((scored[1] == n - 8 - pad).all())  # real keys only
+        torch.testing.assert_close(store._attend_padded(q, "exact", None, 1 / D**0.5, row_pad), ref,
+                                   rtol=1e-5, atol=1e-5)  # the accelerator's path: the same
