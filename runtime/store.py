@@ -294,10 +294,11 @@ class KVStore:
         """Mean host keys scored per query row at the last host attention (0 before any)."""
         return 0.0 if self.last_scored is None else float(self.last_scored.float().mean())
 
-    def resolve_budget(self, budget: float | None) -> int:
-        """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys."""
+    def resolve_budget(self, budget: float | None, n: int | None = None) -> int:
+        """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys (of n
+        keys when given: a padded row's own)."""
         budget = self.options.budget if budget is None else budget
-        n = self.host.length if self.batch else 0
+        n = (self.host.length if self.batch else 0) if n is None else n
         if (err := Options.knob("budget").error("budget", budget, self.options)) is not None:
             raise ValueError(f"kvpass: {err}")
         return max(1, round(budget * n)) if isinstance(budget, float) else min(budget, n)
@@ -334,6 +335,8 @@ class KVStore:
         budget_n = self.resolve_budget(budget) if n else 0
         if estimator == "exact" or (estimator in ("sample", "topk") and not idx.built):
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
+        elif row_pad is not None and estimator in ("topk", "oracle"):  # each row: its share of its own keys
+            static["row_budget"] = torch.tensor([self.resolve_budget(budget, n - int(lo)) for lo in static["row_lo"]])
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         rows = max(1, qh.shape[2])

@@ -371,6 +371,7 @@ struct Problem {
   const bool* s_allowed = nullptr;  // [Tq, NS], or [B, Tq, NS] (s_allowed_b = Tq·NS: per batch row)
   int64_t s_allowed_b = 0;
   const int64_t* row_lo = nullptr;  // [B]: host keys below row_lo[b] are not row b's (left padding), or null
+  const int64_t* row_budget = nullptr;  // [B]: topk/oracle budget of row b (a padded batch's rows differ), or null
   int64_t NS = 0, sk_s0 = 0, sk_s1 = 0, sk_s2 = 0, sv_s0 = 0, sv_s1 = 0, sv_s2 = 0;
   const uint16_t* tail;  // [B, Hkv, L, tail_cap]
   const float* logp;     // kTable + 1
@@ -435,6 +436,12 @@ KVPASS_INLINE float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// topk/oracle: keys kept for batch row b; sketch: keys handed to the exact top-k
+KVPASS_INLINE int64_t budget_of(const Problem& P, int64_t b) { return P.row_budget ? P.row_budget[b] : P.budget; }
+KVPASS_INLINE int64_t candidates_of(const Problem& P, int64_t b) {
+  return P.row_budget ? std::max<int64_t>(P.row_budget[b], 1) : P.candidates;
+}
+
 // Row (b, h, t): candidates, scores, softmax, V.  Templated on the KV dtype; inlined into the
 // per-dtype entry points below, which are the functions compiled per SIMD level.
 template <typename T>
@@ -450,9 +457,14 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     std::iota(s.cand.begin(), s.cand.begin() + (P.n_keys - lo_key), int32_t(lo_key));
     s.n_cand = P.n_keys - lo_key;
   } else if (!P.skb.empty()) {  // sketch: the `candidates` best sketch scores, in key order
-    const int64_t m = std::min(P.candidates, P.n_keys);
-    if (s.list_n >= 0) top_listed(s.list_pos, s.list_sc, s.list_n, m, s.cand.data(), s.top);
-    else top_positions(s.sk_row, P.n_keys, m, s.cand.data(), s.top);
+    const int64_t m = std::min(candidates_of(P, b), P.n_keys - lo_key);  // from the row's own keys only
+    if (s.list_n >= 0) {
+      const int64_t skip = std::lower_bound(s.list_pos, s.list_pos + s.list_n, int32_t(lo_key)) - s.list_pos;
+      top_listed(s.list_pos + skip, s.list_sc + skip, s.list_n - skip, m, s.cand.data(), s.top);
+    } else {
+      top_positions(s.sk_row + lo_key, P.n_keys - lo_key, m, s.cand.data(), s.top);
+      for (int64_t j = 0; lo_key && j < m; ++j) s.cand[j] += int32_t(lo_key);
+    }
     s.n_cand = m;
   } else {
     const uint8_t thr = uint8_t(std::min<int64_t>(P.T, 255));  // T > 255: counted in `touched` below
@@ -617,7 +629,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t j = 0; j < P.NS; ++j)
       if (s.sscore[j] != kNegInf) sm.add(s.sscore[j], sv + j * P.sv_s2);
   };
-  if (P.estimator == kSample || P.budget >= m) {
+  if (P.estimator == kSample || budget_of(P, b) >= m) {
     // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
     sm.start(s.acc.data(), D, smx);
     add_static();
@@ -641,7 +653,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
       s.score[j] = score(k_row(s.cand[j]));
     }
-    const int64_t keep = std::max<int64_t>(P.budget, 0);
+    const int64_t keep = std::max<int64_t>(budget_of(P, b), 0);
     s.order.resize(m);
     std::iota(s.order.begin(), s.order.end(), 0);
     std::nth_element(s.order.begin(), s.order.begin() + keep, s.order.end(),
@@ -905,13 +917,14 @@ bool sketch_group_units(int64_t units, int64_t threads) {
 // at or above it, with their scores — no row's scores are written whole and read back.  A row whose list
 // came out shorter than the budget (an unrepresentative sample) gets every score (skg) and top_positions.
 void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
-  const int64_t R = P.G * P.Tq, n = P.n_keys, tiles = (n + 15) / 16, m = std::min(P.candidates, n);
+  const int64_t lo = P.row_lo ? P.row_lo[b] : 0;  // keys before it: left padding, never chosen
+  const int64_t R = P.G * P.Tq, n = P.n_keys, tiles = (n + 15) / 16, m = std::min(candidates_of(P, b), n - lo);
   s.listed.assign(R, 0);
   auto all = [&]() {
     if (s.skg_cap < R * n) s.skg.reset(new float[R * n]), s.skg_cap = R * n;
     sketch_scan_all(P, b, hk, 0, tiles, s.skg.get());
   };
-  if (n < kSampleMin || m >= n || !P.sk_listed) return all();
+  if (n < kSampleMin || m >= n - lo || !P.sk_listed) return all();
   const int64_t per_row = kSampleLines * kLine;
   s.samp.resize(R * per_row);
   for (int64_t c = 0; c < kSampleLines; ++c) {  // run c's 16 scores at columns [16 c, 16 c + 16)
@@ -933,7 +946,11 @@ void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
   o.tau = s.tau.data(), o.pos = s.lpos.get(), o.sc = s.lsc.get(), o.cnt = s.lcnt.data(), o.cap = cap;
   sketch_scan(P, b, hk, 0, tiles, o);
   bool short_list = false;
-  for (int64_t r = 0; r < R; ++r) short_list |= !(s.listed[r] = s.lcnt[r] >= m);
+  for (int64_t r = 0; r < R; ++r) {  // a row's list must hold m of its own keys (past the padding)
+    const int32_t* at = s.lpos.get() + r * cap;
+    const int64_t own = s.lcnt[r] - (std::lower_bound(at, at + s.lcnt[r], int32_t(lo)) - at);
+    short_list |= !(s.listed[r] = own >= m);
+  }
   if (short_list) all();
 }
 
@@ -1034,7 +1051,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
     const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads,
-    const std::optional<at::Tensor>& row_lo) {
+    const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1096,7 +1113,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
                     allowed_c.size(-1) == sk.size(2), fn, "static_allowed must be bool [Tq, NS] or [B, Tq, NS], got ",
                 allowed_c.sizes());
   }
-  at::Tensor row_lo_c;
+  at::Tensor row_lo_c, row_budget_c;
+  if (row_budget.has_value()) {
+    row_budget_c = row_budget->to(at::kLong).contiguous();
+    TORCH_CHECK(row_budget_c.dim() == 1 && row_budget_c.size(0) == B && row_budget_c.device().is_cpu() &&
+                    (B == 0 || row_budget_c.min().item<int64_t>() >= 0), fn,
+                "row_budget must be int64 [B] >= 0 on the CPU, got ", row_budget_c.sizes());
+  }
   if (row_lo.has_value()) {
     row_lo_c = row_lo->to(at::kLong).contiguous();
     TORCH_CHECK(row_lo_c.dim() == 1 && row_lo_c.size(0) == B && row_lo_c.device().is_cpu(), fn,
@@ -1122,6 +1145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   P.mu = muc.data_ptr<float>();
   P.tail = reinterpret_cast<const uint16_t*>(tail_codes.data_ptr<int16_t>());
   if (row_lo_c.defined()) P.row_lo = row_lo_c.data_ptr<int64_t>();
+  if (row_budget_c.defined()) P.row_budget = row_budget_c.data_ptr<int64_t>();
   P.logp = logp_table(lsh_k, L, threshold).data();
   const int64_t* meta = seg_meta.data_ptr<int64_t>();
   for (size_t i = 0; i < seg_ids.size(); ++i) {
@@ -1249,7 +1273,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
-        "int sketch_bits=8, int threads=0, Tensor? row_lo=None) "
+        "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");

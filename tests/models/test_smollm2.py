@@ -72,6 +72,47 @@ def test_beam_search_and_prompt_lookup_decoding_equal_dense_in_exact_mode(smollm
 
 
 @pytest.mark.slow
+def test_left_padded_batch_of_four_takes_the_sparse_path(smollm2):
+    """Four prompts of 1.0k-1.4k tokens, left-padded into one batch: exact mode gives each prompt's own
+    (dense) tokens; the defaults take the sparse path (masked_steps 0), each row reading its share of its
+    own keys (within 20% of the prompt alone)."""
+    model, tok = smollm2
+    prompts = [tok(long_document_prompt(tok, n, "Summarise the text above."), return_tensors="pt")["input_ids"]
+               for n in (1000, 1100, 1250, 1400)]
+    N = max(p.shape[1] for p in prompts)
+    ids = torch.full((4, N), tok.eos_token_id)
+    mask = torch.zeros(4, N, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, N - p.shape[1]:], mask[b, N - p.shape[1]:] = p[0], 1
+    dense = [greedy(model, p, 8)[0][0, p.shape[1]:] for p in prompts]
+    fwd = model.forward
+    try:
+        for exact in (True, False):
+            torch._dynamo.reset()
+            model.forward = torch.compile(fwd, backend="kvpass",
+                                          options={"inductor": False, **({"estimator": "exact"} if exact else {})})
+            alone = []
+            for p in [] if exact else prompts:  # the defaults: what each prompt reads alone
+                kvpass.reset()
+                greedy(model, p, 8)
+                stores = kvpass.runtime.REGISTRY.stores()
+                alone.append(sum(float(s.last_scored.float().mean()) / s.tokens_offloaded for s in stores))
+            kvpass.reset()
+            out = greedy(model, ids, 8, attention_mask=mask)[0][:, N:]
+            stores = kvpass.runtime.REGISTRY.stores()
+            assert kvpass.runtime_stats()["masked_steps"] == 0
+            for b, p in enumerate(prompts):
+                if exact:  # each prompt's own dense tokens
+                    assert torch.equal(out[b], dense[b]), b
+                    continue
+                own = [s.tokens_offloaded - max(0, N - p.shape[1] - s.sink_size) for s in stores]  # real keys
+                frac = sum(float(s.last_scored[b].float().mean()) / o for s, o in zip(stores, own))
+                assert abs(frac / alone[b] - 1) <= 0.2, (b, frac, alone[b])
+    finally:
+        model.forward = fwd
+
+
+@pytest.mark.slow
 def test_static_cache_split_generates_the_dense_tokens(smollm2):
     """The same model with a preallocated StaticCache: the model keeps its buffers, kvpass mirrors them
     and splits every decode step under the model's own mask."""

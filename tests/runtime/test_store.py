@@ -123,32 +123,42 @@ def test_crop_into_a_sealed_lsh_segment_is_refused():
     assert store.length == 1195
 
 
-@pytest.mark.parametrize("estimator,retriever", [("exact", "sketch"), ("oracle", "sketch"), ("topk", "sketch"),
-                                                 ("sample", "lsh"), ("none", "sketch")])
-def test_left_padding_is_never_attended(estimator, retriever):
-    """Row 1's first 300 positions are padding whose keys point along the query (they would take all the
-    attention) and whose values are 1000: with row_pad no estimator attends or counts them — sinks
-    included — exact equals dense attention over the real keys, and row 0 is unchanged."""
+@pytest.mark.parametrize("estimator,retriever,n,B,Hkv", [
+    ("exact", "sketch", 1500, 2, 2), ("oracle", "sketch", 1500, 2, 2), ("sample", "lsh", 1500, 2, 2),
+    ("none", "sketch", 1500, 2, 2),
+    ("topk", "sketch", 1500, 2, 2),    # one thread per (row, kv head), every score stored
+    ("topk", "sketch", 20000, 2, 2),   # the listed scan (a sampled threshold)
+    ("topk", "sketch", 1500, 1, 3)])   # 3 units on 2 threads: the scan split in key chunks
+def test_left_padding_is_never_attended(estimator, retriever, n, B, Hkv):
+    """The last row's first 300 positions are padding whose keys point along the query (they would take
+    all the attention) and whose values are 1000: with row_pad no estimator attends or counts them —
+    sinks included — exact equals dense attention over the real keys, topk keeps its budget of the row's
+    own keys, and the other rows are unchanged."""
     from kvpass.lowering import dense_attention_with_lse
 
     torch.manual_seed(0)
-    B, Hkv, H, D, n, pad, S = 2, 2, 4, 16, 1500, 300, 2
+    H, D, pad, S, W = 2 * Hkv, 16, 300, 2, 8
     k, v = torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
     q = torch.randn(B, H, 1, D)
-    k[1, :, :pad] = 30 * q[1, ::2, 0, None] / q[1, ::2, 0, None].norm(dim=-1, keepdim=True)
-    v[1, :, :pad] = 1000.0
-    store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=8, estimator=estimator, retriever=retriever,
-                    budget=0.05)
+    qdir = q[-1, ::2, 0, None]
+    k[-1, :, :pad] = 30 * qdir / qdir.norm(dim=-1, keepdim=True)
+    v[-1, :, :pad] = 1000.0
+    store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=W, estimator=estimator, retriever=retriever,
+                    budget=0.05, cpu_threads=2)
     store.append(k, v)
-    row_pad = torch.tensor([0, pad])
+    row_pad = torch.zeros(B, dtype=torch.long)
+    row_pad[-1] = pad
     out = store.attend(q, row_pad=row_pad)
     scored = store.last_scored
-    assert out[1].abs().max() < 50  # no padding value reached the output
-    assert torch.equal(out[0], store.attend(q)[0])
+    assert out[-1].abs().max() < 50  # no padding value reached the output
+    assert torch.equal(out[:-1], store.attend(q)[:-1])
+    own = n - W - pad  # the last row's real host keys
     if estimator == "exact":
         allowed = torch.arange(n)[None, :] >= row_pad[:, None]  # [B, n]
         ref, _ = dense_attention_with_lse(q, k, v, 1 / D**0.5, allowed[:, None, None, None, :])
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert bool((scored[0] == n - S - 8).all()) and bool((scored[1] == n - 8 - pad).all())  # real keys only
+        assert bool((scored[0] == n - S - W).all()) and bool((scored[-1] == own).all())  # real keys only
         torch.testing.assert_close(store._attend_padded(q, "exact", None, 1 / D**0.5, row_pad), ref,
                                    rtol=1e-5, atol=1e-5)  # the accelerator's path: the same
+    if estimator == "topk":  # the budget is the row's share of its own keys, all of them real
+        assert bool((scored[-1] == round(0.05 * own)).all())
