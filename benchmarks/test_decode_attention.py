@@ -191,3 +191,52 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
           f"{touched / t_kvpass / 1e9:.1f} GB/s effective vs {copy_bandwidth / 1e9:.1f} GB/s copy | "
           f"{t_kvpass / n_rows * 1e9:.0f} ns per row read vs {t_gather / n_rows * 1e9:.0f} ns for torch "
           f"index_select of as many rows")
+
+
+@pytest.mark.parametrize("context", ["8k", "32k"])
+def test_decode_attention_padded_batch(benchmark, context):
+    """A left-padded batch of four sequences (100%, 90%, 80% and 70% of the context) in one store, at the
+    defaults, against the same four sequences in four stores of one row each (SmolLM2 layout).  The
+    padding is never attended and each row keeps its share of its own keys, so the batch should cost
+    about the four singles together: ``batch_vs_four_singles`` (issue target ≤ 1.3)."""
+    H, HKV, D = LAYOUTS["smollm2"]
+    ctx = CONTEXTS[context]
+    lengths = [ctx, ctx * 9 // 10, ctx * 8 // 10, ctx * 7 // 10]
+    gen = torch.Generator().manual_seed(ctx)
+    k = (torch.randn(4, HKV, ctx, D, generator=gen) + 2.0 * torch.randn(4, HKV, 1, D, generator=gen)).bfloat16()
+    v = torch.randn(4, HKV, ctx, D, generator=gen).bfloat16()
+    q = torch.randn(4, H, 1, D, generator=gen)
+    pad = torch.tensor([ctx - n for n in lengths])
+    batch = KVStore(HKV, D, dtype=torch.bfloat16, batch=4)
+    batch.append(k, v)
+    singles = []
+    for b, n in enumerate(lengths):
+        s = KVStore(HKV, D, dtype=torch.bfloat16, batch=1)
+        s.append(k[b:b + 1, :, ctx - n:], v[b:b + 1, :, ctx - n:])
+        singles.append(s)
+
+    def padded():
+        return batch.attend(q, row_pad=pad)
+
+    def four():
+        return [s.attend(q[b:b + 1]) for b, s in enumerate(singles)]
+
+    out = padded()
+    assert torch.isfinite(out).all()
+    benchmark.group = f"decode-attention-padded-{context}"
+    benchmark.pedantic(padded, rounds=20, iterations=1, warmup_rounds=2)
+    if benchmark.disabled:
+        return
+    t_batch = min(benchmark.stats.stats.min, best_of(padded, 10))
+    t_four = best_of(four, 10)
+    scored = batch.last_scored.float().mean((1, 2))  # per row, from the last padded() call
+    four()
+    alone = torch.stack([s.last_scored.float().mean() for s in singles])
+    benchmark.extra_info.update({
+        "context": ctx, "lengths": lengths, "threads": torch.get_num_threads(),
+        "ms_batch": round(t_batch * 1e3, 3), "ms_four_singles": round(t_four * 1e3, 3),
+        "batch_vs_four_singles": round(t_batch / t_four, 2),
+        "keys_scored_batch_vs_alone": [round(float(x), 3) for x in scored / alone],
+    })
+    print(f"\npadded batch {context}: {t_batch * 1e3:.2f} ms vs four singles {t_four * 1e3:.2f} ms "
+          f"({t_batch / t_four:.2f}x); keys scored per row vs alone {[round(float(x), 3) for x in scored / alone]}")
