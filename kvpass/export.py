@@ -73,6 +73,9 @@ def store_state(store) -> dict[str, torch.Tensor]:
         raise ExportError(f"kvpass: the exported decode step needs at least sink_size + window_size + "
                           f"{store.index.min_keys} = {S + W + store.index.min_keys} tokens of context (the "
                           f"window full and the LSH index built); this sequence has {store.length}")
+    if store.tokens_offloaded != store.length - S - W:
+        raise ExportError(f"kvpass: the exported decode step needs a full window; this store's window holds "
+                          f"{store.length - S - store.tokens_offloaded} of {W} tokens (a cropped sequence)")
     ks, vs = store.host.views()
     host_k, host_v = torch.cat(ks, 2).cpu(), torch.cat(vs, 2).cpu()
     return {"static_k": store.static_k.cpu().clone(), "static_v": store.static_v.cpu().clone(),

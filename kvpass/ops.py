@@ -174,8 +174,8 @@ def _block_reaches_host(store: KVStore, q_len: int, site: str) -> bool:
     """A query block longer than the window (a long draft to verify, a prefill chunk) put some of its own
     tokens in the host store at once: the CPU kernel takes every host key as visible to every query, so
     such a step applies the causal mask exactly instead (the masked path; said once)."""
-    first_query = store.length - q_len
-    if store.sink_size + store.tokens_offloaded <= first_query + 1:
+    first_query = store.length - q_len  # the host holds positions [S, S + offloaded)
+    if not store.tokens_offloaded or store.sink_size + store.tokens_offloaded <= first_query + 1:
         return False
     if "block" not in _WARNED:
         _WARNED.add("block")
