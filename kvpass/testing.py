@@ -194,6 +194,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def decode_configs(model, ids: torch.Tensor, runs: dict, tokens: int = 12) -> dict:
+    """Greedy-decode ``ids`` under each kvpass configuration of ``runs`` (name → options), each compiled
+    afresh on fresh stores: {name: (token ids as a list, runtime_stats())}.  The model's forward is
+    restored after each."""
+    import kvpass
+
+    fwd, out = model.forward, {}
+    try:
+        for name, options in runs.items():
+            torch._dynamo.reset()
+            kvpass.reset()
+            compile_kvpass(model, **options)
+            out[name] = (greedy(model, ids, tokens)[0].tolist(), kvpass.runtime_stats())
+            model.forward = fwd
+    finally:
+        model.forward = fwd
+    return out
+
+
 def tp_worker(rank: int, world: int, port: int, path: str, ids: torch.Tensor, runs: dict, results,
               load: dict | None = None) -> None:
     """One tensor-parallel rank (spawned): load the model from ``path`` sharded by heads (transformers'
@@ -203,8 +222,6 @@ def tp_worker(rank: int, world: int, port: int, path: str, ids: torch.Tensor, ru
     import torch.distributed as dist
     import transformers as tf
 
-    import kvpass
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -213,13 +230,8 @@ def tp_worker(rank: int, world: int, port: int, path: str, ids: torch.Tensor, ru
         model = tf.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", attn_implementation="sdpa",
                                                         **(load or {})).eval()
         results.put((rank, "dense", greedy(model, ids, 12)[0].tolist(), {}))
-        fwd = model.forward
-        for name, options in runs.items():
-            torch._dynamo.reset()
-            kvpass.reset()
-            compile_kvpass(model, **options)
-            results.put((rank, name, greedy(model, ids, 12)[0].tolist(), kvpass.runtime_stats()))
-            model.forward = fwd
+        for name, (tokens, stats) in decode_configs(model, ids, runs).items():
+            results.put((rank, name, tokens, stats))
     finally:
         dist.destroy_process_group()
 

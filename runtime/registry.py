@@ -36,13 +36,13 @@ TAG_NIBBLES = 16  # 64 bits, 4 per element: magic (16) | store serial (32) | row
 # a quiet NaN of each dtype, as its integer bits; an element of a tag is NAN | nibble
 _QNAN = {torch.float32: (torch.int32, 0x7FC00000), torch.bfloat16: (torch.int16, 0x7FC0),
          torch.float16: (torch.int16, 0x7E00)}
+_SHIFTS = torch.arange(TAG_NIBBLES - 1, -1, -1) * 4  # nibble i of a tag word sits at bits _SHIFTS[i]
 
 
 def _tag_words(serial: int, batch: int) -> torch.Tensor:
     """[batch, TAG_NIBBLES] int64: the nibbles of each row's tag, most significant first."""
     words = [(TAG_MAGIC << 48) | ((serial & 0xFFFFFFFF) << 16) | b for b in range(batch)]
-    shifts = torch.arange(TAG_NIBBLES - 1, -1, -1) * 4
-    return (torch.tensor(words, dtype=torch.int64)[:, None] >> shifts) & 0xF
+    return (torch.tensor(words, dtype=torch.int64)[:, None] >> _SHIFTS) & 0xF
 
 
 def write_tags(h: torch.Tensor, serial: int) -> None:
@@ -63,8 +63,7 @@ def read_tags(t: torch.Tensor) -> tuple[int, torch.Tensor] | None:
     head = t[:, :, 0].reshape(t.shape[0], -1)[:, :TAG_NIBBLES].cpu().contiguous().view(int_dtype).long()
     if not bool(((head & ~0xF) == nan).all()):
         return None
-    shifts = torch.arange(TAG_NIBBLES - 1, -1, -1) * 4
-    words = ((head & 0xF) << shifts).sum(1)
+    words = ((head & 0xF) << _SHIFTS).sum(1)
     magic, serial, rows = words >> 48, (words >> 16) & 0xFFFFFFFF, words & 0xFFFF
     if not bool((magic == TAG_MAGIC).all()) or not bool((serial == serial[0]).all()):
         return None
@@ -154,7 +153,7 @@ class Registry:
         else is ignored."""
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
         ptrs = {t.data_ptr() for t in tensors}
-        serials = {tags[0] for t in tensors if t.dim() == 4 and (tags := read_tags(t)) is not None}  # reordered
+        serials = {tags[0] for t in tensors if (tags := read_tags(t)) is not None}  # reordered copies
         with self._lock:
             doomed = [s for p, s in self._by_handle.items() if p in ptrs or s.serial in serials]
             doomed += [s for (_, p), (_, s) in self._by_buffer.items() if p in ptrs and s not in doomed]

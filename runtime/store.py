@@ -280,9 +280,8 @@ class KVStore:
                 raise ValueError(f"kvpass: site {self.site}: cannot drop the last {L - length} tokens: {e}. "
                                  f"Draft fewer tokens, or use the sketch retriever (the defaults)") from None
             self.host.truncate(max(0, length - S))
-        slots = [p if p < S else ring_slot(p, S, W) for p in range(length, L)]
-        pos = self.static_pos[torch.tensor(slots, device=self.device)]
-        self.static_pos[torch.tensor(slots, device=self.device)[pos >= length]] = -1  # slots of dropped tokens only
+        slots = torch.tensor([p if p < S else ring_slot(p, S, W) for p in range(length, L)], device=self.device)
+        self.static_pos[slots[self.static_pos[slots] >= length]] = -1  # the slots of dropped tokens only
         self.length = length
         self.last_positions = torch.empty(0, dtype=torch.long, device=self.device)
         self.crops += 1

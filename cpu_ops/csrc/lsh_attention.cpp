@@ -436,6 +436,8 @@ KVPASS_INLINE float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// Batch row b's first host key (the ones before are its left padding; 0 without row_lo)
+KVPASS_INLINE int64_t row_lo_of(const Problem& P, int64_t b) { return P.row_lo ? P.row_lo[b] : 0; }
 // topk/oracle: keys kept for batch row b; sketch: keys handed to the exact top-k
 KVPASS_INLINE int64_t budget_of(const Problem& P, int64_t b) { return P.row_budget ? P.row_budget[b] : P.budget; }
 KVPASS_INLINE int64_t candidates_of(const Problem& P, int64_t b) {
@@ -452,7 +454,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
   const int64_t bh = b * P.Hkv + hk;
   const int32_t* qc = P.qcode + r * L;  // filled by hash_queries
   s.n_touched = s.n_cand = 0;  // s.cand / s.touched are sized once per thread (n_keys + 1): never
-  const int64_t lo_key = P.row_lo ? P.row_lo[b] : 0;  // left padding: keys before it are not this row's
+  const int64_t lo_key = row_lo_of(P, b);  // left padding: keys before it are not this row's
   if (P.estimator == kOracle) {  // resized here, where zero-filling them would cost O(n_keys) per row
     std::iota(s.cand.begin(), s.cand.begin() + (P.n_keys - lo_key), int32_t(lo_key));
     s.n_cand = P.n_keys - lo_key;
@@ -548,14 +550,14 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       for (int64_t j = 0; j < P.tail_len; ++j)
         if (tc[j] >= P.T) s.cand[s.n_cand++] = int32_t(P.tail_base + j);
     }
-  }
-  if (lo_key > 0 && P.estimator != kOracle) {  // padding keys are never attended, never counted
-    int64_t kept = 0;
-    for (int64_t j = 0; j < s.n_cand; ++j) {
-      s.cand[kept] = s.cand[j];
-      kept += s.cand[j] >= lo_key;
+    if (lo_key > 0) {  // LSH retrieval knows no rows: drop the padding keys (never attended, never counted)
+      int64_t kept = 0;
+      for (int64_t j = 0; j < s.n_cand; ++j) {
+        s.cand[kept] = s.cand[j];
+        kept += s.cand[j] >= lo_key;
+      }
+      s.n_cand = kept;
     }
-    s.n_cand = kept;
   }
   const int64_t m = s.n_cand;
   P.n_read[r] = int32_t(m);
@@ -917,7 +919,7 @@ bool sketch_group_units(int64_t units, int64_t threads) {
 // at or above it, with their scores — no row's scores are written whole and read back.  A row whose list
 // came out shorter than the budget (an unrepresentative sample) gets every score (skg) and top_positions.
 void scan_unit(const Problem& P, int64_t b, int64_t hk, Scratch& s) {
-  const int64_t lo = P.row_lo ? P.row_lo[b] : 0;  // keys before it: left padding, never chosen
+  const int64_t lo = row_lo_of(P, b);  // keys before it: left padding, never chosen
   const int64_t R = P.G * P.Tq, n = P.n_keys, tiles = (n + 15) / 16, m = std::min(candidates_of(P, b), n - lo);
   s.listed.assign(R, 0);
   auto all = [&]() {

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import kvpass
-from kvpass.testing import compile_kvpass, greedy, run_tensor_parallel, tiny_model
+from kvpass.testing import decode_configs, greedy, run_tensor_parallel, tiny_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -25,14 +25,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     ids = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(0))
     ranks = run_tensor_parallel(2, str(tmp_path), ids, RUNS)
     dense = greedy(model, ids, 12)[0].tolist()
-    single = {}
-    for name, options in RUNS.items():
-        torch._dynamo.reset()
-        kvpass.reset()
-        fwd = model.forward
-        compile_kvpass(model, **options)
-        single[name] = (greedy(model, ids, 12)[0].tolist(), kvpass.runtime_stats())
-        model.forward = fwd
+    single = decode_configs(model, ids, RUNS)
     for r in range(2):
         assert ranks[r, "dense"][0] == dense
         assert ranks[r, "exact"][0] == dense
@@ -62,13 +55,7 @@ def test_smollm2_over_three_ranks_equals_one_process():
     ranks = run_tensor_parallel(3, str(models.path("smollm2-135m")), ids, runs, timeout=1800,
                                 load={"gguf_file": models.DEFAULT_GGUF})
     dense = greedy(model, ids, 12)[0].tolist()
-    for name, options in runs.items():
-        torch._dynamo.reset()
-        kvpass.reset()
-        fwd = model.forward
-        compile_kvpass(model, **options)
-        single, stats = greedy(model, ids, 12)[0].tolist(), kvpass.runtime_stats()
-        model.forward = fwd
+    for name, (single, stats) in decode_configs(model, ids, runs).items():
         for r in range(3):
             tokens, rank_stats = ranks[r, name]
             assert tokens == (dense if name == "exact" else single)
