@@ -168,7 +168,8 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   scale: float, static_k: torch.Tensor | None = None, static_v: torch.Tensor | None = None,
                   static_allowed: torch.Tensor | None = None, sketch_blocks: list[torch.Tensor] | None = None,
                   sketch_query: torch.Tensor | None = None, sketch_bits: int = 8, threads: int = 0,
-                  row_lo: torch.Tensor | None = None, row_budget: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  row_lo: torch.Tensor | None = None, row_budget: torch.Tensor | None = None,
+                  softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
 
@@ -179,7 +180,8 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     [Tq, NS] bool — or [B, Tq, NS], per batch row — are attended exactly in the same pass (then out/lse cover
     both parts).  ``row_lo`` int64 [B]: row b's host keys start at row_lo[b] (the ones before are left
     padding: never attended, never counted in n_read); ``row_budget`` int64 [B]: row b's budget instead of
-    ``budget`` (a padded batch: each row's share of its own keys).  With
+    ``budget`` (a padded batch: each row's share of its own keys); ``softcap`` > 0: every score s = q·k·scale
+    is soft-capped to softcap · tanh(s / softcap) before the softmax (Gemma 2's logit capping).  With
     ``sketch_blocks`` (int8 [B, Hkv, block_size / 16, words, 16, 4] per host block: ``sketch_codes`` of
     the keys as ``runtime.lsh.sketch_tiles`` lays them out, ``sketch_bits`` wide) and ``sketch_query``
     [B, H, Tq, D] fp32 (``sketch_project`` of q), "topk" keeps the ``budget`` keys of best sketch score instead of the
@@ -192,7 +194,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
                                               threshold, estimator, budget, scale, static_k,
                                               static_v, static_allowed, sketch_blocks, sketch_query,
-                                              sketch_bits, threads, row_lo, row_budget)
+                                              sketch_bits, threads, row_lo, row_budget, float(softcap))
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

@@ -185,28 +185,29 @@ def _block_reaches_host(store: KVStore, q_len: int, site: str) -> bool:
     return True
 
 
-def _masked_static(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float):
+def _masked_static(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float):
     """Static part under a mask that is not plain causal: the mask's columns at the slots' positions."""
     bias = _mask_bias(mask.to(store.device), store.num_kv_heads)
-    return _static_ref(q, store.static_k, store.static_v, store.static_pos, store.last_positions, scale, bias)
+    return _static_ref(q, store.static_k, store.static_v, store.static_pos, store.last_positions, scale, bias,
+                       softcap)
 
 
-def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float):
+def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float):
     """Host part under such a mask, exactly, in plain torch: offloaded token i sits at absolute position
     sink_size + i.  Needs at least one offloaded token."""
     ks, vs = store.host.views()
     S, n = store.sink_size, store.host.length
     bias = _mask_bias(mask.to("cpu"), store.num_kv_heads)[..., S:S + n]
     qh = q.detach().to("cpu", torch.float32)
-    out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias)
+    out, lse = _dense_ref(qh, torch.cat(ks, 2), torch.cat(vs, 2), scale, bias=bias, softcap=softcap)
     return out.to(q.device), lse.to(q.device)
 
 
 @torch.library.custom_op("kvpass::split_attention", mutates_args=())
 def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                       estimator: str, cpu_threads: int, site: str) -> torch.Tensor:
+                       estimator: str, cpu_threads: int, site: str, softcap: float = 0.0) -> torch.Tensor:
     """Attention of the newest query block q [B, H, Tq, D] over every token of the store; returns
-    [B, H, Tq, D] in q's dtype.  A plain causal mask (or none) goes through KVStore.attend, which picks
+    [B, H, Tq, D] in q's dtype (scores soft-capped, softcap · tanh(s / softcap), when softcap > 0).  A plain causal mask (or none) goes through KVStore.attend, which picks
     the kernels at run time (a CPU store: one C++ pass over the static slots and the retrieved host
     keys; an accelerator: the CPU partial, then one device pass over the static slots that merges it).
     Any other mask is applied exactly by both parts in torch, then merged (counted in masked_steps).
@@ -217,20 +218,21 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
         if mask is None:
             mask = torch.arange(store.length)[None, :] <= store.last_positions.cpu()[:, None]
     elif mask is None:
-        return store.attend(q, estimator=estimator, scale=scale)
+        return store.attend(q, estimator=estimator, scale=scale, softcap=softcap)
     elif (pad := _left_padding(mask, store, site)) is not None:  # causal, maybe left-padded: the split
-        return store.attend(q, estimator=estimator, scale=scale, row_pad=pad if bool(pad.any()) else None)
+        return store.attend(q, estimator=estimator, scale=scale, row_pad=pad if bool(pad.any()) else None,
+                            softcap=softcap)
     else:
         _say_masked(site)
     store.masked_steps += 1
-    out, lse = _masked_static(store, q, mask, scale)
+    out, lse = _masked_static(store, q, mask, scale, softcap)
     if estimator != "none" and store.tokens_offloaded:
-        out, _ = merge_partials(out, lse, *_masked_host(store, q, mask, scale))
+        out, _ = merge_partials(out, lse, *_masked_host(store, q, mask, scale, softcap))
     return out.to(q.dtype)
 
 
 @split_attention_op.register_fake
-def _(q, handle, mask, scale, estimator, cpu_threads, site):
+def _(q, handle, mask, scale, estimator, cpu_threads, site, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -263,7 +265,8 @@ def placeholder(handle: torch.Tensor, past: torch.Tensor, new: torch.Tensor) -> 
     return handle.expand(new.shape[0], new.shape[1], past_length(past) + new.shape[2], new.shape[3])
 
 
-def split_attention(q, handle, mask, scale: float, estimator: str, cpu_threads: int, site: str):
+def split_attention(q, handle, mask, scale: float, estimator: str, cpu_threads: int, site: str,
+                    softcap: float = 0.0):
     """The decode step's attention through the store: static part + CPU part + exact merge, [B, H, Tq, D]
     in q's dtype.  One op; how it runs is decided at run time (see kvpass::split_attention)."""
-    return torch.ops.kvpass.split_attention(q, handle, mask, scale, estimator, cpu_threads, site)
+    return torch.ops.kvpass.split_attention(q, handle, mask, scale, estimator, cpu_threads, site, softcap)

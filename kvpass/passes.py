@@ -39,7 +39,8 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], opts: Options) -> None:
                 handle = g.call_function(ops.append_static, (k.past, v.past, k.new, v.new, k.positions, name, cfg))
             if site.report.phase == "decode":
                 out = g.call_function(ops.split_attention,
-                                      (site.q, handle, site.mask, site.scale, opts.estimator, threads, name))
+                                      (site.q, handle, site.mask, site.scale, opts.estimator, threads, name,
+                                       site.softcap))
         if site.report.phase == "decode":
             site.sdpa.replace_all_uses_with(out)
             dead = [site.sdpa, *site.chains[0], *site.chains[1]]

@@ -22,12 +22,13 @@ import sympy
 import torch
 from torch import fx
 
+from kvpass.lowering.attention import softcapped_attention
 from kvpass.report import SiteReport
 from kvpass.runtime import Options
 
 aten = torch.ops.aten
 SDPA = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-        aten.scaled_dot_product_attention.default}
+        aten.scaled_dot_product_attention.default, softcapped_attention}
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SUPPORTED_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 CAT = {torch.cat, aten.cat.default}
@@ -190,6 +191,7 @@ class Site:
     chains: tuple[list[fx.Node], list[fx.Node]] = ([], [])
     mask: fx.Node | None = None
     scale: float = 1.0
+    softcap: float = 0.0            # > 0: the scores are soft-capped (softcapped_attention)
     placeholder_past: bool = False  # the model's cache already holds kvpass placeholders
     offload: bool = False           # append this step's KV to the store (also for some dense sites)
 
@@ -370,11 +372,19 @@ def fuse_decomposed_attention(gm: fx.GraphModule, root: str = "") -> list[str]:
     """Replace each ``softmax(q @ k^T · s (+ mask | masked_fill(c, -inf)), -1) [.to(dtype)] [dropout(p=0)] @ v``
     of a Dynamo graph (eager attention: Hugging Face's ``attn_implementation="eager"``, nanoGPT-style
     modules) by the equal ``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=s)``, so that the
-    matcher sees it as any other site (the way Inductor's fuse_attention patterns do).  Returns, per
-    softmax over q·k^T it leaves alone, why (a logit soft-cap, tanh(s / c) · c, is not SDPA: such layers
-    stay the model's own)."""
+    matcher sees it as any other site (the way Inductor's fuse_attention patterns do).  A logit soft-cap
+    between the scale and the mask, ``tanh(s / c) · c`` (Gemma 2), makes it ``softcapped_attention(...,
+    softcap=c)`` instead.  Returns, per softmax over q·k^T it leaves alone, why."""
     g, left = gm.graph, []
     muls, divs = (operator.mul, torch.mul, "mul"), (operator.truediv, torch.div, "div")
+
+    def const_and_input(n):
+        """(c, x) of n = x · c, c · x or x / c (as 1 / c) with a number c; else None."""
+        c = next((_number(a) for a in n.args if _number(a) is not None), None)
+        x = next((a for a in n.args if isinstance(a, fx.Node)), None)
+        if c is None or x is None or len(n.args) != 2 or (_op(n) in divs and n.args[0] is not x):
+            return None
+        return (c if _op(n) in muls else (1.0 / c if c else None)), x
     for sm in list(g.nodes):
         if _op(sm) not in SOFTMAX:
             continue
@@ -401,15 +411,22 @@ def fuse_decomposed_attention(gm: fx.GraphModule, root: str = "") -> list[str]:
                 mask, user, node = node.args[1], node, node.args[0]
             elif _op(node) in (torch.masked_fill, "masked_fill") and _number(_arg(node, 2, "value")) == float("-inf"):
                 mask, user, node = ("not", node.args[1]), node, node.args[0]
-        if isinstance(node, fx.Node) and _only_user(node, user) and _op(node) in muls + divs:
-            c = next((_number(a) for a in node.args if _number(a) is not None), None)
-            base = next((a for a in node.args if isinstance(a, fx.Node)), None)
-            if _op(base) in (torch.tanh, "tanh"):
-                left.append(f"{site_name(sm, len(left), root)}: logit soft-capping (tanh) before the softmax is not "
-                            f"scaled-dot-product attention; left dense")
+        softcap = None
+        if isinstance(node, fx.Node) and _only_user(node, user) and _op(node) in muls + divs and (
+                (cx := const_and_input(node)) is not None and _op(cx[1]) in (torch.tanh, "tanh")):
+            # c · tanh(x / c): the soft-cap, then the scale step below on x
+            c, th = cx
+            inner = th.args[0]
+            ix = const_and_input(inner) if isinstance(inner, fx.Node) and _op(inner) in muls + divs else None
+            if not (c and c > 0 and _only_user(th, node) and _only_user(inner, th) and ix is not None
+                    and math.isclose(ix[0] * c, 1.0, rel_tol=1e-6)):
+                left.append(f"{site_name(sm, len(left), root)}: a tanh before the softmax that is not a logit "
+                            f"soft-cap c·tanh(s / c); left dense")
                 continue
-            if c and base is not None and (_op(node) in muls or node.args[0] is base):
-                scale, user, node = (c if _op(node) in muls else 1.0 / c), node, base
+            softcap, user, node = c, inner, ix[1]
+        if (isinstance(node, fx.Node) and _only_user(node, user) and _op(node) in muls + divs
+                and (cx := const_and_input(node)) is not None and cx[0]):
+            scale, user, node = cx[0], node, cx[1]
         if not (isinstance(node, fx.Node) and _op(node) in MATMUL and _only_user(node, user)):
             continue
         q, kt = node.args[0], node.args[1]
@@ -421,8 +438,11 @@ def fuse_decomposed_attention(gm: fx.GraphModule, root: str = "") -> list[str]:
                 mask = g.call_function(torch.logical_not, (cond,))
                 if (cv := _val(cond)) is not None:
                     mask.meta["example_value"] = torch.logical_not(cv)
-            sdpa = g.call_function(torch.nn.functional.scaled_dot_product_attention, (q, kt.args[0], out.args[1]),
-                                   {"attn_mask": mask, "dropout_p": 0.0, "scale": scale})
+            kw = {"attn_mask": mask, "dropout_p": 0.0, "scale": scale}
+            if softcap is None:
+                sdpa = g.call_function(torch.nn.functional.scaled_dot_product_attention, (q, kt.args[0], out.args[1]), kw)
+            else:
+                sdpa = g.call_function(softcapped_attention, (q, kt.args[0], out.args[1]), {**kw, "softcap": softcap})
         sdpa.meta.update(out.meta)
         out.replace_all_uses_with(sdpa)
         first = sm.args[0]
@@ -471,6 +491,7 @@ def _decide(site: Site, opts: Options) -> None:
         return _dense(site, reason)
     scale = a.get("scale")
     site.scale = float(scale) if scale is not None else 1.0 / math.sqrt(_static_int(site.q_val.shape[-1]))
+    site.softcap = float(a.get("softcap") or 0.0)
     (k_src, k_chain), (v_src, v_chain) = strip_repeat(flow, a["key"]), strip_repeat(flow, a["value"])
     site.chains = (k_chain, v_chain)
     site.k = next((u for f in CACHE_UPDATES if (u := f(flow, k_src, site.sdpa))), None)

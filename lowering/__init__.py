@@ -6,8 +6,9 @@ from kvpass.lowering.attention import (
     dense_attention_with_lse,
     mask_bias,
     merge_partials,
+    soft_cap,
     softmax_lse,
     static_attention,
 )
 
-__all__ = ["dense_attention_with_lse", "mask_bias", "merge_partials", "softmax_lse", "static_attention"]
+__all__ = ["dense_attention_with_lse", "mask_bias", "merge_partials", "soft_cap", "softmax_lse", "static_attention"]

@@ -11,6 +11,34 @@ from __future__ import annotations
 import torch
 
 
+def soft_cap(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logit soft-capping of scaled scores (Gemma 2): ``softcap · tanh(s / softcap)``; ``softcap`` <= 0 (or
+    None) leaves s as it is.  Applied before the mask, as the models do."""
+    return s if not softcap or softcap <= 0 else torch.tanh(s / softcap) * softcap
+
+
+def softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                         scale: float | None = None, enable_gqa: bool = False, *, softcap: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with logit soft-capping — softmax(cap(q·kᵀ·scale) + mask)·v, the
+    softmax in fp32, as Gemma 2's eager attention computes it (same argument names as SDPA, plus
+    ``softcap``).  The compile pass puts it where it finds that pattern, so that the site matcher sees one
+    node; where the site stays the model's own, this is what runs."""
+    if dropout_p:
+        raise ValueError("kvpass: softcapped_attention is for inference (dropout_p must be 0)")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    s = soft_cap(torch.matmul(query, key.transpose(-2, -1)) * scale, softcap)
+    if is_causal:
+        Tq, L = s.shape[-2], s.shape[-1]
+        attn_mask = torch.ones(Tq, L, dtype=torch.bool, device=s.device).tril(L - Tq)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype), value)
+
+
 def softmax_lse(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax-weighted values and the log-sum-exp of scores s [B, Hkv, G, Tq, n] (−inf = not attended)
     over v [B, Hkv, n, D]: (out [B, Hkv, G, Tq, D], lse [B, Hkv, G, Tq]); a row with no key gets out = 0,
@@ -27,9 +55,9 @@ def softmax_lse(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def dense_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, allowed: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GQA-native attention with its log-sum-exp, fp32 accumulation.
+    """GQA-native attention with its log-sum-exp, fp32 accumulation (scores soft-capped by ``softcap`` > 0).
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, N, D] with H % Hkv == 0 (query head h reads kv head h // (H/Hkv));
     allowed: bool, broadcastable to [B, Hkv, G, Tq, N] or [Tq, N] (False = masked), or None;
@@ -39,7 +67,7 @@ def dense_attention_with_lse(
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
     qf = q.float().reshape(B, Hkv, H // Hkv, Tq, D)
-    s = (qf @ k.float().transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, Tq, N]
+    s = soft_cap((qf @ k.float().transpose(-1, -2)[:, :, None]) * scale, softcap)  # [B, Hkv, G, Tq, N]
     if bias is not None:
         s = s + bias
     if allowed is not None:
@@ -75,8 +103,9 @@ def static_attention(
     q_pos: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the static KV (sinks + window ring).
+    """Attention over the static KV (sinks + window ring), scores soft-capped by ``softcap`` > 0.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, S+W, D] (ring slots in any order); k_pos: [S+W] int64 absolute
     position of each slot, -1 for an empty slot; q_pos: [Tq] int64 absolute positions of the queries.
@@ -87,9 +116,9 @@ def static_attention(
     """
     if bias is None:
         allowed = (k_pos >= 0)[None, :] & (k_pos[None, :] <= q_pos[:, None])  # [Tq, S+W]
-        return dense_attention_with_lse(q, k, v, scale, allowed)
+        return dense_attention_with_lse(q, k, v, scale, allowed, softcap=softcap)
     cols = bias.index_select(-1, k_pos.clamp(min=0))  # [.., Tq, S+W]
-    return dense_attention_with_lse(q, k, v, scale, (k_pos >= 0)[None, :], bias=cols)
+    return dense_attention_with_lse(q, k, v, scale, (k_pos >= 0)[None, :], bias=cols, softcap=softcap)
 
 
 def merge_partials(

@@ -13,7 +13,7 @@ import functools
 
 import torch
 from kvpass.cpu_ops import log_retrieval_probability, sign_codes
-from kvpass.lowering.attention import softmax_lse
+from kvpass.lowering.attention import soft_cap, softmax_lse
 
 # The estimators of the offloaded part; the C++ kernel spells the same names (lsh_attention.cpp).
 ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
@@ -165,10 +165,11 @@ def centred_cos(qk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Te
 def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: str, *,
                      q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                      mu: torch.Tensor | None = None, logp: torch.Tensor | None = None, threshold: int = 2,
-                     budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores each estimator gives the offloaded keys: −inf where a key is not attended, and for
-    "sample" the importance weight folded in (s − log P(retrieved)).
+    "sample" the importance weight folded in (s − log P(retrieved)); s soft-capped by ``softcap`` > 0 (a
+    monotone map: retrieval and the top-k's choice do not change).
 
     q [B, Hkv, G, Tq, D] fp32; k [B, Hkv, n, D] fp32; q_codes [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L];
     mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  ``sketch`` = (codes, scale) of the keys
@@ -176,7 +177,7 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
     of the LSH collisions.  Returns (s [B, Hkv, G, Tq, n] fp32, candidates [B, Hkv, G, Tq] int: keys
     retrieved, or all n)."""
     qk = q @ k.transpose(-1, -2)[:, :, None]
-    s = qk * scale
+    s = soft_cap(qk * scale, softcap)
     if estimator == "topk" and sketch is not None:
         n = k.shape[2]
         keep = sketch_candidates(q, *sketch, n if budget is None else min(n, max(budget, 1)))
@@ -199,8 +200,8 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
                         q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                         mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
-                        budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An estimator over offloaded keys in plain torch (dense cost, the kernel's result).
 
     q [B, H, Tq, D]; k, v [B, Hkv, n, D]; q_codes [B, H, Tq, L]; k_codes [B, Hkv, n, L]; mu [B, Hkv, D];
@@ -212,6 +213,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     qc = q_codes.reshape(B, Hkv, G, Tq, -1) if q_codes is not None else None
     s, n_read = estimator_scores(qg, k.float(), scale, estimator, q_codes=qc, k_codes=k_codes, mu=mu,
                                  logp=logp_table(lsh_k, lsh_l, threshold) if estimator == "sample" else None,
-                                 threshold=threshold, budget=budget, sketch=sketch)
+                                 threshold=threshold, budget=budget, sketch=sketch, softcap=softcap)
     out, lse = softmax_lse(s, v.float())
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()

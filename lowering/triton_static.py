@@ -31,9 +31,9 @@ def usable(device: torch.device) -> bool:
 def _static_attention_kernel(
     Q, K, V, KPOS, QPOS, OUT, LSE, OD, LSED,
     sqb, sqh, sqt, skb, skh, skn, svb, svh, svn, sob, soh, sot, sdb, sdh, sdt,
-    H, HKV, TQ, N, scale,
+    H, HKV, TQ, N, scale, softcap,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_MERGE: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -60,6 +60,8 @@ def _static_attention_kernel(
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svn + d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale        # [BLOCK_R, BLOCK_N]
+        if SOFTCAP:  # c · tanh(s / c), tanh(x) = 2 σ(2x) − 1 (lowering.attention.soft_cap)
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
         allowed = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -116,13 +118,13 @@ def make_tuned(do_bench=None):
     """The autotuned launcher of the kernel (``do_bench``: Triton's timer unless given); one per timer,
     so its tuning results are kept across calls."""
     extra = {"do_bench": do_bench} if do_bench is not None else {}
-    return triton.autotune(configs=TUNE_CONFIGS, key=["N", "D", "BLOCK_R", "FUSE_MERGE"],
+    return triton.autotune(configs=TUNE_CONFIGS, key=["N", "D", "BLOCK_R", "FUSE_MERGE", "SOFTCAP"],
                            prune_configs_by={"early_config_prune": _prune}, **extra)(_static_attention_kernel)
 
 
 def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
                             q_pos: torch.Tensor, scale: float, out_d: torch.Tensor | None = None,
-                            lse_d: torch.Tensor | None = None, *, tune: bool | None = None,
+                            lse_d: torch.Tensor | None = None, *, softcap: float = 0.0, tune: bool | None = None,
                             _tuned=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``kvpass.lowering.static_attention`` (same arguments and results); with
     ``out_d`` [B, H, Tq, D] fp32 and ``lse_d`` [B, H, Tq] fp32 given, returns the merge of both parts.
@@ -130,7 +132,7 @@ def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     q: [B, H, Tq, D] (Tq <= 8); k, v: [B, Hkv, N, D], head_dim contiguous; k_pos: [N] int64 (-1 =
     empty slot); q_pos: [Tq] int64.  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32.
     tune: autotune the tile from TUNE_CONFIGS (default: on CUDA); ``_tuned`` (tests) a launcher from
-    ``make_tuned``."""
+    ``make_tuned``.  softcap > 0: scores soft-capped, softcap · tanh(s / softcap)."""
     B, H, Tq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     if H % Hkv or k.stride(3) != 1 or v.stride(3) != 1:
@@ -148,12 +150,14 @@ def static_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             od.stride(0), od.stride(1), od.stride(2),
-            H, Hkv, Tq, N, float(scale))
+            H, Hkv, Tq, N, float(scale), float(softcap or 0.0))
+    cap = bool(softcap) and softcap > 0
     if tune is None:
         tune = q.device.type == "cuda"
     if tune:
-        (_tuned or make_tuned())[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r, FUSE_MERGE=fuse)
+        (_tuned or make_tuned())[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r, FUSE_MERGE=fuse,
+                                            SOFTCAP=cap)
     else:
         _static_attention_kernel[(B * Hkv,)](*args, D=D, BLOCK_D=block_d, BLOCK_R=block_r,
-                                             BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse)
+                                             BLOCK_N=_block_n(block_r, block_d), FUSE_MERGE=fuse, SOFTCAP=cap)
     return out, lse

@@ -304,14 +304,15 @@ class KVStore:
 
     def attend_host(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
                     scale: float | None = None, with_static: bool = False,
-                    row_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    row_pad: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [B, H, Tq, D] over the host tokens, computed by the CPU.  Returns out
         [B, H, Tq, D] fp32 and lse [B, H, Tq] fp32 on q's device (lse = -inf where nothing is there).
 
         with_static (a CPU store only): the static part (sinks + window, causal for the newest Tq tokens)
         is attended exactly in the same pass, so out/lse are the whole attention — no merge needed.
         estimator: None = the store's (``options.estimator``).  row_pad: int64 [B], each batch row's first
-        real position (left padding before it: never attended, never counted), or None."""
+        real position (left padding before it: never attended, never counted), or None.  softcap > 0: the
+        scores are soft-capped, softcap · tanh(s / softcap) (Gemma 2)."""
         estimator = self.options.estimator if estimator is None else estimator
         scale = 1.0 / math.sqrt(self.head_dim) if scale is None else scale
         qh = q.detach().to("cpu", torch.float32)
@@ -358,19 +359,20 @@ class KVStore:
                 qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,
                 self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
-                scale=scale, threads=kernel_threads(self.cpu_threads, self.device), **kw))
+                scale=scale, threads=kernel_threads(self.cpu_threads, self.device), softcap=softcap, **kw))
         out, lse, n_read, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
         self.last_scored = n_read
         self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read
         return out.to(q.device), lse.to(q.device)
 
     def attend(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
-               scale: float | None = None, row_pad: torch.Tensor | None = None) -> torch.Tensor:
+               scale: float | None = None, row_pad: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
         """Attention of the newest Tq tokens' queries q [B, H, Tq, D] over every stored token (causal
         inside the block): static part on the device + host part by the CPU, merged exactly by LSE.
         estimator: "sample" | "topk" | "oracle" | "exact" | "none" (static part only); None = the store's
         (``options.estimator``).  row_pad: int64 [B], each batch row's first real position — a left-padded
         batch: the padding is never attended (sinks included), never retrieved, never counted — or None.
+        softcap > 0: every score is soft-capped, softcap · tanh(s / softcap) (Gemma 2's logit capping).
         Returns [B, H, Tq, D] in q's dtype."""
         estimator = self.options.estimator if estimator is None else estimator
         if q.shape[2] > self.length:
@@ -380,41 +382,41 @@ class KVStore:
         if self.device.type == "cpu" and estimator != "none" and backend == "torch":
             # one fused CPU pass over the static slots and the host keys, no merge
             out, _ = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, with_static=True,
-                                      row_pad=row_pad)
+                                      row_pad=row_pad, softcap=softcap)
             return out.to(q.device, q.dtype)
         if row_pad is not None:  # the static part with the padding masked (torch), the host part by the CPU
-            return self._attend_padded(q, estimator, budget, scale, row_pad)
+            return self._attend_padded(q, estimator, budget, scale, row_pad, softcap)
         if self.device.type == "cuda" and estimator != "none" and self.overlap:
             return attend_overlapped(self, q, _CUDA, estimator=estimator, budget=budget, scale=scale,
-                                     backend=backend)
+                                     backend=backend, softcap=softcap)
         q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
         if backend == "triton":  # one device pass: static part + merge of the CPU partial
             from kvpass.lowering.triton_static import static_attention_triton
 
             o_d = l_d = None
             if estimator != "none":
-                o_d, l_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
+                o_d, l_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, softcap=softcap)
             out, _ = static_attention_triton(q.to(self.device), self.static_k, self.static_v, self.static_pos,
-                                             q_pos, scale, o_d, l_d)
+                                             q_pos, scale, o_d, l_d, softcap=softcap)
             return out.to(q.device, q.dtype)
         out_s, lse_s = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos,
-                                        scale)
+                                        scale, softcap=softcap)
         if estimator == "none":
             return out_s.to(q.device, q.dtype)
-        out_d, lse_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale)
+        out_d, lse_d = self.attend_host(q, estimator=estimator, budget=budget, scale=scale, softcap=softcap)
         out, _ = merge_partials(out_s, lse_s, out_d.to(self.device), lse_d.to(self.device))
         return out.to(q.device, q.dtype)
 
-    def _attend_padded(self, q, estimator, budget, scale, row_pad) -> torch.Tensor:
+    def _attend_padded(self, q, estimator, budget, scale, row_pad, softcap=0.0) -> torch.Tensor:
         q_pos = torch.arange(self.length - q.shape[2], self.length, device=self.device)
         cols = torch.arange(self.length, device=self.device)
         allowed = (cols[None, :] <= q_pos[:, None])[None] & (cols[None, None, :] >= row_pad.to(self.device)[:, None, None])
         bias = torch.zeros(allowed.shape, device=self.device).masked_fill(~allowed, float("-inf"))[:, None, None]
         out, lse = static_attention(q.to(self.device), self.static_k, self.static_v, self.static_pos, q_pos, scale,
-                                    bias)
+                                    bias, softcap)
         if estimator != "none":
             out, _ = merge_partials(out, lse, *(t.to(self.device) for t in self.attend_host(
-                q, estimator=estimator, budget=budget, scale=scale, row_pad=row_pad)))
+                q, estimator=estimator, budget=budget, scale=scale, row_pad=row_pad, softcap=softcap)))
         return out.to(q.device, q.dtype)
 
     def static_backend(self) -> str:
@@ -525,7 +527,7 @@ class _Pinned:
 
 
 def attend_overlapped(store: KVStore, q: torch.Tensor, streams: _Streams, *, estimator: str, budget, scale: float,
-                      backend: str) -> torch.Tensor:
+                      backend: str, softcap: float = 0.0) -> torch.Tensor:
     """``KVStore.attend`` for a store on an accelerator, with the CPU part overlapped with the device's
     static part (the diagram above).  Same result as the sequential path up to float rounding (the merge
     runs as a separate step instead of inside the Triton kernel)."""
@@ -549,12 +551,13 @@ def attend_overlapped(store: KVStore, q: torch.Tensor, streams: _Streams, *, est
         from kvpass.lowering.triton_static import static_attention_triton as static
     else:
         static = static_attention
-    out_s, lse_s = static(q.to(dev), store.static_k, store.static_v, store.static_pos, q_pos, scale)
+    out_s, lse_s = static(q.to(dev), store.static_k, store.static_v, store.static_pos, q_pos, scale,
+                          softcap=softcap)
     # 3. the CPU part, once q (only q) has arrived
     q_there.synchronize()
     if pin.free is not None:
         pin.free.synchronize()
-    out_d, lse_d = store.attend_host(pin.q, estimator=estimator, budget=budget, scale=scale)
+    out_d, lse_d = store.attend_host(pin.q, estimator=estimator, budget=budget, scale=scale, softcap=softcap)
     pin.out.copy_(out_d)
     pin.lse.copy_(lse_d)
     # 4. the results back on the copy stream; the main stream waits for them, then merges

@@ -49,13 +49,19 @@ KVPASS_INLINE float lookup_logp(const float* tab, float c) {
   return tab[i] + f * (tab[i + 1] - tab[i]);
 }
 
-// The "sample" estimator's score of one retrieved key: s = q·k·scale, weighted by 1 / P(retrieved) as
-// s - log P, P from the angle between q and the centred key k - μ.  From the dot products q·k, k·μ, k·k
-// and the query's q·μ, |q|, μ·μ: cos θ = (q·k - q·μ) / (|q| |k - μ|), |k - μ|² = k·k - 2 k·μ + μ·μ.
+// ---------------------------------------------------------------- scores
+
+// Logit soft-capping (Gemma 2): a scaled score s becomes c · tanh(s / c); c <= 0 leaves it as it is.
+KVPASS_INLINE float soft_cap(float s, float c) { return c > 0.f ? c * std::tanh(s / c) : s; }
+
+// The "sample" estimator's score of one retrieved key: s = q·k·scale (soft-capped by softcap > 0), weighted
+// by 1 / P(retrieved) as s - log P, P from the angle between q and the centred key k - μ.  From the dot
+// products q·k, k·μ, k·k and the query's q·μ, |q|, μ·μ: cos θ = (q·k - q·μ) / (|q| |k - μ|),
+// |k - μ|² = k·k - 2 k·μ + μ·μ.
 KVPASS_INLINE float sample_score(float qk, float kmu, float kk, float qmu, float qnorm, float mumu, float scale,
-                                 const float* logp) {
+                                 const float* logp, float softcap = 0.f) {
   const float denom = qnorm * std::sqrt(std::max(0.f, kk - 2.f * kmu + mumu));
-  return qk * scale - lookup_logp(logp, denom > 0.f ? (qk - qmu) / denom : 0.f);
+  return soft_cap(qk * scale, softcap) - lookup_logp(logp, denom > 0.f ? (qk - qmu) / denom : 0.f);
 }
 
 // ---------------------------------------------------------------- online softmax

@@ -362,6 +362,7 @@ struct Segment {
 struct Problem {
   int64_t B, H, Hkv, G, Tq, D, L, K, T, n_keys, block_size, budget, estimator, tail_base, tail_len, tail_cap;
   float scale;
+  float softcap = 0.f;   // > 0: scores are soft-capped, c · tanh(s / c) (kvpass_math::soft_cap)
   const float* q;        // [B, H, Tq, D]
   const c10::BFloat16* proj;  // [Hkv, D, K*L]: the SimHash projection (query codes are computed here)
   int32_t* qcode;        // [B, H, Tq, L] out: the query's codes
@@ -573,7 +574,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     float qk = 0.f;
 #pragma omp simd reduction(+ : qk)
     for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
-    s.sscore[j] = qk * P.scale;
+    s.sscore[j] = kvpass_math::soft_cap(qk * P.scale, P.softcap);
     smx = std::max(smx, s.sscore[j]);
   }
   if (m == 0 && smx == kNegInf) {
@@ -611,11 +612,11 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         kmu += x * mu[i];
         kk += x * x;
       }
-      return kvpass_math::sample_score(qk, kmu, kk, qmu, qnorm, mumu, P.scale, P.logp);
+      return kvpass_math::sample_score(qk, kmu, kk, qmu, qnorm, mumu, P.scale, P.logp, P.softcap);
     }
 #pragma omp simd reduction(+ : qk)
     for (int64_t i = 0; i < D; ++i) qk += q[i] * load(k, i);
-    return qk * P.scale;
+    return kvpass_math::soft_cap(qk * P.scale, P.softcap);
   };
   // Candidates are scattered over the host store: the loops are bound by memory latency unless the
   // rows a few iterations ahead are already on their way (K and V of a token are adjacent).
@@ -1053,7 +1054,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
     const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads,
-    const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget) {
+    const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget, double softcap) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1142,6 +1143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   P.n_keys = n_keys, P.block_size = block_size, P.budget = budget, P.estimator = estimator;
   P.tail_base = tail_base, P.tail_len = tail_len, P.tail_cap = tail_codes.size(3);
   P.scale = float(scale);
+  P.softcap = float(softcap);
   const auto qc = q.contiguous(), projc = proj.contiguous(), muc = mu.contiguous();
   P.q = qc.data_ptr<float>(), P.proj = projc.data_ptr<c10::BFloat16>(), P.qcode = q_codes.data_ptr<int32_t>();
   P.mu = muc.data_ptr<float>();
@@ -1275,7 +1277,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
-        "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None) "
+        "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None, float softcap=0.0) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");

@@ -19,6 +19,7 @@ from kvpass.cpu_ops import (
     lsh_merge_segments,
     sign_codes,
 )
+from kvpass.lowering.attention import softcapped_attention
 from kvpass.lowering.reference import (
     hash_codes,
     pack_bits,
@@ -46,7 +47,7 @@ def _store(Hkv, D, dtype, chunks, *, K, L, T, min_keys, seal, B=1, S=2, W=3, see
     return store
 
 
-def _reference(store, q, estimator, budget):
+def _reference(store, q, estimator, budget, softcap=0.0):
     ks, vs = store.host.views()
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
     idx = store.index
@@ -59,7 +60,7 @@ def _reference(store, q, estimator, budget):
     elif estimator in ("sample", "topk"):  # no index yet: every key is read
         estimator = "exact"
     return reference_attention(q, k, v, 1 / math.sqrt(q.shape[-1]), estimator, lsh_k=idx.lsh_k, lsh_l=idx.lsh_l,
-                               threshold=idx.threshold, budget=store.resolve_budget(budget), **kw)
+                               threshold=idx.threshold, budget=store.resolve_budget(budget), softcap=softcap, **kw)
 
 
 @settings(max_examples=fuzz_examples(60), deadline=None)
@@ -67,17 +68,18 @@ def _reference(store, q, estimator, budget):
        D=st.sampled_from([8, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), estimator=st.sampled_from(["sample", "topk", "oracle"]),
        budget=st.one_of(st.integers(1, 40), st.floats(0.01, 1.0)), seal=st.sampled_from([16, 37, 4096]),
-       seed=st.integers(0, 5), T=st.integers(1, 3))
-def test_kernel_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, estimator, budget, seal, seed, T):
-    """Threshold 1-2 takes the kernel's bitset path, 3 its counter path."""
+       seed=st.integers(0, 5), T=st.integers(1, 3), softcap=st.sampled_from([0.0, 0.0, 1.5]))
+def test_kernel_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, estimator, budget, seal, seed, T,
+                                             softcap):
+    """Threshold 1-2 takes the kernel's bitset path, 3 its counter path; softcap > 0 caps the scores."""
     store = _store(Hkv, D, dtype, chunks, K=4, L=12, T=T, min_keys=20, seal=seal, B=B, seed=seed)
     q = torch.randn(B, Hkv * G, Tq, D, generator=torch.Generator().manual_seed(seed + 100))
     if store.tokens_offloaded == 0:
         out, lse = store.attend_host(q, estimator=estimator, budget=budget)
         assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
         return
-    out, lse = store.attend_host(q, estimator=estimator, budget=budget)
-    ref_out, ref_lse, ref_read = _reference(store, q, estimator, budget)
+    out, lse = store.attend_host(q, estimator=estimator, budget=budget, softcap=softcap)
+    ref_out, ref_lse, ref_read = _reference(store, q, estimator, budget, softcap)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse))
@@ -89,21 +91,25 @@ def test_kernel_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, es
 
 @settings(max_examples=fuzz_examples(25), deadline=None)
 @given(G=st.sampled_from([1, 3]), Tq=st.integers(1, 4), n=st.integers(1, 200),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), estimator=st.sampled_from(["exact", "oracle"]))
-def test_attend_is_dense_causal_attention_over_every_token(G, Tq, n, dtype, estimator):
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), estimator=st.sampled_from(["exact", "oracle"]),
+       softcap=st.sampled_from([0.0, 0.7]))
+def test_attend_is_dense_causal_attention_over_every_token(G, Tq, n, dtype, estimator, softcap):
     """KVStore.attend with an estimator that reads every key (fused static + host pass on CPU) equals
-    dense attention over all stored tokens, causal inside the query block."""
+    dense attention over all stored tokens, causal inside the query block — soft-capped or not."""
     Tq = min(Tq, n)
     store = _store(2, 16, dtype, [n], K=4, L=8, T=2, min_keys=10 ** 9, seal=4096, B=2)
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(2, 2 * G, Tq, 16, generator=gen)
-    out = store.attend(q, estimator=estimator, budget=1.0)
+    out = store.attend(q, estimator=estimator, budget=1.0, softcap=softcap)
     gen = torch.Generator().manual_seed(0)  # _store's keys, regenerated
     k = torch.randn(2, 2, n, 16, generator=gen) + 0.5
     v = torch.randn(2, 2, n, 16, generator=gen)
     k, v = k.to(dtype).float(), v.to(dtype).float()
     mask = torch.arange(n)[None, :] <= torch.arange(n - Tq, n)[:, None]
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    if softcap:
+        ref = softcapped_attention(q, k, v, attn_mask=mask, enable_gqa=True, softcap=softcap)
+    else:
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -238,14 +244,14 @@ def test_sign_codes_are_the_torch_packing(K, L):
         sign_codes(torch.zeros(4, 17), 16)
 
 
-def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str):
+def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str, softcap: float = 0.0):
     """store.attend_host(q, "topk") with the sketch scanned by the kernel's native path (VNNI where the CPU
     has it) or its portable loop ($KVPASS_SKETCH_SCAN, restored after)."""
     old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
     try:
         if scan == "portable":
             os.environ["KVPASS_SKETCH_SCAN"] = "portable"
-        return store.attend_host(q, estimator="topk", budget=budget)
+        return store.attend_host(q, estimator="topk", budget=budget, softcap=softcap)
     finally:
         os.environ.pop("KVPASS_SKETCH_SCAN", None)
         if old is not None:
@@ -257,8 +263,9 @@ def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str):
        D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
        seed=st.integers(0, 5), scan=st.sampled_from(["native", "portable"]),
-       bits=st.sampled_from([8, 4]))
-def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan, bits):
+       bits=st.sampled_from([8, 4]), softcap=st.sampled_from([0.0, 2.0]))
+def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan, bits,
+                                                       softcap):
     """topk over the sketch's `budget` best keys, int8 or int4 codes.  The sketch scores are integers (the
     quantised query dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU
     has one, and the portable loop — and torch pick the same candidates (ties by key order in both), for
@@ -275,10 +282,11 @@ def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, 
         return
     ks, vs = store.host.views()
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
-    out, lse = attend_topk(store, q, budget, scan)
+    out, lse = attend_topk(store, q, budget, scan, softcap)
     sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale) if idx.built else None
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
-                                                     mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch)
+                                                     mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch,
+                                                     softcap=softcap)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
     if idx.built:

@@ -29,23 +29,24 @@ def _ring(S, W, filled, Hkv, B, D, dtype, gen):
 @given(G=st.sampled_from([1, 2, 4, 8]), Hkv=st.integers(1, 2), B=st.integers(1, 2), Tq=st.integers(1, 8),
        D=st.sampled_from([16, 64, 80, 96, 128, 256]), S=st.integers(0, 4), W=st.sampled_from([8, 13]),
        extra=st.integers(-6, 40), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       fuse=st.booleans(), seed=st.integers(0, 100))
-def test_kernel_matches_the_reference(G, Hkv, B, Tq, D, S, W, extra, dtype, fuse, seed):
-    """Window partly filled (extra < 0), exactly full (0) and wrapped around the ring (> 0)."""
+       fuse=st.booleans(), seed=st.integers(0, 100), softcap=st.sampled_from([0.0, 0.0, 0.8]))
+def test_kernel_matches_the_reference(G, Hkv, B, Tq, D, S, W, extra, dtype, fuse, seed, softcap):
+    """Window partly filled (extra < 0), exactly full (0) and wrapped around the ring (> 0); scores
+    soft-capped where softcap > 0."""
     gen = torch.Generator().manual_seed(seed)
     filled = max(Tq, S + W + extra)
     k, v, pos, length = _ring(S, W, filled, Hkv, B, D, dtype, gen)
     q = torch.randn(B, Hkv * G, Tq, D, generator=gen).to(DEVICE, dtype)
     q_pos = torch.arange(length - Tq, length, device=DEVICE)
     scale = D ** -0.5
-    ref_out, ref_lse = static_attention(q, k, v, pos, q_pos, scale)
-    kw = {}
+    ref_out, ref_lse = static_attention(q, k, v, pos, q_pos, scale, softcap=softcap)
+    kw = {"softcap": softcap}
     if fuse:  # a CPU partial to merge in (lse -inf somewhere: nothing offloaded for that row)
         o_d = torch.randn(B, Hkv * G, Tq, D, generator=gen).to(DEVICE)
         l_d = torch.randn(B, Hkv * G, Tq, generator=gen).to(DEVICE) * 3
         l_d[..., 0] = float("-inf")
         ref_out, ref_lse = merge_partials(ref_out, ref_lse, o_d, l_d)
-        kw = {"out_d": o_d, "lse_d": l_d}
+        kw.update(out_d=o_d, lse_d=l_d)
     out, lse = triton_static.static_attention_triton(q, k, v, pos, q_pos, scale, **kw)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
@@ -87,7 +88,7 @@ def test_compiled_model_with_the_triton_static_part(monkeypatch):
 
     calls = []
     kernel = triton_static.static_attention_triton
-    monkeypatch.setattr(triton_static, "static_attention_triton", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(triton_static, "static_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     model = tiny_model("llama")
     ids = torch.randint(1, 256, (1, 60), generator=torch.Generator().manual_seed(2))
     ref_ids, ref_logits = greedy(model, ids, 5)

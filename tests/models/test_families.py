@@ -68,28 +68,72 @@ def test_eager_attention_is_recognised_and_rewritten():
     assert 0 < kvpass.runtime_stats()["keys_read_fraction"] < 1
 
 
-def test_logit_soft_capping_stays_dense_with_a_reason_and_one_warning(caplog):
-    """Gemma2 (eager, tanh soft-capping of the scores): not scaled-dot-product attention — each layer is
-    named with the reason, the compile warns once, and the model's own attention runs (dense's tokens)."""
-    import logging
-
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_gemma2_logit_soft_capping_is_rewritten(estimator):
+    """Gemma2 (eager attention, tanh soft-capping of the scores, a sliding-window layer): the capped full
+    layer becomes a kvpass site whose static part and CPU kernel cap the scores as the model does; exact
+    mode equals dense over a prompt 10x the window, and the cap is small enough here to change the output
+    (so a kvpass that ignored it would fail)."""
     import transformers as tf
 
     from kvpass.testing import TINY
 
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(head_dim=16, **TINY), attn_implementation="eager").eval()
-    ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(5))
+    def gemma2(cap):
+        torch.manual_seed(0)
+        cfg = tf.Gemma2Config(head_dim=16, attn_logit_softcapping=cap, sliding_window=32, query_pre_attn_scalar=16,
+                              **TINY)
+        m = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        with torch.no_grad():  # scores of a few units: the cap bends them
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.weight.mul_(12.0)
+                layer.self_attn.k_proj.weight.mul_(12.0)
+        return m
+
+    model = gemma2(1.0)
+    ids = torch.randint(3, 256, (1, 320), generator=torch.Generator().manual_seed(5))
     report = kvpass.explain(lambda x: model(input_ids=x, use_cache=True), ids)
-    assert report.rewritten == 0 and len(report.unmatched) == 2
-    assert all("soft-capping" in u for u in report.unmatched) and "model.layers.1.self_attn" in report.unmatched[1]
-    ref_ids, _ = greedy(model, ids, 6)
-    compile_kvpass(model, window_size=16)
-    with caplog.at_level(logging.WARNING, logger="kvpass"):
-        ids_k, _ = greedy(model, ids, 6)
+    sliding, full = report.sites
+    assert not sliding.rewritten and "sliding-window layer" in sliding.reason
+    assert full.rewritten and not report.unmatched
+    ref_ids, ref_logits = greedy(model, ids, 10)
+    _, uncapped = greedy(gemma2(None), ids, 10)
+    assert (uncapped - ref_logits).abs().max() > 0.1  # the cap matters on this prompt
+    compile_kvpass(model, window_size=16, estimator=estimator, lsh_k=4, lsh_l=20)
+    ids_k, logits_k = greedy(model, ids, 10)
+    assert kvpass.runtime_stats()["tokens_offloaded"] == 1 * (320 + 9 - 4 - 16)  # the full layer only
+    if estimator == "exact":
+        assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
+    else:
+        assert torch.isfinite(logits_k).all() and 0 < kvpass.runtime_stats()["keys_read_fraction"] < 1
+
+
+def test_an_unrecognised_tanh_stays_dense_with_a_reason_and_one_warning(caplog):
+    """A tanh before the softmax that is not a soft-cap c·tanh(s / c) (here 50·tanh(s / 30)): the site is
+    named with the reason, the compile warns once, and the model's own attention runs."""
+    import logging
+
+    class OddCap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, -1, 3, 2, 16).permute(2, 0, 3, 1, 4)
+            att = torch.tanh((q @ k.transpose(-2, -1)) * 0.25 / 30.0) * 50.0
+            return torch.softmax(att, dim=-1) @ v
+
+    model = OddCap().eval()
+    x = torch.randn(1, 12, 32)
+    report = kvpass.explain(model, x)
+    assert report.rewritten == 0 and len(report.unmatched) == 1 and "not a logit soft-cap" in report.unmatched[0]
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="kvpass")
+        with caplog.at_level(logging.WARNING, logger="kvpass"):
+            got = compiled(x)
     warned = [r for r in caplog.records if "no attention was rewritten" in r.getMessage()]
-    assert len(warned) == 1 and "soft-capping" in warned[0].getMessage()
-    assert torch.equal(ids_k, ref_ids)
+    assert len(warned) == 1 and "soft-cap" in warned[0].getMessage()
+    torch.testing.assert_close(got, ref)
 
 
 def test_gptfast_module_with_preallocated_cache_and_bool_mask():
