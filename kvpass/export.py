@@ -44,7 +44,7 @@ from kvpass.lowering.decode_step import (
     decode_step_capacity,
     onnx_decode_step,
 )
-from kvpass.lowering.reference import logp_table
+from kvpass.lowering.reference import MIN_KEYS, logp_table
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import projection
 from kvpass.sites import analyse
@@ -52,7 +52,7 @@ from kvpass.sites import analyse
 log = logging.getLogger("kvpass")
 
 STATE = ("static_k", "static_v", "host_k", "host_v", "codes", "mu")
-UPDATED = STATE[:5]  # mu is frozen: not an output
+UPDATED = STATE  # mu too: the step that offloads the min_keys-th token builds the index
 # how the host tensors travel: "grow" — exactly the N host tokens, outputs one longer (portable);
 # "capacity" — fixed buffers, the first N = position − S − W rows used, updated in place when the caller
 # binds outputs to inputs (custom)
@@ -66,21 +66,28 @@ class ExportError(RuntimeError):
 # ---------------------------------------------------------------- state handover
 
 def store_state(store) -> dict[str, torch.Tensor]:
-    """The explicit state of one runtime ``KVStore`` (see ``kvpass.lowering.decode_step``), as CPU tensors.
-    Requires a full ring and a built index (position ≥ S + W and ≥ 256 host tokens)."""
+    """The explicit state of one runtime ``KVStore`` (see ``kvpass.lowering.decode_step``), as CPU tensors,
+    at any length: before the index is built (fewer than min_keys tokens offloaded) codes and μ are zeros
+    (the step reads every host key then, and builds them when the min_keys-th token is offloaded)."""
     S, W = store.sink_size, store.window_size
-    if store.length < S + W or not store.index.built:
-        raise ExportError(f"kvpass: the exported decode step needs at least sink_size + window_size + "
-                          f"{store.index.min_keys} = {S + W + store.index.min_keys} tokens of context (the "
-                          f"window full and the LSH index built); this sequence has {store.length}")
-    if store.tokens_offloaded != store.length - S - W:
+    if store.index.sketch:
+        raise ExportError("kvpass: the exported decode step carries the LSH index; this store keeps the key "
+                          "sketch (estimator 'topk'), which cannot be exported yet")
+    if store.tokens_offloaded != max(0, store.length - S - W):
         raise ExportError(f"kvpass: the exported decode step needs a full window; this store's window holds "
                           f"{store.length - S - store.tokens_offloaded} of {W} tokens (a cropped sequence)")
-    ks, vs = store.host.views()
-    host_k, host_v = torch.cat(ks, 2).cpu(), torch.cat(vs, 2).cpu()
+    B, Hkv, D = store.batch, store.num_kv_heads, store.head_dim
+    if store.tokens_offloaded:
+        ks, vs = store.host.views()
+        host_k, host_v = torch.cat(ks, 2).cpu(), torch.cat(vs, 2).cpu()
+    else:
+        host_k = host_v = store.static_k.new_zeros(B, Hkv, 0, D).cpu()
+    idx = store.index
+    built = idx.built
+    codes = idx.codes(host_k).cpu() if built else torch.zeros(B, Hkv, host_k.shape[2], idx.lsh_l, dtype=torch.int32)
+    mu = idx.mu.float().cpu().clone() if built else torch.zeros(B, Hkv, D)
     return {"static_k": store.static_k.cpu().clone(), "static_v": store.static_v.cpu().clone(),
-            "host_k": host_k, "host_v": host_v, "codes": store.index.codes(host_k).cpu(),
-            "mu": store.index.mu.float().cpu().clone()}  # copies: the store keeps changing
+            "host_k": host_k, "host_v": host_v, "codes": codes, "mu": mu}  # copies: the store keeps changing
 
 
 def prefill_state(model, input_ids: torch.Tensor, options: dict[str, Any] | Options | None = None,
@@ -196,8 +203,8 @@ def rewrite_decode_graph(gm: fx.GraphModule, n_layers: int, opts: Options) -> li
             op = decode_step_capacity if opts.onnx_lsh == "custom" else decode_step
             call = g.call_function(op._opoverload, (
                 site.q, site.k.new, site.v.new, *st, proj, logp, position, opts.sink_size, opts.window_size,
-                opts.lsh_k, opts.lsh_threshold, opts.estimator, site.scale))
-            outs = [g.call_function(operator.getitem, (call, j)) for j in range(6)]
+                opts.lsh_k, opts.lsh_threshold, opts.estimator, site.scale, MIN_KEYS))
+            outs = [g.call_function(operator.getitem, (call, j)) for j in range(1 + len(UPDATED))]
         site.sdpa.replace_all_uses_with(outs[0])
         g.erase_node(site.sdpa)
         done[layer] = (rep.name, outs[1:])
@@ -389,7 +396,7 @@ class OnnxDecoder:
         meta = _meta(session)
         self.session, self.position, self.layers = session, position, meta["layers"]
         opts = parse_options(meta["options"])
-        self.static_len = opts.sink_size + opts.window_size  # host rows in use = position - static_len
+        self.static_len = opts.sink_size + opts.window_size  # host rows in use = max(0, position - static_len)
         self.capacity = meta.get("layout", "grow") == "capacity"
         inputs, self.outputs = io_names(self.layers)
         if self.capacity:
@@ -436,7 +443,7 @@ class OnnxDecoder:
             arr = src[key].numpy() if src is not None else self.feed[key]
             st[name] = torch.from_numpy(arr.copy())
         if self.capacity:
-            n = self.position - self.static_len
+            n = max(0, self.position - self.static_len)
             for name in ("host_k", "host_v", "codes"):
                 st[name] = st[name][:, :, :n]
             st["codes"] = st["codes"].to(torch.int32)

@@ -27,6 +27,9 @@ ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
 LOGP_GRID = 16384  # intervals of the cos θ grid of the log P table (csrc/kvpass_math.h: kTable)
 
 
+MIN_KEYS = 256  # offloaded tokens before a store's index is built (below: every host key is read exactly)
+
+
 def ring_slot(position, sink_size: int, window_size: int):
     """The static slot of a token at ``position`` ≥ sink_size: the window is a ring after the sinks.
     Works on ints and on int64 tensors (floor modulo either way)."""

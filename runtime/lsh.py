@@ -20,7 +20,7 @@ import zlib
 
 import torch
 from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
-from kvpass.lowering.reference import simhash, sketch_codes, sketch_scale
+from kvpass.lowering.reference import MIN_KEYS, simhash, sketch_codes, sketch_scale
 from kvpass.runtime.config import Options
 
 MAX_SEGMENT = 32768
@@ -67,7 +67,7 @@ class LSHIndex:
     """The SimHash index of one store (one sequence batch at one attention site)."""
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, options: Options, *, site: str = "",
-                 min_keys: int = 256, seal_size: int = 4096):
+                 min_keys: int = MIN_KEYS, seal_size: int = 4096):
         self.batch, self.num_kv_heads, self.head_dim, self.site = batch, num_kv_heads, head_dim, site
         # retriever "sketch": no bucket tables; a sketch of every key (k − μ) / scale instead (int8, or int4:
         # ``sketch_bits``), in blocks of SKETCH_BLOCK keys (the kernel scans it).  Nothing is hashed: the kernel's SimHash

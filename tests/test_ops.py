@@ -47,7 +47,7 @@ def _decode_step_args(capacity: bool):
         st = ex.with_capacity([st], 4)[0]
     return (torch.randn(B, H, 1, D), torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D), *st.values(),
             store.index.proj("cpu").float(), logp_table(10, 150, 2), torch.tensor(store.length), S, W, 10, 2,
-            "sample", 1 / math.sqrt(D))
+            "sample", 1 / math.sqrt(D), 256)
 
 
 def _lsh_attention():

@@ -12,11 +12,15 @@
 //   inputs   q [B,H,1,D] f32, k_new/v_new [B,Hkv,1,D] f32, static_k/static_v [B,Hkv,S+W,D] f32,
 //            host_k/host_v [B,Hkv,CAP,D] f32, codes [B,Hkv,CAP,L] i16 (K <= 15), mu [B,Hkv,D] f32,
 //            proj [Hkv,D,K·L] f32, logp [16385] f32, position [] i64
-//   attrs    sink_size, window_size, lsh_k, threshold (int), estimator ("exact"|"sample"|"none"), scale
-//   outputs  out [B,H,1,D] f32, then static_k, static_v, host_k, host_v, codes after the step.
-// Host token i (< N = position - S - W before the step) is position S + i; rows >= N are free capacity.
-// The step writes the token leaving the window to host row N (and its code), the new token to its
-// ring slot, then attends: static part exact, host part by the estimator, one softmax over both.
+//   attrs    sink_size, window_size, lsh_k, threshold, min_keys (int), estimator ("exact"|"sample"|"none"),
+//            scale
+//   outputs  out [B,H,1,D] f32, then static_k, static_v, host_k, host_v, codes, mu after the step.
+// Host token i (< N = max(0, position - S - W) before the step) is position S + i; rows >= N are free
+// capacity.  The step writes the token leaving the window (once the ring is full) to host row N, the new
+// token to its slot (sink `position` below S, else the ring's), then attends: the filled static slots
+// exactly, the host part by the estimator, one softmax over both.  As the runtime store: while fewer
+// than min_keys tokens are offloaded there is no index (codes 0) and every host key is read exactly;
+// the step that offloads the min_keys-th token builds it (mu = their mean, every code hashed).
 // When an output is bound to its input's buffer (onnxruntime IOBinding), the state is updated in place
 // (O(1) bytes written); otherwise the input is copied to the output first (plain ONNX semantics).
 #include <omp.h>
@@ -133,7 +137,7 @@ using kvpass_math::kTable;
 enum Estimator { kExact, kSample, kNone };
 
 struct Step {
-  int64_t S, W, K, T;
+  int64_t S, W, K, T, min_keys;
   Estimator est;
   float scale;
 };
@@ -153,9 +157,9 @@ KVPASS_CLONES void hash_row(const float* x, const float* R, int64_t D, int64_t K
 
 struct Views {
   const float *q, *kn, *vn, *mu, *proj, *logp;
-  float *sk, *sv, *hk, *hv, *out;
+  float *sk, *sv, *hk, *hv, *out, *mu_out;
   int16_t* codes;
-  int64_t B, H, Hkv, G, D, NS, CAP, L, N;
+  int64_t B, H, Hkv, G, D, NS, CAP, L, N, filled;  // filled: static slots in use (the first ones)
 };
 
 constexpr int64_t kChunk = 2048;  // keys per retrieval task
@@ -194,7 +198,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
   float mx = kvpass_math::kNegInf;
   score.resize(v.NS + m);
   float* ss = score.data();
-  for (int64_t j = 0; j < v.NS; ++j) {
+  for (int64_t j = 0; j < v.filled; ++j) {
     float qk = 0.f;
 #pragma omp simd reduction(+ : qk)
     for (int64_t i = 0; i < D; ++i) qk += q[i] * sk[j * D + i];
@@ -227,7 +231,7 @@ KVPASS_CLONES void attend_row(const Views& v, const Step& st, int64_t b, int64_t
   std::vector<float> acc(D);
   kvpass_math::OnlineSoftmax sm;
   sm.start(acc.data(), D, mx);  // the true maximum: nothing is rescaled
-  for (int64_t j = 0; j < v.NS; ++j) sm.add(ss[j], sv + j * D);
+  for (int64_t j = 0; j < v.filled; ++j) sm.add(ss[j], sv + j * D);
   for (int64_t jj = 0; jj < m; ++jj) sm.add(hs[jj], hval + (all ? jj : int64_t(cand[jj])) * D);
   sm.finish(v.out + (b * v.H + h) * D);
 }
@@ -278,20 +282,21 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   if (v.L * st.K != in[9].shape[2] || in[9].shape[0] != v.Hkv || in[9].shape[1] != v.D) bad("proj must be [Hkv, D, lsh_k * L]");
   if (in[8].shape[0] != v.B || in[8].shape[1] != v.Hkv || in[8].shape[2] != v.D) bad("mu must be [B, Hkv, D]");
   if (in[10].shape[0] != kTable + 1) bad("logp must hold 16385 entries");
-  v.N = pos - st.S - st.W;
-  if (v.N < 0) bad("position " + std::to_string(pos) + " < sink_size + window_size: the exported step needs a full window");
+  if (pos < 0) bad("position must be >= 0");
+  v.N = pos - st.S - st.W;  // < 0: the ring is not full yet, nothing leaves it
+  v.filled = std::min(pos + 1, v.NS);
   if (v.N >= v.CAP)
     bad("the host buffers hold " + std::to_string(v.CAP) + " tokens and the step at position " + std::to_string(pos) +
         " writes token " + std::to_string(v.N) + ": allocate more capacity");
-  Tensor out[6];
-  for (size_t i = 0; i < 6; ++i) {
+  Tensor out[7];
+  for (size_t i = 0; i < 7; ++i) {
     const std::vector<int64_t>& shp = in[i == 0 ? 0 : i + 2].shape;
     OrtValue* val = nullptr;
     ORT_CHECK(get_out(ctx, i, shp.data(), shp.size(), &val));
     out[i] = describe(val);
   }
   // state: copy unless the caller bound each output to its input's buffer
-  for (int i = 1; i < 6; ++i) {
+  for (int i = 1; i < 7; ++i) {
     const Tensor& src = in[i + 2];
     if (out[i].data != src.data)
       std::memcpy(out[i].data, src.data, size_t(src.numel()) * (i == 5 ? sizeof(int16_t) : sizeof(float)));
@@ -308,26 +313,49 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
   v.hk = static_cast<float*>(out[3].data);
   v.hv = static_cast<float*>(out[4].data);
   v.codes = static_cast<int16_t*>(out[5].data);
-  const int64_t D = v.D, slot = kvpass_math::ring_slot(pos, st.S, st.W);
-  const int64_t KL = st.K * v.L;
+  v.mu_out = static_cast<float*>(out[6].data);
+  const int64_t D = v.D, slot = pos < st.S ? pos : kvpass_math::ring_slot(pos, st.S, st.W);
+  const int64_t KL = st.K * v.L, n_host = std::max<int64_t>(v.N + 1, 0);  // host tokens after the step
+  const bool build = n_host == st.min_keys, indexed = n_host > st.min_keys;
 #pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < v.B * v.Hkv; ++bh) {  // the token leaving the window goes to the host
+  for (int64_t bh = 0; bh < v.B * v.Hkv; ++bh) {
     const int64_t hk = bh % v.Hkv;
     float* krow = v.sk + (bh * v.NS + slot) * D;
     float* vrow = v.sv + (bh * v.NS + slot) * D;
-    std::memcpy(v.hk + (bh * v.CAP + v.N) * D, krow, D * sizeof(float));
-    std::memcpy(v.hv + (bh * v.CAP + v.N) * D, vrow, D * sizeof(float));
     std::vector<float> x(D), y(KL);
-    for (int64_t i = 0; i < D; ++i) x[i] = krow[i] - v.mu[bh * D + i];
-    hash_row(x.data(), v.proj + hk * D * KL, D, st.K, v.L, y.data(), v.codes + (bh * v.CAP + v.N) * v.L);
+    if (v.N >= 0) {  // the token leaving the window goes to the host
+      std::memcpy(v.hk + (bh * v.CAP + v.N) * D, krow, D * sizeof(float));
+      std::memcpy(v.hv + (bh * v.CAP + v.N) * D, vrow, D * sizeof(float));
+    }
+    float* mu = v.mu_out + bh * D;
+    if (build) {  // mu = the mean of the min_keys host keys (LSHIndex.add), then every code
+      std::vector<double> sum(D, 0.0);
+      for (int64_t j = 0; j < n_host; ++j)
+        for (int64_t i = 0; i < D; ++i) sum[i] += v.hk[(bh * v.CAP + j) * D + i];
+      for (int64_t i = 0; i < D; ++i) mu[i] = float(sum[i] / double(n_host));
+    }
+    for (int64_t j = build ? 0 : std::max<int64_t>(v.N, 0); j < n_host; ++j) {
+      int16_t* code = v.codes + (bh * v.CAP + j) * v.L;
+      if (!build && !indexed) {  // no index yet: a zero code, as the runtime's state has it
+        std::fill(code, code + v.L, int16_t(0));
+        continue;
+      }
+      const float* key = v.hk + (bh * v.CAP + j) * D;
+      for (int64_t i = 0; i < D; ++i) x[i] = key[i] - mu[i];
+      hash_row(x.data(), v.proj + hk * D * KL, D, st.K, v.L, y.data(), code);
+    }
     std::memcpy(krow, v.kn + bh * D, D * sizeof(float));
     std::memcpy(vrow, v.vn + bh * D, D * sizeof(float));
   }
-  const int64_t n = st.est == kNone ? 0 : v.N + 1;  // host keys attended
+  const int64_t n = st.est == kNone ? 0 : n_host;  // host keys attended
+  v.mu = v.mu_out;  // the index as it is after the step
+  Step exact = st;  // below min_keys there is no index: every host key, exactly
+  if (!build && !indexed) exact.est = kExact;
+  const Step& sst = exact;
   const int64_t rows = v.B * v.H, groups = v.B * v.Hkv, chunks = (n + kChunk - 1) / kChunk;
   std::vector<int16_t> qcodes;
   std::vector<std::vector<int32_t>> cand;  // [group][chunk][g] candidate lists
-  if (st.est == kSample) {
+  if (sst.est == kSample) {
     qcodes.resize(rows * v.L);
     cand.resize(groups * chunks * v.G);
 #pragma omp parallel
@@ -339,7 +367,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < groups * chunks; ++t) {
         const int64_t g = t / chunks, c = t % chunks;
-        retrieve_chunk(v, st, g / v.Hkv, g % v.Hkv, c * kChunk, std::min(n, (c + 1) * kChunk), qcodes.data(),
+        retrieve_chunk(v, sst, g / v.Hkv, g % v.Hkv, c * kChunk, std::min(n, (c + 1) * kChunk), qcodes.data(),
                        cand.data() + t * v.G);
       }
     }
@@ -351,8 +379,8 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / v.H, h = r % v.H;
-      if (st.est != kSample) {
-        attend_row(v, st, b, h, nullptr, n, score);
+      if (sst.est != kSample) {
+        attend_row(v, sst, b, h, nullptr, n, score);
         continue;
       }
       mine.clear();
@@ -361,7 +389,7 @@ void compute(const Kernel& kern, OrtKernelContext* ctx) {
         const std::vector<int32_t>& part = cand[(grp * chunks + c) * v.G + g];
         mine.insert(mine.end(), part.begin(), part.end());
       }
-      attend_row(v, st, b, h, mine.data(), int64_t(mine.size()), score);
+      attend_row(v, sst, b, h, mine.data(), int64_t(mine.size()), score);
     }
   }
 }
@@ -405,6 +433,7 @@ OrtStatus* create_kernel(const CustomOp*, const void*, const OrtKernelInfo* info
     st.W = attr_int(info, "window_size");
     st.K = attr_int(info, "lsh_k");
     st.T = attr_int(info, "threshold");
+    st.min_keys = attr_int(info, "min_keys");
     ORT_CHECK(fn<OrtStatus* (*)(const OrtKernelInfo*, const char*, float*)>(kKernelInfoGetAttributeFloat)(info, "scale", &st.scale));
     char buf[32] = {0};
     size_t size = sizeof(buf);
@@ -414,8 +443,9 @@ OrtStatus* create_kernel(const CustomOp*, const void*, const OrtKernelInfo* info
     else if (e == "sample") st.est = kSample;
     else if (e == "none") st.est = kNone;
     else throw Error{"kvpass.DecodeStep: estimator must be exact, sample or none, got '" + e + "'"};
-    if (st.S < 0 || st.W < 1 || st.K < 1 || st.K > 15 || st.T < 1)
-      throw Error{"kvpass.DecodeStep: bad attributes (sink_size >= 0, window_size >= 1, 1 <= lsh_k <= 15, threshold >= 1)"};
+    if (st.S < 0 || st.W < 1 || st.K < 1 || st.K > 15 || st.T < 1 || st.min_keys < 1)
+      throw Error{"kvpass.DecodeStep: bad attributes (sink_size >= 0, window_size >= 1, 1 <= lsh_k <= 15, threshold >= 1, "
+                  "min_keys >= 1)"};
     *out = new Kernel{st};
     return nullptr;
   } catch (const Error& e) {
@@ -453,7 +483,7 @@ CustomOp make_op() {
   op.GetInputType = [](const CustomOp*, size_t i) { return i == 7 ? kInt16 : i == 11 ? kInt64 : kFloat; };
   op.GetInputTypeCount = [](const CustomOp*) -> size_t { return 12; };
   op.GetOutputType = [](const CustomOp*, size_t i) { return i == 5 ? kInt16 : kFloat; };
-  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 6; };
+  op.GetOutputTypeCount = [](const CustomOp*) -> size_t { return 7; };
   op.KernelCompute = compute_v1;
   op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   op.GetInputCharacteristic = [](const CustomOp*, size_t) { return 0; };   // required

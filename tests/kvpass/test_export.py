@@ -20,25 +20,35 @@ CONTEXT = 1100  # ≥ 1,024 tokens of context
 
 @pytest.mark.parametrize("estimator", ["exact", "none", "sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_op_is_the_store_step(estimator, dtype):
-    """One step of the explicit-state op = KVStore.append + KVStore.attend (the C++ kernel), and its new
-    state = the store's state after the append."""
+@pytest.mark.parametrize("T", [3, 18, 272, 700])
+def test_decode_step_op_is_the_store_step(estimator, dtype, T):
+    """Steps of the explicit-state op = KVStore.append + KVStore.attend (the C++ kernel), and its new state
+    = the store's state after the append, in every phase: a prompt shorter than the ring (3: sinks still
+    filling; 18: the window), below min_keys host tokens, the step that builds the index (272 + 4 steps:
+    256 offloaded), and an index built by the prompt (700).  Placeholder rows the short phase appends
+    precede the real host rows."""
     torch.manual_seed(0)
-    B, H, Hkv, D, S, W, T = 2, 8, 2, 32, 4, 16, 700
+    B, H, Hkv, D, S, W = 2, 8, 2, 32, 4, 16
     store = kvpass.KVStore(Hkv, D, sink_size=S, window_size=W, dtype=dtype, site="t", estimator="sample")
     store.append(torch.randn(B, Hkv, T, D) + 0.5, torch.randn(B, Hkv, T, D))
     state = ex.store_state(store)
-    q, k, v = torch.randn(B, H, 1, D) * 2, torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
-    out, *new = decode_step_reference(q, k, v, *state.values(), store.index.proj("cpu").float(),
-                                      logp_table(10, 150, 2), torch.tensor(T), S, W, 10, 2, estimator,
-                                      1 / math.sqrt(D))
-    store.append(k, v)
-    ref = store.attend(q, estimator=estimator)
-    assert (out - ref).abs().max() <= 1e-5
-    after = ex.store_state(store)
-    for name, t in zip(ex.UPDATED, new):
-        assert torch.equal(t, after[name]), name
-    if estimator == "sample":
+    built = []
+    for p in range(T, T + 6):
+        q, k, v = torch.randn(B, H, 1, D) * 2, torch.randn(B, Hkv, 1, D) + 0.5, torch.randn(B, Hkv, 1, D)
+        out, *new = decode_step_reference(q, k, v, *state.values(), store.index.proj("cpu").float(),
+                                          logp_table(10, 150, 2), torch.tensor(p), S, W, 10, 2, estimator,
+                                          1 / math.sqrt(D))
+        store.append(k, v)
+        ref = store.attend(q, estimator=estimator)
+        assert (out - ref).abs().max() <= 1e-5
+        after = ex.store_state(store)
+        state = dict(zip(ex.UPDATED, new))
+        for name, t in state.items():
+            n = after[name].shape[2] if name in ("host_k", "host_v", "codes") else None
+            assert torch.equal(t[:, :, t.shape[2] - n:] if n is not None else t, after[name]), (p, name)
+        built.append(store.index.built)
+    assert built == ([False] * 6 if T < 272 else [False] * 3 + [True] * 3 if T == 272 else [True] * 6)
+    if estimator == "sample" and T == 700:
         assert 0 < store.last_keys_read < T - S - W  # it sampled, it did not read everything
 
 
@@ -102,11 +112,14 @@ def test_onnxruntime_step_matches_pytorch_kvpass(exported, family, estimator, on
 
 
 @pytest.mark.parametrize("onnx_lsh", ["portable", "custom"])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_greedy_tokens_through_onnxruntime(exported, family, onnx_lsh):
+@pytest.mark.parametrize("family,prompt", [("llama", CONTEXT), ("qwen2", CONTEXT), ("llama", 20), ("qwen2", 300)])
+def test_greedy_tokens_through_onnxruntime(exported, family, prompt, onnx_lsh):
+    """The tokens of PyTorch kvpass, from a long prompt, a chat-length one (20 tokens: the ring is still
+    filling for the 32 steps) and one whose decode builds the index (300: 232 offloaded, 256 reached at
+    the 24th step)."""
     info = exported(family, "sample", onnx_lsh)
     session = kvpass.onnx_session(info.path)
-    ids = _prompt()
+    ids = _prompt(prompt)
 
     class Tok:  # token ids in, ids out: the driver needs only decode (and an eos id)
         eos_token_id = None
@@ -142,5 +155,10 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path):
         ex.export_program(tiny_model("mistral", sliding_window=128), context_len=CONTEXT, options=sample)
     store = kvpass.KVStore(2, 16, sink_size=4, window_size=64, estimator="sample")
     store.append(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
-    with pytest.raises(ex.ExportError, match="at least sink_size"):
+    store.crop(150)
+    with pytest.raises(ex.ExportError, match="cropped"):
+        ex.store_state(store)
+    store = kvpass.KVStore(2, 16, sink_size=4, window_size=64)  # the defaults: the key sketch
+    store.append(torch.randn(1, 2, 500, 16), torch.randn(1, 2, 500, 16))
+    with pytest.raises(ex.ExportError, match="sketch"):
         ex.store_state(store)
