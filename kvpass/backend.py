@@ -17,6 +17,7 @@ from torch import fx
 from kvpass.passes import run_pass
 from kvpass.report import Report
 from kvpass.runtime.config import Options, parse_options
+from kvpass.runtime.registry import REGISTRY
 
 log = logging.getLogger("kvpass")
 
@@ -49,6 +50,10 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | No
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     report = run_pass(gm, opts, needs_grad)
     log.info("%s", report)
+    if report.rewritten and not opts.dryrun:
+        # Dynamo's compile keeps the call's arguments (the user's cache among them) in reference cycles:
+        # collect them once, when the next sequence starts, so a finished sequence's stores do not outlive it
+        REGISTRY.collect_pending = True
     if (advice := report.advice()) is not None and advice not in _advised and not opts.dryrun:
         _advised.add(advice)  # once per process: a model compiles several graphs
         log.warning("%s", advice)

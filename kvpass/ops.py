@@ -24,11 +24,14 @@ GC_FLOOR = 64 << 20  # host bytes kvpass's stores may reach before finished sequ
 
 def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
     REGISTRY.sweep(site)
-    if REGISTRY.reserved_bytes() > max(2 * REGISTRY.after_collect, GC_FLOOR):
-        # A finished sequence's cache often dies in a reference cycle (transformers' caches do), which only
-        # Python's cycle collector frees — a full collection, ~0.1-0.3 s in a process holding a model.  Run
-        # one whenever the stores' memory has doubled since the last (heap-growth policy: what a finished
-        # sequence leaves is bounded by what is live, plus GC_FLOOR), then sweep again.
+    if REGISTRY.collect_pending or REGISTRY.reserved_bytes() > max(2 * REGISTRY.after_collect, GC_FLOOR):
+        # A finished sequence's cache can die in a reference cycle — every cache a compile saw does (Dynamo
+        # keeps the call's arguments in cycles), and a user's own structures may — which only Python's cycle
+        # collector frees: a full collection, ~0.1-0.3 s in a process holding a model.  Run one at the first
+        # sequence start after a compile, and whenever the stores' memory has doubled since the last
+        # (heap-growth policy: what a finished sequence leaves is bounded by what is live, plus GC_FLOOR),
+        # then sweep again.
+        REGISTRY.collect_pending = False
         gc.collect()
         REGISTRY.sweep(site)
         REGISTRY.after_collect = REGISTRY.reserved_bytes()

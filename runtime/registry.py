@@ -76,6 +76,7 @@ class Registry:
         self._by_handle: dict[int, KVStore] = {}
         self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, KVStore]] = {}
         self.after_collect = 0  # reserved_bytes() after the last cycle collection kvpass asked for
+        self.collect_pending = False  # a graph was compiled since: collect at the next sequence start
         self._serials = itertools.count(1)
 
     def new_handle(self, store: KVStore) -> torch.Tensor:

@@ -404,10 +404,9 @@ def test_finished_sequences_free_their_stores():
 @pytest.mark.slow
 def test_a_thousand_sequences_keep_memory_flat():
     """A serving loop: 1,000 requests (prefill + two decode steps, each with its own cache), one after the
-    other.  A finished request's cache dies in a reference cycle (transformers' DynamicCache), so only
-    Python's cycle collector frees it; kvpass runs one when its stores' memory doubles (floor GC_FLOOR).
-    What kvpass holds stays below the floor plus two sequences, and the process's resident memory does not
-    grow with the number of sequences served."""
+    other.  After the warm-up (the compiles: Dynamo keeps the caches it saw in reference cycles, which
+    kvpass collects once at the next sequence start), each finished request leaves at most its own stores
+    until the next one starts, and the process's resident memory stays flat (within 5%)."""
     import gc
     import os
 
@@ -421,7 +420,7 @@ def test_a_thousand_sequences_keep_memory_flat():
     gc.collect()
     model = compile_kvpass(tiny_model("llama"), window_size=8, sink_size=2)
     gen = torch.Generator().manual_seed(0)
-    most = 0
+    live = []
     for i in range(1000):
         n = 40 + int(torch.randint(0, 24, (1,), generator=gen))  # prompts of different lengths
         cache = DynamicCache(config=model.config)
@@ -433,12 +432,12 @@ def test_a_thousand_sequences_keep_memory_flat():
             one = kvpass.runtime_stats()["host_reserved_bytes"]  # one sequence's stores
         del cache, logits
         stats = kvpass.runtime_stats()
-        most = max(most, stats["sequences"])
+        live.append(stats["sequences"])
         assert stats["host_reserved_bytes"] <= ops.GC_FLOOR + 2 * one, (i, stats)
         if i == 199:
             base = rss()
-    assert rss() - base < 32 << 20, (rss() - base) / 2**20
-    assert most >= 3  # finished sequences did wait for a collection (what the policy is for)
+    assert max(live[10:]) == 1, [(i, n) for i, n in enumerate(live) if n > 1][:10]  # the finished one only
+    assert rss() <= 1.05 * base, (rss() - base) / 2**20
 
 
 def test_release_frees_a_finished_sequence_and_its_cache_then_refuses_to_continue():
