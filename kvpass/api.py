@@ -52,6 +52,9 @@ def runtime_stats() -> dict[str, float]:
         "stores": len(stores),
         "sequences": max(per_site.values(), default=0),  # live sequences (each has one store per site)
         "device_kv_bytes": sum(s.device_bytes for s in stores),
+        # the most KV on the model's device at once since kvpass.reset(): the static slots plus the block
+        # a layer was appending (a prefill's whole prompt for that one layer, or one prefill chunk)
+        "peak_device_kv_bytes": REGISTRY.peak_device_kv,
         "host_kv_bytes": sum(s.host_bytes for s in stores),
         "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
         "tokens_offloaded": sum(s.tokens_offloaded for s in stores),

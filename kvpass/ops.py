@@ -100,7 +100,9 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
             raise RuntimeError(f"kvpass: site {site}: writing position {p0} but the store holds "
                                f"{store.length} tokens; rewriting earlier positions is not supported")
         store.append(k, v)
-    return REGISTRY.new_handle(store)
+    handle = REGISTRY.new_handle(store)  # (registers a new store)
+    REGISTRY.note_device_kv(k.nbytes + v.nbytes)
+    return handle
 
 
 def _follow_crop(store: KVStore, past_len: int, site: str) -> None:

@@ -203,6 +203,27 @@ class LSHIndex:
             self.seg_starts.append(starts)
             self.seg_meta.append((b0, n0 + n1))
 
+    def recentre(self, keys: torch.Tensor, row_lo: torch.Tensor) -> None:
+        """Rebuild the index with each batch row's μ (and sketch scale) taken over its own keys only —
+        keys [B, Hkv, n, D], every key indexed so far; row b's start at row_lo[b] (a left-padded batch:
+        the padding's keys would otherwise pull μ towards themselves and skew the row's retrieval).  Every
+        key is re-indexed (the padding's too: the kernel skips them)."""
+        B, n = keys.shape[0], keys.shape[2]
+        lo = row_lo.cpu().clamp(0, max(n - 1, 0))
+        kf = keys.float().cpu()
+        self.mu = torch.cat([kf[b:b + 1, :, int(lo[b]):].mean(2) for b in range(B)])  # as ``add`` builds it
+        if self.sketch:
+            self.sketch_scale = torch.cat([sketch_scale(kf[b:b + 1, :, int(lo[b]):], self.mu[b:b + 1], self.sketch_bits)
+                                           for b in range(B)])
+        self.seg_ids, self.seg_starts, self.seg_meta, self.sketch_blocks = [], [], [], []
+        self.tail = self.tail[..., :0]
+        self.tail_base = self.tail_len = 0
+        self.n_keys = n
+        if self.sketch:
+            self._add_sketch(sketch_codes(kf, self.mu, self.sketch_scale, self.sketch_bits))
+        else:
+            self._add_codes(self.codes(keys).cpu())
+
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src: every per-row tensor of the index (see
         ``KVStore.reorder``).  The projection is per site, shared by every row."""

@@ -77,6 +77,7 @@ class Registry:
         self._by_buffer: dict[tuple[str, int], tuple[weakref.ref, KVStore]] = {}
         self.after_collect = 0  # reserved_bytes() after the last cycle collection kvpass asked for
         self.collect_pending = False  # a graph was compiled since: collect at the next sequence start
+        self.peak_device_kv = 0  # the most KV bytes on the model's device seen at an append (note_device_kv)
         self._serials = itertools.count(1)
 
     def new_handle(self, store: KVStore) -> torch.Tensor:
@@ -123,6 +124,7 @@ class Registry:
 
     def bind_buffer(self, site: str, buf: torch.Tensor, store: KVStore) -> None:
         store.buffer = weakref.ref(buf)
+        store.model_buffer_bytes = 2 * buf.nbytes  # the model's K and V buffers
         with self._lock:
             self._by_buffer[(site, buf.data_ptr())] = (weakref.ref(buf), store)
 
@@ -141,6 +143,15 @@ class Registry:
                 store = self._by_buffer.pop(key)[1]
                 self._by_handle.pop(store.handle.data_ptr(), None)
         return len(dead) + len(dead_buf)
+
+    def note_device_kv(self, block_bytes: int) -> None:
+        """At an append: the model's device holds every live store's static slots (and a static cache's
+        own buffers, which the model keeps) plus the block being appended (the layer's own K/V for it,
+        alive while the layer runs; a growing cache keeps placeholders).  Keeps the peak of that sum
+        (``runtime_stats()["peak_device_kv_bytes"]``)."""
+        with self._lock:
+            now = block_bytes + sum(s.device_bytes + s.model_buffer_bytes for s in self._by_handle.values() if s.batch)
+            self.peak_device_kv = max(self.peak_device_kv, now)
 
     def reserved_bytes(self) -> int:
         """Host bytes reserved by every registered store (live, or finished and not yet swept)."""
@@ -170,6 +181,7 @@ class Registry:
 
     def clear(self) -> None:
         with self._lock:
+            self.peak_device_kv = 0
             self._by_handle.clear()
             self._by_buffer.clear()
 

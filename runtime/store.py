@@ -160,6 +160,8 @@ class KVStore:
         self.dtype, self.device = dtype, torch.device(device)
         self.site = site         # the attention site this store serves
         self.buffer = None       # weakref to the model's static cache buffer, when there is one
+        self.model_buffer_bytes = 0  # that buffer's K and V bytes (the model keeps them on its device)
+        self._centred_for: torch.Tensor | None = None  # the row padding the index's μ excludes (recentre)
         self.handle: torch.Tensor | None = None  # the registry's current handle
         self.masked_steps = 0    # decode steps whose mask was not plain causal (applied exactly, slower)
         self.reorders = self.crops = 0  # batch reorders (beam search) and crops (rejected drafts) followed
@@ -332,6 +334,11 @@ class KVStore:
             static = {"static_k": self.static_k, "static_v": self.static_v, "static_allowed": allowed}
         if row_pad is not None:
             static["row_lo"] = (row_pad.cpu() - self.sink_size).clamp(0, n)
+            if idx.built and (self._centred_for is None or not torch.equal(self._centred_for, row_pad.cpu())):
+                # the index was built with the padding's keys in μ: once per padded sequence, rebuild it
+                # with each row's μ (and sketch scale) over its own keys
+                idx.recentre(torch.cat(self.host.views()[0], 2), static["row_lo"])
+                self._centred_for = row_pad.cpu().clone()
         budget_n = self.resolve_budget(budget) if n else 0
         if estimator == "exact" or (estimator in ("sample", "topk") and not idx.built):
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)

@@ -284,6 +284,32 @@ def test_a_block_longer_than_the_window_is_causal():
     assert all(s.masked_steps == 1 for s in kvpass.runtime.REGISTRY.stores())
 
 
+def test_chunked_prefill_equals_dense_and_bounds_the_device_kv():
+    """generate(prefill_chunk_size=128): each chunk after the first is a block over the stored prompt
+    (attended exactly, causal), so exact mode gives dense's tokens and logits; the peak device KV
+    (``runtime_stats()["peak_device_kv_bytes"]``: every store's static slots + the block a layer appends)
+    is the static part plus one 128-token chunk of one layer, instead of the whole 600-token prompt."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 600), generator=torch.Generator().manual_seed(5))
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "output_logits": True,
+          "return_dict_in_generate": True}
+    ref = model.generate(ids, **kw)
+    compile_kvpass(model, window_size=16, estimator="exact")
+    peaks = {}
+    for chunk in (None, 128):
+        kvpass.reset()
+        out = model.generate(ids, prefill_chunk_size=chunk, **kw)
+        assert torch.equal(out.sequences, ref.sequences), chunk
+        assert max((a - b).abs().max() for a, b in zip(out.logits, ref.logits)) <= 1e-4, chunk
+        stats = kvpass.runtime_stats()
+        peaks[chunk] = stats["peak_device_kv_bytes"]
+        assert stats["masked_steps"] == (0 if chunk is None else 2 * 4)  # chunks 2-5, both layers
+    token_kv = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
+    static = stats["device_kv_bytes"]  # both layers' sinks + window
+    assert peaks[128] == static + 128 * token_kv
+    assert peaks[None] == static + 600 * token_kv
+
+
 def test_left_padded_batch_takes_the_split_and_equals_each_prompt_alone():
     """A left-padded batch (prompts of 300, 260 and 180 tokens): the mask is causal with left padding,
     which the split applies itself — the padding is never attended, not even as a sink — so it takes the

@@ -72,10 +72,11 @@ def test_beam_search_and_prompt_lookup_decoding_equal_dense_in_exact_mode(smollm
 
 
 @pytest.mark.slow
-def test_left_padded_batch_of_four_takes_the_sparse_path(smollm2):
+@pytest.mark.parametrize("sparse", [{}, {"estimator": "sample"}], ids=["defaults", "sample"])
+def test_left_padded_batch_of_four_takes_the_sparse_path(smollm2, sparse):
     """Four prompts of 1.0k-1.4k tokens, left-padded into one batch: exact mode gives each prompt's own
-    (dense) tokens; the defaults take the sparse path (masked_steps 0), each row reading its share of its
-    own keys (within 20% of the prompt alone)."""
+    (dense) tokens; the defaults (the key sketch) and LSH sampling take the sparse path (masked_steps 0),
+    each row reading its share of its own keys (within 20% of the prompt alone)."""
     model, tok = smollm2
     prompts = [tok(long_document_prompt(tok, n, "Summarise the text above."), return_tensors="pt")["input_ids"]
                for n in (1000, 1100, 1250, 1400)]
@@ -90,7 +91,7 @@ def test_left_padded_batch_of_four_takes_the_sparse_path(smollm2):
         for exact in (True, False):
             torch._dynamo.reset()
             model.forward = torch.compile(fwd, backend="kvpass",
-                                          options={"inductor": False, **({"estimator": "exact"} if exact else {})})
+                                          options={"inductor": False, **({"estimator": "exact"} if exact else sparse)})
             alone = []
             for p in [] if exact else prompts:  # the defaults: what each prompt reads alone
                 kvpass.reset()

@@ -123,6 +123,26 @@ def test_crop_into_a_sealed_lsh_segment_is_refused():
     assert store.length == 1195
 
 
+@pytest.mark.parametrize("retriever,estimator", [("lsh", "sample"), ("sketch", "topk")])
+def test_a_padded_rows_index_is_centred_on_its_own_keys(retriever, estimator):
+    """Row 1 holds row 0's first 1,200 keys after 300 padding keys far from them (as an eos token's are):
+    the first padded step rebuilds the index with each row's μ (and sketch scale) over its own keys, not
+    a centre the padding pulled away (on SmolLM2 that skew made the most padded row read 1.42x the keys
+    it reads alone: tests/models/test_smollm2.py)."""
+    torch.manual_seed(0)
+    Hkv, D, n, pad = 2, 32, 1500, 300
+    k0, v0 = torch.randn(1, Hkv, n, D) + 0.5, torch.randn(1, Hkv, n, D)
+    k = torch.cat([k0, torch.cat([torch.full((1, Hkv, pad, D), 6.0), k0[:, :, :n - pad]], 2)])
+    v = torch.cat([v0, torch.cat([torch.zeros(1, Hkv, pad, D), v0[:, :, :n - pad]], 2)])
+    store = KVStore(Hkv, D, batch=2, sink_size=4, window_size=16, retriever=retriever, estimator=estimator)
+    store.append(k, v)
+    q = torch.randn(1, 2 * Hkv, 1, D).expand(2, -1, -1, -1) * 2
+    store.attend(q, row_pad=torch.tensor([0, pad]))
+    mu = store.index.mu
+    torch.testing.assert_close(mu[1], k0[0, :, :n - pad - 16].mean(1))  # row 1's own host keys (from position pad)
+    torch.testing.assert_close(mu[0], k0[0, :, 4:n - 16].mean(1))
+
+
 @pytest.mark.parametrize("estimator,retriever,n,B,Hkv", [
     ("exact", "sketch", 1500, 2, 2), ("oracle", "sketch", 1500, 2, 2), ("sample", "lsh", 1500, 2, 2),
     ("none", "sketch", 1500, 2, 2),
