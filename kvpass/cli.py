@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--output", default="kvpass-decode.onnx", help="the .onnx file (weights beside it)")
     ex.add_argument("--model", help=MODEL_HELP)
     ex.add_argument("--context", type=int, default=1024, help="context length the step is traced at "
-                                                              "(>= sink + window + 256)")
+                                                              "(>= sink + window + 256; the exported step "
+                                                              "then runs at any context length)")
     ex.add_argument("--estimator", default="sample", choices=["sample", "exact", "none"])
     ex.add_argument("--onnx-lsh", default="portable", choices=["portable", "custom"],
                     help="host part as standard ONNX ops (runs anywhere, dense cost) or one kvpass.DecodeStep "

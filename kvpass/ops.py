@@ -208,6 +208,24 @@ def _masked_host(store: KVStore, q: torch.Tensor, mask: torch.Tensor, scale: flo
     return out.to(q.device), lse.to(q.device)
 
 
+def _every_token_causal(store: KVStore, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the newest query block over every stored token, exactly and causally — the keys laid
+    out by position (sinks, host, window) and torch's own SDPA kernel (memory-efficient: a long prefill
+    chunk never materialises its [Tq, context] scores).  A CPU store; the block's mask plain causal."""
+    slots = torch.nonzero(store.static_pos >= 0).flatten()
+    slots = slots[store.static_pos[slots].argsort()]
+    sinks, window = slots[store.static_pos[slots] < store.sink_size], slots[store.static_pos[slots] >= store.sink_size]
+    ks, vs = store.host.views() if store.tokens_offloaded else ([], [])
+    k = torch.cat([store.static_k[:, :, sinks], *ks, store.static_k[:, :, window]], 2)
+    v = torch.cat([store.static_v[:, :, sinks], *vs, store.static_v[:, :, window]], 2)
+    if k.shape[2] != store.length:
+        raise RuntimeError(f"kvpass: the store holds {k.shape[2]} of its {store.length} tokens")
+    allowed = torch.arange(store.length)[None, :] <= store.last_positions.cpu()[-q.shape[2]:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=allowed, scale=scale,
+                                                           enable_gqa=True)
+    return out.to(q.dtype)
+
+
 @torch.library.custom_op("kvpass::split_attention", mutates_args=())
 def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor | None, scale: float,
                        estimator: str, cpu_threads: int, site: str, softcap: float = 0.0) -> torch.Tensor:
@@ -220,6 +238,10 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
     store = _store(handle, site)
     store.cpu_threads = cpu_threads  # the kernel's team (runtime.store.kernel_threads); torch's is untouched
     if _block_reaches_host(store, q.shape[2], site):
+        if estimator != "none" and not softcap and store.device.type == "cpu" and (
+                mask is None or ((pad := _left_padding(mask, store, site)) is not None and not bool(pad.any()))):
+            store.masked_steps += 1  # a prefill chunk: every token, exactly, by torch's SDPA
+            return _every_token_causal(store, q, scale)
         if mask is None:
             mask = torch.arange(store.length)[None, :] <= store.last_positions.cpu()[:, None]
     elif mask is None:

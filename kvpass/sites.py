@@ -324,16 +324,10 @@ def _masked_block(site: Site, opts: Options) -> str | None:
     return None
 
 
-def _block_fits_window(site: Site, opts: Options) -> str | None:
-    q_len = site.q_len
-    if site.report.phase == "decode" and q_len is not None and q_len > opts.window_size:
-        return f"query block of {q_len} > window_size={opts.window_size}"
-    return None
-
-
-# a growing cache's step; failing one of these when the real KV already lives in kvpass's store raises
-GROWING_GUARDS: tuple[Guard, ...] = (_cache_read_elsewhere, _not_causal_over_cache, _masked_block,
-                                     _block_fits_window)
+# a growing cache's step; failing one of these when the real KV already lives in kvpass's store raises.
+# (A block of any length is split: one longer than the window — a prefill chunk, a long draft — reaches
+# the host store, and the op attends it exactly and causally: ops._block_reaches_host.)
+GROWING_GUARDS: tuple[Guard, ...] = (_cache_read_elsewhere, _not_causal_over_cache, _masked_block)
 
 
 def _first(guards: tuple[Guard, ...], site: Site, opts: Options) -> str | None:

@@ -288,7 +288,8 @@ def test_chunked_prefill_equals_dense_and_bounds_the_device_kv():
     """generate(prefill_chunk_size=128): each chunk after the first is a block over the stored prompt
     (attended exactly, causal), so exact mode gives dense's tokens and logits; the peak device KV
     (``runtime_stats()["peak_device_kv_bytes"]``: every store's static slots + the block a layer appends)
-    is the static part plus one 128-token chunk of one layer, instead of the whole 600-token prompt."""
+    is the static part plus one 128-token chunk of one layer, instead of the whole 600-token prompt.  The
+    chunks after the first are attended by torch's SDPA over every stored token (ops._every_token_causal)."""
     model = tiny_model("llama")
     ids = torch.randint(3, 256, (1, 600), generator=torch.Generator().manual_seed(5))
     kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "output_logits": True,
@@ -296,7 +297,7 @@ def test_chunked_prefill_equals_dense_and_bounds_the_device_kv():
     ref = model.generate(ids, **kw)
     compile_kvpass(model, window_size=16, estimator="exact")
     peaks = {}
-    for chunk in (None, 128):
+    for chunk in (128, None):  # chunks first, from a fresh compile (a 128-token block over a stored prefix)
         kvpass.reset()
         out = model.generate(ids, prefill_chunk_size=chunk, **kw)
         assert torch.equal(out.sequences, ref.sequences), chunk
