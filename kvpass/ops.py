@@ -184,9 +184,9 @@ def _block_reaches_host(store: KVStore, q_len: int, site: str) -> bool:
         return False
     if "block" not in _WARNED:
         _WARNED.add("block")
-        log.warning("kvpass: a block of %d query tokens (first at site %s) is longer than window_size + 1; its "
-                    "offloaded part is attended exactly with the causal mask, on a slower torch path (said once; "
-                    "runtime_stats()['masked_steps'] counts the steps)", q_len, site)
+        log.info("kvpass: a block of %d query tokens (first at site %s) is longer than window_size + 1 (a "
+                 "prefill chunk, a long draft): it is attended exactly and causally over every stored token, "
+                 "in torch (said once; runtime_stats()['masked_steps'] counts the steps)", q_len, site)
     return True
 
 
