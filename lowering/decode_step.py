@@ -86,11 +86,12 @@ def decode_step_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Ten
     out, lse = softmax_lse(s_static, new_sv.float())
     if estimator != "none":
         hk = new_hk.float()
-        s, _ = estimator_scores(qg, hk, scale, "exact")
+        qk = qg @ hk.transpose(-1, -2)[:, :, None]  # once, for both
+        s, _ = estimator_scores(qg, hk, scale, "exact", qk=qk)
         if estimator == "sample":  # below min_keys there is no index: every key, exactly (KVStore.attend_host)
             q_codes = hash_codes(qg.reshape(B, Hkv, -1, D), proj, lsh_k).reshape(B, Hkv, H // Hkv, 1, -1)
             s_est, _ = estimator_scores(qg, hk, scale, estimator, q_codes=q_codes, k_codes=new_codes, mu=new_mu,
-                                        logp=logp, threshold=threshold)
+                                        logp=logp, threshold=threshold, qk=qk)
             s = torch.where(real < min_keys, s, s_est)
         out, _ = merge_partials(out, lse, *softmax_lse(s.masked_fill(~valid, float("-inf")), new_hv.float()))
     return (out.reshape(B, H, 1, D).to(q.dtype), new_sk, new_sv, new_hk, new_hv, new_codes, new_mu)

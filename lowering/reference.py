@@ -169,7 +169,7 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
                      q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                      mu: torch.Tensor | None = None, logp: torch.Tensor | None = None, threshold: int = 2,
                      budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     softcap: float = 0.0, qk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores each estimator gives the offloaded keys: −inf where a key is not attended, and for
     "sample" the importance weight folded in (s − log P(retrieved)); s soft-capped by ``softcap`` > 0 (a
     monotone map: retrieval and the top-k's choice do not change).
@@ -178,8 +178,8 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
     mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  ``sketch`` = (codes, scale) of the keys
     (``sketch_codes``): "topk" then keeps the `budget` keys of best sketch score instead of the best
     of the LSH collisions.  Returns (s [B, Hkv, G, Tq, n] fp32, candidates [B, Hkv, G, Tq] int: keys
-    retrieved, or all n)."""
-    qk = q @ k.transpose(-1, -2)[:, :, None]
+    retrieved, or all n).  qk: q·kᵀ [B, Hkv, G, Tq, n] when the caller has it already."""
+    qk = q @ k.transpose(-1, -2)[:, :, None] if qk is None else qk
     s = soft_cap(qk * scale, softcap)
     if estimator == "topk" and sketch is not None:
         n = k.shape[2]
