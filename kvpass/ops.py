@@ -212,9 +212,9 @@ def _every_token_causal(store: KVStore, q: torch.Tensor, scale: float) -> torch.
     """Attention of the newest query block over every stored token, exactly and causally — the keys laid
     out by position (sinks, host, window) and torch's own SDPA kernel (memory-efficient: a long prefill
     chunk never materialises its [Tq, context] scores).  A CPU store; the block's mask plain causal."""
-    slots = torch.nonzero(store.static_pos >= 0).flatten()
-    slots = slots[store.static_pos[slots].argsort()]
-    sinks, window = slots[store.static_pos[slots] < store.sink_size], slots[store.static_pos[slots] >= store.sink_size]
+    pos, slots = store.static_pos.sort()  # empty slots (-1) first
+    filled = pos >= 0
+    sinks, window = slots[filled & (pos < store.sink_size)], slots[pos >= store.sink_size]
     ks, vs = store.host.views() if store.tokens_offloaded else ([], [])
     k = torch.cat([store.static_k[:, :, sinks], *ks, store.static_k[:, :, window]], 2)
     v = torch.cat([store.static_v[:, :, sinks], *vs, store.static_v[:, :, window]], 2)

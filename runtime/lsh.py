@@ -128,6 +128,10 @@ class LSHIndex:
                 self.sketch_scale = sketch_scale(keys.cpu(), self.mu, self.sketch_bits)
         else:
             return
+        self._index(keys)
+
+    def _index(self, keys: torch.Tensor) -> None:
+        """Index keys [B, Hkv, n, D] (the next n offloaded ones) under the built μ: their sketch or codes."""
         if self.sketch:
             self._add_sketch(sketch_codes(keys.cpu(), self.mu, self.sketch_scale, self.sketch_bits))
         else:
@@ -219,10 +223,7 @@ class LSHIndex:
         self.tail = self.tail[..., :0]
         self.tail_base = self.tail_len = 0
         self.n_keys = n
-        if self.sketch:
-            self._add_sketch(sketch_codes(kf, self.mu, self.sketch_scale, self.sketch_bits))
-        else:
-            self._add_codes(self.codes(keys).cpu())
+        self._index(keys)
 
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src: every per-row tensor of the index (see
