@@ -129,7 +129,8 @@ def _register_fakes() -> None:
     @fake("kvpass_cpu::lsh_attention")
     def _(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids, seg_starts, seg_meta, tail_codes,
           tail_base, tail_len, lsh_k, threshold, estimator, budget, scale, static_k=None, static_v=None,
-          static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8, threads=0, row_lo=None, row_budget=None):
+          static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8, threads=0, row_lo=None, row_budget=None,
+          softcap=0.0):
         B, H, Tq, _ = q.shape
         return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
                 q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))

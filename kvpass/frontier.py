@@ -49,6 +49,7 @@ class Point:
     top1: float = 1.0          # fraction of steps whose argmax equals dense's
     recall: float | None = None  # retrieval: fraction of the top-1% offloaded keys (by exact score) retrieved
     mass: float | None = None    # retrieval: fraction of the offloaded keys' attention weight retrieved
+    distinct: float | None = None  # retrieval: distinct keys a GQA group's query heads chose, per key chosen
     per_layer: list[float] = field(default_factory=list)  # keys attended per layer
 
     @property
@@ -103,6 +104,7 @@ class Decoder:
         self.mass: list[float] = []
         self.candidate_mismatch = 0  # query rows whose torch-side candidate count differs from the kernel's
         self._counts: dict[str, list[list[torch.Tensor]]] = {}  # site → [attended, scored, offloaded] per call
+        self.distinct = self.candidates = 0  # measured steps: distinct keys a GQA group chose, keys chosen
 
     def _counted(self, i: int) -> dict[str, torch.Tensor]:
         return {s: torch.cat(c[i]) for s, c in self._counts.items() if c[i]}
@@ -182,6 +184,8 @@ class Decoder:
         # the candidates are the kernel's own: as many per query row as it scored
         self.candidate_mismatch += int((cand.sum(-1).reshape(-1) != store.last_scored.reshape(-1)).sum())
         self.recall.append(float(cand.gather(-1, top).float().mean()))
+        self.distinct += int(cand.any(2).sum())
+        self.candidates += int(cand.sum())
         self.mass.append(float((s.softmax(-1) * cand).sum(-1).mean()))
 
 
@@ -250,8 +254,9 @@ def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefi
         top1 = (logp.argmax(-1) == dense.argmax(-1)).float().mean().item()
         recall = sum(dec.recall) / len(dec.recall) if dec and dec.recall else None
         mass = sum(dec.mass) / len(dec.mass) if dec and dec.mass else None
+        rows = dec.distinct / dec.candidates if dec and dec.candidates else None
         points.append(Point(name, options, nll, kl, att, sco, off, tokens, top1=top1, recall=recall, mass=mass,
-                            per_layer=layers))
+                            distinct=rows, per_layer=layers))
         if progress:
             progress(1)
     return points
@@ -281,14 +286,15 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
 def format_points(points: list[Point]) -> str:
     dense = next((p for p in points if p.options is None), None)
     head = (f"{'config':22s} | keys attended | keys scored | KL(dense‖·) | perplexity | vs dense |  top-1 "
-            f"|     recall@1% | mass")
+            f"|     recall@1% |  mass | distinct")
     lines = [head, "-" * len(head)]
     for p in points:
         rel = f"{p.ppl / dense.ppl - 1:+8.2%}" if dense else "-"
         rec = f"{p.recall:13.1%}" if p.recall is not None else f"{'-':>13s}"
-        mass = f"{p.mass:5.1%}" if p.mass is not None else "   -"
+        mass = f"{p.mass:5.1%}" if p.mass is not None else "    -"
+        rows = f"{p.distinct:8.2f}" if p.distinct is not None else "       -"
         lines.append(f"{p.config:22s} | {p.attended:13.2%} | {p.scored:11.2%} | {p.kl:11.4f} | {p.ppl:10.3f} | "
-                     f"{rel} | {p.top1:6.1%} | {rec} | {mass}")
+                     f"{rel} | {p.top1:6.1%} | {rec} | {mass} | {rows}")
     return "\n".join(lines)
 
 
@@ -297,6 +303,7 @@ def to_json(points: list[Point], meta: dict) -> dict:
         {"config": p.config, "options": p.options, "kl": p.kl, "nll": p.nll, "perplexity": p.ppl,
          "keys_attended": p.attended, "keys_scored": p.scored, "offloaded_keys_scored": p.offloaded_read,
          "top1_agreement": p.top1, "retriever_recall_top1pct": p.recall, "retriever_attention_mass": p.mass,
+         "gqa_distinct_per_key": p.distinct,
          "keys_attended_per_layer": p.per_layer, "tokens": p.tokens} for p in points]}
 
 

@@ -128,3 +128,17 @@ def test_eval_frontier_cli_writes_table_json_and_plot(tmp_path, monkeypatch, cap
     magic = next(p for p in js["runs"]["500"] if p["config"] == "magicpig")
     assert 0 < magic["keys_attended"] < 1 and magic["retriever_recall_top1pct"] is not None
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distinct_keys_a_gqa_group_chose(setup):
+    """``distinct``: the keys a kv head's query heads chose (2 here), counted once per group, per key chosen —
+    1/2 when both heads choose the same keys, 1 when they share none; the count is the torch reproduction's
+    of the kernel's candidates (checked against the kernel's per-row count)."""
+    model, ids, cache = setup
+    pts = fr.frontier(model, ids, {"sketch": {"window_size": 16, "budget": 40}, "oracle": {"estimator": "oracle"}},
+                      prefix=PREFIX, tokens=TOKENS, cache=cache, recall_every=3)
+    sketch = pts[0]
+    assert 0.5 <= sketch.distinct < 1.0
+    assert pts[1].distinct is None  # the oracle retrieves nothing: no recall measured
+    _, dec = fr.teacher_forced(model, ids, PREFIX, TOKENS, {"window_size": 16, "budget": 40}, cache, recall_every=3)
+    assert dec.candidate_mismatch == 0 and dec.candidates == 2 * 4 * 2 * 2 * 40  # layers x steps x kv x q heads
