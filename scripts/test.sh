@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${PYTHON:-python3}" -m pytest -q "$@"
+"${PYTHON:-python3}" -m pytest -q --durations=15 "$@"
 # the C++ kernels' tests once more under ASan + UBSan (the usual fuzz examples; scripts/sanitize.sh alone runs 10x)
 KVPASS_FUZZ_SCALE=${KVPASS_FUZZ_SCALE:-1} bash scripts/sanitize.sh
 # the benchmark suites' quick mode, as a smoke test (timed, but not a gate on timing: machines differ)
