@@ -130,10 +130,10 @@ def _register_fakes() -> None:
     def _(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids, seg_starts, seg_meta, tail_codes,
           tail_base, tail_len, lsh_k, threshold, estimator, budget, scale, static_k=None, static_v=None,
           static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8, threads=0, row_lo=None, row_budget=None,
-          softcap=0.0):
+          softcap=0.0, stride=0, stride_offset=None):
         B, H, Tq, _ = q.shape
         return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
-                q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
+                q.new_empty(B, H, Tq, dtype=torch.int32), q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
 
     @fake("kvpass_cpu::log_retrieval_probability")
     def _(cos_theta, lsh_k, lsh_l, threshold):
@@ -170,7 +170,8 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   static_allowed: torch.Tensor | None = None, sketch_blocks: list[torch.Tensor] | None = None,
                   sketch_query: torch.Tensor | None = None, sketch_bits: int = 8, threads: int = 0,
                   row_lo: torch.Tensor | None = None, row_budget: torch.Tensor | None = None,
-                  softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  softcap: float = 0.0, stride: int = 0, stride_offset: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
 
@@ -187,15 +188,18 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     the keys as ``runtime.lsh.sketch_tiles`` lays them out, ``sketch_bits`` wide) and ``sketch_query``
     [B, H, Tq, D] fp32 (``sketch_project`` of q), "topk" keeps the ``budget`` keys of best sketch score instead of the
     best LSH candidates (no query codes then: they stay 0).  ``threads``: the OpenMP team (0: OpenMP's
-    default, i.e. torch's setting).
-    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored) and
-    the query codes [B, H, Tq, L] int32 it used."""
+    default, i.e. torch's setting).  ``stride`` > 0 (topk/oracle): the kept keys are the head of the estimate
+    and every ``stride``-th other host key, from ``stride_offset`` int64 [B, Hkv] (in [0, stride)), is added
+    with weight ``stride`` — the tail sample (``reference.estimator_scores``).
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored), n_kept
+    [B, H, Tq] int32 (of them, in the estimate) and the query codes [B, H, Tq, L] int32 it used."""
     load()
     return torch.ops.kvpass_cpu.lsh_attention(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,
                                               threshold, estimator, budget, scale, static_k,
                                               static_v, static_allowed, sketch_blocks, sketch_query,
-                                              sketch_bits, threads, row_lo, row_budget, float(softcap))
+                                              sketch_bits, threads, row_lo, row_budget, float(softcap),
+                                              int(stride), stride_offset)
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

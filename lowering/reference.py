@@ -10,6 +10,8 @@ K = lsh_k bits per table, L = lsh_l tables.
 from __future__ import annotations
 
 import functools
+import math
+import zlib
 
 import torch
 from kvpass.cpu_ops import log_retrieval_probability, sign_codes
@@ -23,6 +25,9 @@ ESTIMATORS = ("sample", "topk", "oracle", "exact", "none")
 #   oracle  the `budget` best exact scores of all offloaded keys (evaluation only)
 #   exact   every offloaded key: equals dense attention (validation)
 #   none    no offloaded key: the static part alone (StreamingLLM)
+# topk and oracle may add a tail sample (``tail_stride`` > 0): every r-th offloaded key the head (the kept
+# keys) does not hold, from a random offset, weighted by r — the head counted exactly, the rest estimated
+# without bias (``tail_sample``).
 
 LOGP_GRID = 16384  # intervals of the cos θ grid of the log P table (csrc/kvpass_math.h: kTable)
 
@@ -163,29 +168,63 @@ def centred_cos(qk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Te
     return torch.where(denom > 0, (qk - qmu) / safe, torch.zeros_like(qk))
 
 
+# ---------------------------------------------------------------- the tail sample
+
+def stride_offsets(seed: int, site: str, position: int, batch: int, kv_heads: int, stride: int) -> torch.Tensor:
+    """int64 [batch, kv_heads] in [0, stride): where each (batch row, kv head)'s tail sample starts at the
+    decode step whose newest token is at ``position``.  Drawn from (seed, site, position): a fresh sample each
+    step and site, and the same one when a step is computed again (a beam reorder, a cropped draft)."""
+    key = (seed * 1_000_003 + zlib.crc32(site.encode()) * 65_537 + position) % (2**63)
+    return torch.randint(stride, (batch, kv_heads), generator=torch.Generator().manual_seed(key))
+
+
+def tail_sample(n: int, stride: int, offset: torch.Tensor) -> torch.Tensor:
+    """bool [B, Hkv, 1, 1, n]: the keys j = offset + i·stride of n offloaded keys; offset [B, Hkv].  Each key
+    is in it with probability 1/stride over the offset, so weighting the sampled keys by stride estimates
+    the sum over all keys without bias (a systematic sample)."""
+    return (torch.arange(n) % stride == offset[:, :, None, None, None].to(torch.int64))
+
+
 # ---------------------------------------------------------------- the estimators
 
 def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: str, *,
                      q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                      mu: torch.Tensor | None = None, logp: torch.Tensor | None = None, threshold: int = 2,
                      budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     softcap: float = 0.0, qk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     softcap: float = 0.0, qk: torch.Tensor | None = None, stride: int = 0,
+                     offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores each estimator gives the offloaded keys: −inf where a key is not attended, and for
     "sample" the importance weight folded in (s − log P(retrieved)); s soft-capped by ``softcap`` > 0 (a
-    monotone map: retrieval and the top-k's choice do not change).
+    monotone map: retrieval and the top-k's choice do not change).  topk/oracle with ``stride`` > 0: the
+    kept keys are the head, and the ``tail_sample`` keys outside it are attended too, weighted by stride
+    (s + log stride); offset [B, Hkv] (``stride_offsets``).
 
     q [B, Hkv, G, Tq, D] fp32; k [B, Hkv, n, D] fp32; q_codes [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L];
     mu [B, Hkv, D]; logp: ``logp_table(K, L, threshold)``.  ``sketch`` = (codes, scale) of the keys
     (``sketch_codes``): "topk" then keeps the `budget` keys of best sketch score instead of the best
     of the LSH collisions.  Returns (s [B, Hkv, G, Tq, n] fp32, candidates [B, Hkv, G, Tq] int: keys
-    retrieved, or all n).  qk: q·kᵀ [B, Hkv, G, Tq, n] when the caller has it already."""
+    retrieved, or all n; with a tail sample, its keys too).  qk: q·kᵀ [B, Hkv, G, Tq, n] when the caller has
+    it already."""
     qk = q @ k.transpose(-1, -2)[:, :, None] if qk is None else qk
     s = soft_cap(qk * scale, softcap)
+    n = k.shape[2]
+    if stride and estimator not in ("topk", "oracle"):
+        raise ValueError(f"kvpass: the tail sample goes with estimator 'topk' or 'oracle', not {estimator!r}")
     if estimator == "topk" and sketch is not None:
-        n = k.shape[2]
         keep = sketch_candidates(q, *sketch, n if budget is None else min(n, max(budget, 1)))
-        return s.masked_fill(~keep, float("-inf")), keep.sum(-1)
-    elif estimator in ("sample", "topk"):
+        candidates = keep.sum(-1)
+    else:
+        s, keep, candidates = _retrieved(s, qk, q, k, estimator, q_codes, k_codes, mu, logp, threshold, budget)
+    if stride:
+        tail = tail_sample(n, stride, offset) & ~keep
+        s = torch.where(tail, s + math.log(stride), s)
+        keep, candidates = keep | tail, candidates + tail.sum(-1)
+    return s.masked_fill(~keep, float("-inf")), candidates
+
+
+def _retrieved(s, qk, q, k, estimator, q_codes, k_codes, mu, logp, threshold, budget):
+    """estimator_scores without the sketch or a tail: (s, the keys kept, the candidates' count)."""
+    if estimator in ("sample", "topk"):
         keep = lsh_candidates(q_codes, k_codes, threshold)
     elif estimator in ("oracle", "exact"):
         keep = torch.ones_like(s, dtype=torch.bool)
@@ -197,18 +236,20 @@ def estimator_scores(q: torch.Tensor, k: torch.Tensor, scale: float, estimator: 
     elif estimator in ("topk", "oracle") and budget is not None and budget < k.shape[2]:
         top = s.masked_fill(~keep, float("-inf")).topk(max(budget, 0), dim=-1).indices
         keep = keep & torch.zeros_like(keep).scatter_(-1, top, True)
-    return s.masked_fill(~keep, float("-inf")), candidates
+    return s, keep, candidates
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, estimator: str, *,
                         q_codes: torch.Tensor | None = None, k_codes: torch.Tensor | None = None,
                         mu: torch.Tensor | None = None, lsh_k: int = 10, lsh_l: int = 150, threshold: int = 2,
                         budget: int | None = None, sketch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        softcap: float = 0.0, stride: int = 0,
+                        offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An estimator over offloaded keys in plain torch (dense cost, the kernel's result).
 
     q [B, H, Tq, D]; k, v [B, Hkv, n, D]; q_codes [B, H, Tq, L]; k_codes [B, Hkv, n, L]; mu [B, Hkv, D];
-    sketch: (codes, scale) for the sketch retriever (``estimator_scores``).  Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (keys scored)."""
+    sketch: (codes, scale) for the sketch retriever; stride, offset: the tail sample (``estimator_scores``).
+    Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (keys scored)."""
     B, H, Tq, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -216,6 +257,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     qc = q_codes.reshape(B, Hkv, G, Tq, -1) if q_codes is not None else None
     s, n_read = estimator_scores(qg, k.float(), scale, estimator, q_codes=qc, k_codes=k_codes, mu=mu,
                                  logp=logp_table(lsh_k, lsh_l, threshold) if estimator == "sample" else None,
-                                 threshold=threshold, budget=budget, sketch=sketch, softcap=softcap)
+                                 threshold=threshold, budget=budget, sketch=sketch, softcap=softcap,
+                                 stride=stride, offset=offset)
     out, lse = softmax_lse(s, v.float())
     return out.reshape(B, H, Tq, D), lse.reshape(B, H, Tq), n_read.reshape(B, H, Tq).int()

@@ -95,6 +95,10 @@ class Options:
                           choices=ESTIMATORS, runtime=True)  # runtime: it chooses the store's index
     budget: float | int = knob(0.02, "topk/oracle: a fraction of the offloaded keys (float) or a count (int)",
                                kind="custom", check=_budget_error, runtime=True)
+    tail_stride: int = knob(0, "topk/oracle: also attend every `tail_stride`-th offloaded key the `budget` kept keys "
+                            "do not hold (a systematic sample from a random offset per step, shared by a kv head's "
+                            "query rows), weighted by tail_stride: the kept keys counted exactly, the rest "
+                            "estimated without bias; 0: none", lo=0, runtime=True)
     retriever: str = knob("auto", "the index: 'sketch' (an int4/int8 sketch of every centred offloaded key, scanned; "
                           "topk takes the `budget` best) | 'lsh' (SimHash tables: sample's retrieval; topk takes "
                           "the best candidates) | 'auto' (sketch for topk, lsh for sample)",

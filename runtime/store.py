@@ -16,7 +16,7 @@ import sys
 import torch
 from kvpass.cpu_ops import lsh_attention
 from kvpass.lowering import merge_partials, static_attention
-from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project
+from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project, stride_offsets
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex, take_rows
 
@@ -344,6 +344,10 @@ class KVStore:
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
         elif row_pad is not None and estimator in ("topk", "oracle"):  # each row: its share of its own keys
             static["row_budget"] = torch.tensor([self.resolve_budget(budget, n - int(lo)) for lo in static["row_lo"]])
+        stride = self.options.tail_stride if estimator in ("topk", "oracle") and budget_n < n else 0
+        if stride:  # the tail sample: where it starts, for each (batch row, kv head), at this step
+            static.update(stride=stride, stride_offset=stride_offsets(
+                self.options.seed, self.site, self.length, self.batch, self.num_kv_heads, stride))
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         rows = max(1, qh.shape[2])
@@ -367,9 +371,7 @@ class KVStore:
                 self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
                 scale=scale, threads=kernel_threads(self.cpu_threads, self.device), softcap=softcap, **kw))
-        out, lse, n_read, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
-        self.last_scored = n_read
-        self.last_kept = n_read.clamp(max=budget_n) if estimator in ("topk", "oracle") else n_read
+        out, lse, self.last_scored, self.last_kept, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
         return out.to(q.device), lse.to(q.device)
 
     def attend(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,

@@ -373,6 +373,11 @@ struct Problem {
   int64_t s_allowed_b = 0;
   const int64_t* row_lo = nullptr;  // [B]: host keys below row_lo[b] are not row b's (left padding), or null
   const int64_t* row_budget = nullptr;  // [B]: topk/oracle budget of row b (a padded batch's rows differ), or null
+  // topk/oracle with a tail sample (stride > 0): besides the kept keys (the head), every stride-th other
+  // host key of the row, from offset stride_off[b, hk], weighted by stride (lowering/reference.py:
+  // estimator_scores) — an unbiased estimate of what the head leaves out
+  int64_t stride = 0;
+  const int64_t* stride_off = nullptr;  // [B, Hkv], in [0, stride)
   int64_t NS = 0, sk_s0 = 0, sk_s1 = 0, sk_s2 = 0, sv_s0 = 0, sv_s1 = 0, sv_s2 = 0;
   const uint16_t* tail;  // [B, Hkv, L, tail_cap]
   const float* logp;     // kTable + 1
@@ -393,7 +398,8 @@ struct Problem {
   int64_t kb_s0, kb_s1, kb_s2, vb_s0, vb_s1, vb_s2;  // element strides (shared by all blocks)
   float* out;       // [B, H, Tq, D]
   float* lse;       // [B, H, Tq]
-  int32_t* n_read;  // [B, H, Tq]
+  int32_t* n_read;  // [B, H, Tq]: host keys scored
+  int32_t* n_kept;  // [B, H, Tq]: of them, in the estimate (head + tail)
 };
 
 struct Scratch {
@@ -401,7 +407,7 @@ struct Scratch {
   std::vector<uint16_t> tail_count;
   std::vector<int32_t> touched, cand;
   std::vector<float> score, acc, proj, qpad, sscore;
-  std::vector<int32_t> order;
+  std::vector<int32_t> order, head, tailk;  // tail sample: the head's keys in key order, the tail's keys
   std::vector<int64_t> lo, hi;  // per table: the query's bucket in the current segment
   int64_t n_touched = 0, n_cand = 0;
   std::vector<uint64_t> seen;  // threshold <= 2: per 64 keys, the words "seen once" and "seen twice"
@@ -561,7 +567,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     }
   }
   const int64_t m = s.n_cand;
-  P.n_read[r] = int32_t(m);
+  P.n_read[r] = P.n_kept[r] = int32_t(m);
   float* o = P.out + r * D;
   // the static keys (sinks + window) when the caller fuses them in: exact scores, always kept
   const T* sk = static_cast<const T*>(P.sk) + b * P.sk_s0 + hk * P.sk_s1;
@@ -577,7 +583,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     s.sscore[j] = kvpass_math::soft_cap(qk * P.scale, P.softcap);
     smx = std::max(smx, s.sscore[j]);
   }
-  if (m == 0 && smx == kNegInf) {
+  if (m == 0 && smx == kNegInf && !(P.stride > 0 && lo_key < P.n_keys)) {
     std::fill(o, o + D, 0.f);
     P.lse[r] = kNegInf;
     return;
@@ -632,6 +638,35 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t j = 0; j < P.NS; ++j)
       if (s.sscore[j] != kNegInf) sm.add(s.sscore[j], sv + j * P.sv_s2);
   };
+  // The tail sample: the keys j = lo_key + offset + i·stride < n_keys (a padded row counts from its own first
+  // key) that the head (`head`, nh keys in key order) does not hold, each weighted by stride (log stride added
+  // to its score).  The rows of a kv head share the offset, so they read the same rows, back to back.
+  int64_t n_tail = 0;
+  auto add_tail = [&](const int32_t* head, int64_t nh) KVPASS_LAMBDA_INLINE {
+    const int64_t step = P.stride;
+    s.tailk.clear();
+    int64_t hp = 0;
+    for (int64_t j = lo_key + P.stride_off[bh]; j < P.n_keys; j += step) {
+      while (hp < nh && head[hp] < j) ++hp;
+      if (hp < nh && head[hp] == j) continue;
+      s.tailk.push_back(int32_t(j));
+    }
+    n_tail = int64_t(s.tailk.size());
+    const float log_step = std::log(float(step));
+    for (int64_t j = 0; j < std::min(n_tail, kAhead); ++j) {
+      prefetch(k_row(s.tailk[j]));
+      prefetch(v_row(s.tailk[j]));
+    }
+    for (int64_t j = 0; j < n_tail; ++j) {
+      if (j + kAhead < n_tail) {
+        prefetch(k_row(s.tailk[j + kAhead]));
+        prefetch(v_row(s.tailk[j + kAhead]));
+      }
+      const int64_t key = s.tailk[j];
+      sm.add(score(k_row(key)) + log_step, v_row(key));
+    }
+  };
+  int64_t kept = m;
   if (P.estimator == kSample || budget_of(P, b) >= m) {
     // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
     sm.start(s.acc.data(), D, smx);
@@ -647,6 +682,15 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       }
       const int64_t key = s.cand[j];
       sm.add(score(k_row(key)), v_row(key));
+    }
+    if (P.stride > 0) {
+      const int32_t* head = s.cand.data();
+      if (!std::is_sorted(head, head + m)) {  // LSH retrieval above the threshold 2 lists keys as it meets them
+        s.head.assign(head, head + m);
+        std::sort(s.head.begin(), s.head.end());
+        head = s.head.data();
+      }
+      add_tail(head, m);
     }
   } else {
     // topk / oracle: score every candidate, keep the `budget` largest, then read their V
@@ -672,7 +716,16 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       const int32_t j = s.order[jj];
       sm.add(s.score[j], v_row(s.cand[j]));
     }
+    kept = keep;
+    if (P.stride > 0) {
+      s.head.resize(keep);
+      for (int64_t jj = 0; jj < keep; ++jj) s.head[jj] = s.cand[s.order[jj]];
+      std::sort(s.head.begin(), s.head.end());
+      add_tail(s.head.data(), keep);
+    }
   }
+  P.n_read[r] = int32_t(m + n_tail);
+  P.n_kept[r] = int32_t(kept + n_tail);
   P.lse[r] = sm.finish(o);
 }
 
@@ -1046,7 +1099,7 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const at::Tensor& q, const at::Tensor& proj, const at::Tensor& mu, at::TensorList k_blocks,
     at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
@@ -1054,7 +1107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const std::optional<at::Tensor>& static_k, const std::optional<at::Tensor>& static_v,
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
     const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads,
-    const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget, double softcap) {
+    const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget, double softcap,
+    int64_t stride, const std::optional<at::Tensor>& stride_offset) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1076,6 +1130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   auto out = at::empty({B, H, Tq, D}, q.options());
   auto lse = at::empty({B, H, Tq}, q.options());
   auto n_read = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
+  auto n_kept = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
   auto q_codes = at::zeros({B, H, Tq, L}, q.options().dtype(at::kInt));
   const bool fuse_static = static_k.has_value();
   TORCH_CHECK(fuse_static == static_v.has_value() && fuse_static == static_allowed.has_value(), fn,
@@ -1083,7 +1138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   if (n_keys == 0 && !fuse_static) {
     out.zero_();
     lse.fill_(kNegInf);
-    return {out, lse, n_read, q_codes};
+    return {out, lse, n_read, n_kept, q_codes};
   }
   const auto dtype = fuse_static ? static_k->scalar_type() : k_blocks[0].scalar_type();
   for (size_t i = 0; i < k_blocks.size(); ++i) {
@@ -1173,6 +1228,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
   }
   P.out = out.data_ptr<float>(), P.lse = lse.data_ptr<float>(), P.n_read = n_read.data_ptr<int32_t>();
+  P.n_kept = n_kept.data_ptr<int32_t>();
+  at::Tensor stride_off_c;
+  TORCH_CHECK(stride >= 0, fn, "stride must be >= 0 (0: no tail sample), got ", stride);
+  if (stride > 0) {
+    TORCH_CHECK(estimator != kSample, fn, "the tail sample (stride > 0) goes with 'topk' or 'oracle', not 'sample'");
+    TORCH_CHECK(stride_offset.has_value(), fn, "stride > 0 needs stride_offset, int64 [B, Hkv]");
+    stride_off_c = stride_offset->to(at::kLong).contiguous();
+    TORCH_CHECK(stride_off_c.device().is_cpu() && stride_off_c.dim() == 2 && stride_off_c.size(0) == B &&
+                    stride_off_c.size(1) == Hkv, fn, "stride_offset must be int64 [B, Hkv] = [", B, ", ", Hkv,
+                "] on the CPU, got ", stride_off_c.sizes());
+    TORCH_CHECK(stride_off_c.numel() == 0 ||
+                    (stride_off_c.min().item<int64_t>() >= 0 && stride_off_c.max().item<int64_t>() < stride),
+                fn, "stride_offset must lie in [0, stride = ", stride, ")");
+    P.stride = stride, P.stride_off = stride_off_c.data_ptr<int64_t>();
+  }
   TORCH_CHECK(threads >= 0, fn, "threads must be >= 0 (0: OpenMP's default), got ", threads);
   P.threads = threads > 0 ? int(threads) : omp_get_max_threads();
   at::Tensor sk_score, sk_q;
@@ -1219,7 +1289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
               " is not supported (float32, bfloat16, float16)");
   run_rows(P, dtype);
-  return {out, lse, n_read, q_codes};
+  return {out, lse, n_read, n_kept, q_codes};
 }
 
 // SimHash codes from projections y [..., K·L] (float32): code_l = Σ_j [y[lK + j] > 0] << j, int32 [..., L].
@@ -1277,8 +1347,8 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int n_keys, Tensor[] seg_ids, Tensor[] seg_starts, Tensor seg_meta, Tensor tail_codes, int tail_base, "
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
-        "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None, float softcap=0.0) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None, float softcap=0.0, "
+        "int stride=0, Tensor? stride_offset=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");
   m.def("simd_level() -> int", &kvpass_cpu::simd_level);
