@@ -59,8 +59,10 @@ EXPECTED_AGREEMENT = {
     "topk": "topk attends the `budget` best keys and drops the rest: with the sketch retriever nearly the "
             "exact best keys (its int4 codes of every key rank like q.k: 98% of the exact top 1% on "
             "Qwen2.5-Coder-0.5B; int8 codes, sketch_bits=8: all of them), with the LSH retriever the best of what it "
-            "retrieved. Dropping the tail is a small bias: greedy decoding follows dense for a while, then "
-            "parts ways where two candidate tokens are close. --estimator exact gives dense's tokens.",
+            "retrieved; with tail_stride > 0 (the default, 100) every tail_stride-th other key is added, weighted "
+            "by tail_stride: an unbiased estimate of what the head drops, not the same numbers. Greedy decoding "
+            "follows dense for a while, then parts ways where two candidate tokens are close. --estimator exact "
+            "gives dense's tokens.",
     "oracle": "oracle keeps the `budget` best of all keys (a reference, it scores every key): close to dense, "
               "not equal.",
     "none": "none keeps only the sinks and the window (StreamingLLM): anything further back is forgotten, so "

@@ -13,9 +13,10 @@ equality against the compiled model) — without a prefill per configuration.
 
 "Keys attended" of one query at one layer: the static slots it sees (sinks + window, all of them once
 the context is longer than S + W) plus the offloaded keys that enter its estimate (sample: every
-retrieved key; topk/oracle: the B kept; exact: all), over the context length (position + 1).  A layer
-kvpass leaves dense attends all of them.  "Keys scored" counts what the CPU kernel computes a score for
-(topk: every candidate; oracle: every key) — the cost side.  Both are averaged over layers, query heads
+retrieved key; topk/oracle: the B kept, plus the tail sample's keys; exact: all), over the context
+length (position + 1).  A layer kvpass leaves dense attends all of them.  "Keys scored" counts what the
+CPU kernel computes a score for (topk: every candidate; oracle: every key; both: the tail sample's keys)
+— the cost side.  Both are averaged over layers, query heads
 and steps.
 """
 
@@ -29,7 +30,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvpass.lowering.reference import lsh_candidates, sketch_candidates, sketch_codes
+from kvpass.lowering.reference import (
+    estimator_scores,
+    lsh_candidates,
+    sketch_candidates,
+    sketch_codes,
+    stride_offsets,
+)
 from kvpass.runtime import KVStore
 from kvpass.runtime.config import Options, parse_options
 from kvpass.sites import layer_of
@@ -172,17 +179,25 @@ class Decoder:
         keys = torch.cat(store.host.views()[0], 2).float()  # [1, Hkv, n, D]
         n = keys.shape[2]
         qg = q.float().reshape(B, self.kv_heads, G, 1, D)
+        sketch = q_codes = k_codes = None
         if idx.sketch:
-            cand = sketch_candidates(qg, sketch_codes(keys, idx.mu, idx.sketch_scale), idx.sketch_scale,
-                                     min(n, store.resolve_budget(None)))
+            sketch = (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+            cand = sketch_candidates(qg, *sketch, min(n, store.resolve_budget(None)))
         else:  # the kernel's query codes
-            q_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1)
-            cand = lsh_candidates(q_codes, idx.codes(keys), idx.threshold)
-        s = (qg @ keys.transpose(-1, -2)[:, :, None])
-        s = s * (scale if scale is not None else D ** -0.5)
+            q_codes, k_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1), idx.codes(keys)
+            cand = lsh_candidates(q_codes, k_codes, idx.threshold)
+        scale = scale if scale is not None else D ** -0.5
+        s = (qg @ keys.transpose(-1, -2)[:, :, None]) * scale
         top = s.topk(max(1, n // 100), dim=-1).indices
-        # the candidates are the kernel's own: as many per query row as it scored
-        self.candidate_mismatch += int((cand.sum(-1).reshape(-1) != store.last_scored.reshape(-1)).sum())
+        # the candidates are the kernel's own: with the tail sample's keys, as many per query row as it scored
+        scored = cand.sum(-1)
+        budget, r = store.resolve_budget(None), store.options.tail_stride
+        if r and store.options.estimator == "topk" and budget < n:
+            _, scored = estimator_scores(
+                qg, keys, scale, "topk", q_codes=q_codes, k_codes=k_codes, threshold=idx.threshold, budget=budget,
+                sketch=sketch, stride=r,
+                offset=stride_offsets(store.options.seed, store.site, store.length, B, self.kv_heads, r))
+        self.candidate_mismatch += int((scored.reshape(-1) != store.last_scored.reshape(-1)).sum())
         self.recall.append(float(cand.gather(-1, top).float().mean()))
         self.distinct += int(cand.any(2).sum())
         self.candidates += int(cand.sum())
@@ -268,7 +283,7 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
     """The configurations of ``kvpass eval --frontier``: dense, static-only at two windows, the MagicPIG
     preset, and each estimator across its own knob — sample over the SimHash bits K (fewer bits, more
     keys), topk (LSH candidates or the sketch retriever's) and oracle over the budget (a fraction of the
-    offloaded keys)."""
+    offloaded keys), and the sketch's head with a tail sample (``tail_stride``) at a few (budget, stride)."""
     out: dict[str, dict | None] = {"dense": None, "static-only": {"estimator": "none"},
                                    "static-only W=1024": {"estimator": "none", "window_size": 1024},
                                    "magicpig": {"preset": "magicpig"}}
@@ -280,6 +295,10 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
         out[f"sketch {b:.1%}"] = {"estimator": "topk", "retriever": "sketch", "budget": b}
     for b in budgets[1:3] or budgets:  # the LSH candidates' best: no better than sampling them (measured)
         out[f"topk {b:.1%}"] = {"estimator": "topk", "budget": b}
+    # the sketch's head plus a tail sample of every r-th other key
+    heads = ((0.015, 100),) if quick else ((0.01, 100), (0.015, 100), (0.01, 64), (0.015, 128), (0.02, 100))
+    for b, r in heads:
+        out[f"sketch {b:.1%} + 1/{r}"] = {"estimator": "topk", "retriever": "sketch", "budget": b, "tail_stride": r}
     return out
 
 
@@ -311,6 +330,8 @@ def _family(p: Point) -> str:
     o = p.options or {}
     if o.get("preset"):
         return o["preset"]
+    if o.get("tail_stride"):
+        return "head + tail"
     if o.get("retriever") == "sketch":
         return "topk (sketch)"
     return {"none": "static-only"}.get(o.get("estimator"), o.get("estimator", "dense"))
@@ -325,7 +346,7 @@ def plot(path, runs: dict[str, list[Point]], title: str) -> None:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     colors = {"sample": "tab:blue", "topk": "tab:orange", "topk (sketch)": "tab:brown", "oracle": "tab:green", "magicpig": "tab:purple",
-              "static-only": "tab:red", "exact": "black"}
+              "head + tail": "tab:cyan", "static-only": "tab:red", "exact": "black"}
     fig, axes = plt.subplots(2, len(runs), figsize=(5.5 * len(runs), 8), squeeze=False)
     for col, (label, points) in enumerate(runs.items()):
         dense = next((p for p in points if p.options is None), None)

@@ -173,9 +173,13 @@ def centred_cos(qk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Te
 def stride_offsets(seed: int, site: str, position: int, batch: int, kv_heads: int, stride: int) -> torch.Tensor:
     """int64 [batch, kv_heads] in [0, stride): where each (batch row, kv head)'s tail sample starts at the
     decode step whose newest token is at ``position``.  Drawn from (seed, site, position): a fresh sample each
-    step and site, and the same one when a step is computed again (a beam reorder, a cropped draft)."""
+    step and site, and the same one when a step is computed again (a beam reorder, a cropped draft).  One
+    draw serves every batch row and kv head of the site (each head's estimate is unbiased either way, as each
+    shares the site's SimHash projection): a head samples alike whichever heads share its site — under
+    tensor parallelism a rank holds a slice of them, and its results do not depend on the rank count."""
     key = (seed * 1_000_003 + zlib.crc32(site.encode()) * 65_537 + position) % (2**63)
-    return torch.randint(stride, (batch, kv_heads), generator=torch.Generator().manual_seed(key))
+    draw = torch.randint(stride, (1, 1), generator=torch.Generator().manual_seed(key))
+    return draw.expand(batch, kv_heads).contiguous()
 
 
 def tail_sample(n: int, stride: int, offset: torch.Tensor) -> torch.Tensor:

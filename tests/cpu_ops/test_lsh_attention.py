@@ -28,6 +28,7 @@ from kvpass.lowering.reference import (
     sketch_codes,
     sketch_scale,
     sketch_scores,
+    stride_offsets,
 )
 from kvpass.runtime.lsh import projection, sketch_tiles
 
@@ -36,9 +37,9 @@ from kvpass import KVStore
 from kvpass.testing import fuzz_examples
 
 
-def _store(Hkv, D, dtype, chunks, *, K, L, T, min_keys, seal, B=1, S=2, W=3, seed=0, block=64):
+def _store(Hkv, D, dtype, chunks, *, K, L, T, min_keys, seal, B=1, S=2, W=3, seed=0, block=64, tail=0):
     store = KVStore(Hkv, D, batch=B, sink_size=S, window_size=W, lsh_k=K, lsh_l=L, lsh_threshold=T, seed=seed, retriever="lsh",
-                    dtype=dtype, host_block_size=block)
+                    dtype=dtype, host_block_size=block, tail_stride=tail)
     store.index.min_keys, store.index.seal_size = min_keys, seal
     gen = torch.Generator().manual_seed(seed)
     for n in chunks:
@@ -59,6 +60,10 @@ def _reference(store, q, estimator, budget, softcap=0.0):
         kw = {"q_codes": store.last_query_codes, "k_codes": idx.codes(k), "mu": idx.mu}
     elif estimator in ("sample", "topk"):  # no index yet: every key is read
         estimator = "exact"
+    r, n = store.options.tail_stride, k.shape[2]
+    if r and estimator in ("topk", "oracle") and store.resolve_budget(budget) < n:  # the store's tail sample
+        kw.update(stride=r, offset=stride_offsets(store.options.seed, store.site, store.length, q.shape[0],
+                                                  store.num_kv_heads, r))
     return reference_attention(q, k, v, 1 / math.sqrt(q.shape[-1]), estimator, lsh_k=idx.lsh_k, lsh_l=idx.lsh_l,
                                threshold=idx.threshold, budget=store.resolve_budget(budget), softcap=softcap, **kw)
 
@@ -68,11 +73,13 @@ def _reference(store, q, estimator, budget, softcap=0.0):
        D=st.sampled_from([8, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), estimator=st.sampled_from(["sample", "topk", "oracle"]),
        budget=st.one_of(st.integers(1, 40), st.floats(0.01, 1.0)), seal=st.sampled_from([16, 37, 4096]),
-       seed=st.integers(0, 5), T=st.integers(1, 3), softcap=st.sampled_from([0.0, 0.0, 1.5]))
+       seed=st.integers(0, 5), T=st.integers(1, 3), softcap=st.sampled_from([0.0, 0.0, 1.5]),
+       tail=st.sampled_from([0, 0, 5]))
 def test_kernel_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, estimator, budget, seal, seed, T,
-                                             softcap):
-    """Threshold 1-2 takes the kernel's bitset path, 3 its counter path; softcap > 0 caps the scores."""
-    store = _store(Hkv, D, dtype, chunks, K=4, L=12, T=T, min_keys=20, seal=seal, B=B, seed=seed)
+                                             softcap, tail):
+    """Threshold 1-2 takes the kernel's bitset path, 3 its counter path; softcap > 0 caps the scores; topk
+    and oracle with or without a tail sample."""
+    store = _store(Hkv, D, dtype, chunks, K=4, L=12, T=T, min_keys=20, seal=seal, B=B, seed=seed, tail=tail)
     q = torch.randn(B, Hkv * G, Tq, D, generator=torch.Generator().manual_seed(seed + 100))
     if store.tokens_offloaded == 0:
         out, lse = store.attend_host(q, estimator=estimator, budget=budget)
@@ -270,7 +277,7 @@ def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, 
     quantised query dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU
     has one, and the portable loop — and torch pick the same candidates (ties by key order in both), for
     any query."""
-    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
                     dtype=dtype, host_block_size=64, sketch_bits=bits)
     store.index.min_keys = 20
     gen = torch.Generator().manual_seed(seed)
@@ -339,7 +346,7 @@ def test_sketch_blocks_hold_every_key_across_blocks_and_appends(bits):
     from kvpass.runtime.lsh import SKETCH_BLOCK
 
     B, Hkv, D = 1, 2, 16
-    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
                     sketch_bits=bits)
     gen = torch.Generator().manual_seed(3)
     for n in (5000, *[1] * 37, 3000, 7, 1500):
@@ -373,7 +380,7 @@ def test_sketch_selection_is_exact_when_the_sample_misleads(budget, units):
     head per thread (each scanned by one thread, the keys above the threshold listed as they are scored)."""
     B, D, n = 1, 8, 16384
     Hkv = 1 if units == "key chunks" or torch.get_num_threads() == 1 else min(torch.get_num_threads(), 8)
-    store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch",
+    store = KVStore(Hkv, D, batch=B, sink_size=0, window_size=1, estimator="topk", retriever="sketch", tail_stride=0,
                     sketch_bits=8)  # the codes below are int8
     gen = torch.Generator().manual_seed(5)
     store.append(torch.randn(B, Hkv, n + 1, D, generator=gen), torch.randn(B, Hkv, n + 1, D, generator=gen))
@@ -420,7 +427,7 @@ def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget,
     threads = torch.get_num_threads()
     Hkv = min(threads, 8) if threads > 1 else 2  # a kv head per thread: the units are scanned one by one
     n = 16384 + extra
-    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=3, estimator="topk", retriever="sketch",
+    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
                     sketch_bits=bits)
     gen = torch.Generator().manual_seed(seed)
     store.append(torch.randn(1, Hkv, n + 5, D, generator=gen) * 3 + 0.5, torch.randn(1, Hkv, n + 5, D, generator=gen))

@@ -62,8 +62,9 @@ def test_points_count_keys_as_documented(setup):
     model, ids, cache = setup
     configs = {"dense": None, "exact": {"estimator": "exact", "window_size": 16},
                "static": {"estimator": "none", "window_size": 16},
-               "oracle": {"estimator": "oracle", "window_size": 16, "budget": 40},
-               "topk": {"estimator": "topk", "window_size": 16, "budget": 40, "lsh_k": 3, "lsh_l": 16},
+               "oracle": {"estimator": "oracle", "window_size": 16, "budget": 40, "tail_stride": 0},
+               "oracle + tail": {"estimator": "oracle", "window_size": 16, "budget": 40, "tail_stride": 10},
+               "topk": {"estimator": "topk", "window_size": 16, "budget": 40, "lsh_k": 3, "lsh_l": 16, "tail_stride": 0},
                "half-dense": {"estimator": "none", "window_size": 16, "dense_layers": [0]}}
     pts = {p.config: p for p in fr.frontier(model, ids, configs, prefix=PREFIX, tokens=TOKENS, cache=cache)}
     assert pts["dense"].kl == 0.0 and pts["dense"].attended == 1.0
@@ -76,6 +77,9 @@ def test_points_count_keys_as_documented(setup):
     # the oracle keeps exactly its budget but scores every key
     assert pts["oracle"].attended == pytest.approx(float(((20 + 40) / ctx).mean()), rel=1e-5)
     assert pts["oracle"].scored == pytest.approx(1.0)
+    # with a tail sample it also attends every 10th other host key (of ctx - 20): at most ⌈(ctx - 20) / 10⌉ more
+    tail = pts["oracle + tail"].attended - pts["oracle"].attended
+    assert 0 < tail <= float((torch.ceil((ctx - 20) / 10) / ctx).mean()) + 1e-6
     # topk keeps at most its budget of the candidates it scored
     assert pts["topk"].attended <= pts["oracle"].attended + 1e-6 and pts["topk"].attended <= pts["topk"].scored
     # a layer left dense attends everything: the mean over the 2 layers is halfway

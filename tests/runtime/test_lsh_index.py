@@ -68,4 +68,6 @@ def test_the_key_sketch_holds_one_code_per_key_dimension_and_no_hashing_state(bi
     assert stats["index_bytes"] == blocks * SKETCH_BLOCK * Hkv * D * bits // 8 + 2 * Hkv * D * 4  # codes, scale, mu
     assert stats["projection_bytes"] == idx.proj().nbytes == Hkv * D * 10 * 2
     q = torch.randn(1, 2 * Hkv, 1, D, generator=gen)
-    assert torch.isfinite(store.attend(q)).all() and int(store.last_kept.max()) == store.resolve_budget(None)
+    assert torch.isfinite(store.attend(q)).all()
+    head, n_host = store.resolve_budget(None), store.tokens_offloaded  # the budget, and the default tail sample
+    assert bool((store.last_kept > head).all()) and bool((store.last_kept <= head + -(-n_host // 100)).all())
