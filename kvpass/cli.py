@@ -81,7 +81,7 @@ def cmd_generate(args) -> int:
 
     options = {"preset": args.preset} if args.preset else {}
     given = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
-             "budget": args.budget}  # given on the command line: over the preset
+             "budget": args.budget, "tail_stride": args.tail_stride}  # given on the command line: over the preset
     options.update({k: v for k, v in given.items() if v is not None}, inductor=not args.no_inductor)
     opts = parse_options(options)  # bad values fail now, not after the model has loaded
     args.estimator = opts.estimator
@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")
     g.add_argument("--budget", type=_budget, default=None, help="topk/oracle: fraction (0.02) or count (1024)")
+    g.add_argument("--tail-stride", type=int, default=None,
+                   help=f"topk/oracle: also every N-th other key, weighted (default {Options().tail_stride}; 0: none)")
     g.set_defaults(func=cmd_generate)
     qa = sub.add_parser("quality", help="per-layer attention quality of the estimators on SmolLM2's real "
                                         "activations (no compiler)")

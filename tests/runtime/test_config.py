@@ -42,3 +42,11 @@ def test_cli_preset_is_validated_with_the_options_given_beside_it(monkeypatch, c
     with pytest.raises(SystemExit):
         cli.main(["generate", "--preset", "magicpig", "--estimator", "topk"])
     assert seen["opts"].estimator == "topk" and seen["opts"].lsh_l == 150
+    assert seen["opts"].tail_stride == 0  # the preset has no tail; --tail-stride sets one
+    seen.clear()
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--tail-stride", "64", "--budget", "0.01"])
+    assert seen["opts"].tail_stride == 64 and seen["opts"].budget == 0.01
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--tail-stride", "-1"])
+    assert exit_.value.code == 2 and "tail_stride must be an int >= 0" in capsys.readouterr().err
