@@ -638,6 +638,22 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t j = 0; j < P.NS; ++j)
       if (s.sscore[j] != kNegInf) sm.add(s.sscore[j], sv + j * P.sv_s2);
   };
+  // Scores and adds keys[0, n) (each score + log_w: its weight w), K and V of a key read together, the rows
+  // kAhead keys on already on their way
+  auto attend_keys = [&](const int32_t* keys, int64_t n, float log_w) KVPASS_LAMBDA_INLINE {
+    for (int64_t j = 0; j < std::min(n, kAhead); ++j) {
+      prefetch(k_row(keys[j]));
+      prefetch(v_row(keys[j]));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (j + kAhead < n) {
+        prefetch(k_row(keys[j + kAhead]));
+        prefetch(v_row(keys[j + kAhead]));
+      }
+      const int64_t key = keys[j];
+      sm.add(score(k_row(key)) + log_w, v_row(key));
+    }
+  };
   // The tail sample: the keys j = lo_key + offset + i·stride < n_keys (a padded row counts from its own first
   // key) that the head (`head`, nh keys in key order) does not hold, each weighted by stride (log stride added
   // to its score).  The rows of a kv head share the offset, so they read the same rows, back to back.
@@ -652,37 +668,14 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
       s.tailk.push_back(int32_t(j));
     }
     n_tail = int64_t(s.tailk.size());
-    const float log_step = std::log(float(step));
-    for (int64_t j = 0; j < std::min(n_tail, kAhead); ++j) {
-      prefetch(k_row(s.tailk[j]));
-      prefetch(v_row(s.tailk[j]));
-    }
-    for (int64_t j = 0; j < n_tail; ++j) {
-      if (j + kAhead < n_tail) {
-        prefetch(k_row(s.tailk[j + kAhead]));
-        prefetch(v_row(s.tailk[j + kAhead]));
-      }
-      const int64_t key = s.tailk[j];
-      sm.add(score(k_row(key)) + log_step, v_row(key));
-    }
+    attend_keys(s.tailk.data(), n_tail, std::log(float(step)));
   };
   int64_t kept = m;
   if (P.estimator == kSample || budget_of(P, b) >= m) {
     // every candidate is kept: one pass, online softmax — a row's K and V are read together, once
     sm.start(s.acc.data(), D, smx);
     add_static();
-    for (int64_t j = 0; j < std::min(m, kAhead); ++j) {
-      prefetch(k_row(s.cand[j]));
-      prefetch(v_row(s.cand[j]));
-    }
-    for (int64_t j = 0; j < m; ++j) {
-      if (j + kAhead < m) {
-        prefetch(k_row(s.cand[j + kAhead]));
-        prefetch(v_row(s.cand[j + kAhead]));
-      }
-      const int64_t key = s.cand[j];
-      sm.add(score(k_row(key)), v_row(key));
-    }
+    attend_keys(s.cand.data(), m, 0.f);  // weight 1 (s + 0.f is s)
     if (P.stride > 0) {
       const int32_t* head = s.cand.data();
       if (!std::is_sorted(head, head + m)) {  // LSH retrieval above the threshold 2 lists keys as it meets them
