@@ -35,7 +35,6 @@ from kvpass.lowering.reference import (
     lsh_candidates,
     sketch_candidates,
     sketch_codes,
-    stride_offsets,
 )
 from kvpass.runtime import KVStore
 from kvpass.runtime.config import Options, parse_options
@@ -191,12 +190,11 @@ class Decoder:
         top = s.topk(max(1, n // 100), dim=-1).indices
         # the candidates are the kernel's own: with the tail sample's keys, as many per query row as it scored
         scored = cand.sum(-1)
-        budget, r = store.resolve_budget(None), store.options.tail_stride
-        if r and store.options.estimator == "topk" and budget < n:
-            _, scored = estimator_scores(
-                qg, keys, scale, "topk", q_codes=q_codes, k_codes=k_codes, threshold=idx.threshold, budget=budget,
-                sketch=sketch, stride=r,
-                offset=stride_offsets(store.options.seed, store.site, store.length, B, self.kv_heads, r))
+        budget = store.resolve_budget(None)
+        r, offset = store.tail_sample(store.options.estimator, budget, n)
+        if r:
+            _, scored = estimator_scores(qg, keys, scale, "topk", q_codes=q_codes, k_codes=k_codes,
+                                         threshold=idx.threshold, budget=budget, sketch=sketch, stride=r, offset=offset)
         self.candidate_mismatch += int((scored.reshape(-1) != store.last_scored.reshape(-1)).sum())
         self.recall.append(float(cand.gather(-1, top).float().mean()))
         self.distinct += int(cand.any(2).sum())

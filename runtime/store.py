@@ -304,6 +304,14 @@ class KVStore:
             raise ValueError(f"kvpass: {err}")
         return max(1, round(budget * n)) if isinstance(budget, float) else min(budget, n)
 
+    def tail_sample(self, estimator: str, budget_n: int, n: int) -> tuple[int, torch.Tensor | None]:
+        """The tail sample of this step: (tail_stride, where it starts for each (batch row, kv head), int64
+        [B, Hkv]) when ``estimator`` keeps a head of ``budget_n`` < ``n`` host keys (topk/oracle), else (0, None)."""
+        r = self.options.tail_stride if estimator in ("topk", "oracle") and budget_n < n else 0
+        if not r:
+            return 0, None
+        return r, stride_offsets(self.options.seed, self.site, self.length, self.batch, self.num_kv_heads, r)
+
     def attend_host(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
                     scale: float | None = None, with_static: bool = False,
                     row_pad: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,10 +352,9 @@ class KVStore:
             estimator, budget_n = "oracle", n  # every key (below min_keys, no index: reading them all is cheap)
         elif row_pad is not None and estimator in ("topk", "oracle"):  # each row: its share of its own keys
             static["row_budget"] = torch.tensor([self.resolve_budget(budget, n - int(lo)) for lo in static["row_lo"]])
-        stride = self.options.tail_stride if estimator in ("topk", "oracle") and budget_n < n else 0
-        if stride:  # the tail sample: where it starts, for each (batch row, kv head), at this step
-            static.update(stride=stride, stride_offset=stride_offsets(
-                self.options.seed, self.site, self.length, self.batch, self.num_kv_heads, stride))
+        stride, offset = self.tail_sample(estimator, budget_n, n)
+        if stride:
+            static.update(stride=stride, stride_offset=offset)
         mu = idx.mu if idx.built else torch.zeros(self.batch, self.num_kv_heads, self.head_dim)
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         rows = max(1, qh.shape[2])
