@@ -179,9 +179,10 @@ class Decoder:
         n = keys.shape[2]
         qg = q.float().reshape(B, self.kv_heads, G, 1, D)
         sketch = q_codes = k_codes = None
+        budget = store.resolve_budget(None)
         if idx.sketch:
             sketch = (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
-            cand = sketch_candidates(qg, *sketch, min(n, store.resolve_budget(None)))
+            cand = sketch_candidates(qg, *sketch, min(n, budget))
         else:  # the kernel's query codes
             q_codes, k_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1), idx.codes(keys)
             cand = lsh_candidates(q_codes, k_codes, idx.threshold)
@@ -190,7 +191,6 @@ class Decoder:
         top = s.topk(max(1, n // 100), dim=-1).indices
         # the candidates are the kernel's own: with the tail sample's keys, as many per query row as it scored
         scored = cand.sum(-1)
-        budget = store.resolve_budget(None)
         r, offset = store.tail_sample(store.options.estimator, budget, n)
         if r:
             _, scored = estimator_scores(qg, keys, scale, "topk", q_codes=q_codes, k_codes=k_codes,
