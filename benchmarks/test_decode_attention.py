@@ -12,7 +12,10 @@ figure of merit is the ratio to the faster baseline, measured in the same test (
 noisy; absolute times are not comparable across runs).  ``extra_info`` carries the ratio, the
 fraction of keys read, and the kernel's effective bandwidth (bytes it must touch / time) against
 this machine's copy bandwidth, and the time per row read against torch's ``index_select`` of as many
-rows of the same size (a roofline for scattered reads on this machine).
+rows of the same size (a roofline for scattered reads on this machine).  For the defaults it adds their
+floor: the distinct K/V rows they must read (``rows_read``) gathered by ``index_select`` plus their key
+sketch read at the machine's copy bandwidth — no arithmetic, no ranking — and that floor's ratio to dense
+(``defaults_floor_speedup_vs_best_dense``): a speed-up above it needs rows read faster than torch gathers them.
 
     pytest benchmarks/test_decode_attention.py --benchmark-only              # 8k, 32k, 128k
     pytest benchmarks/test_decode_attention.py --benchmark-only -k "8k and not 128k"   # quick
@@ -27,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kvpass.cpu_ops import simd_level
+from kvpass.lowering.reference import estimator_scores, sketch_codes
 
 from kvpass import KVStore
 
@@ -87,6 +91,24 @@ def variant(k: torch.Tensor, v: torch.Tensor, **options) -> KVStore:
     store = KVStore(HKV, D, dtype=torch.bfloat16, batch=1, **options)
     store.append(k.bfloat16(), v.bfloat16())
     return store
+
+
+def rows_read(store: KVStore, q: torch.Tensor) -> tuple[int, int]:
+    """(distinct host K/V rows, candidates) of one step of ``store``'s estimator (a sketch store) for q
+    [1, H, 1, D]: the keys it attends by the plain-torch definition (``estimator_scores``: the head of best
+    sketch scores and the tail sample), each (kv head, key) counted once however many of the kv head's
+    query rows chose it, and the candidates summed over query rows.  The distinct rows are the fewest any
+    kernel computing the same estimate must read."""
+    keys = torch.cat(store.host.views()[0], 2).float()  # [1, Hkv, n, D]
+    HKV, n, D = keys.shape[1], keys.shape[2], keys.shape[3]
+    idx, est = store.index, store.options.estimator
+    budget = store.resolve_budget(None)
+    stride, offset = store.tail_sample(est, budget, n)
+    sketch = (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+    qg = q.float().reshape(1, HKV, -1, 1, D)
+    s, candidates = estimator_scores(qg, keys, D ** -0.5, est, budget=budget, sketch=sketch, stride=stride,
+                                     offset=offset)
+    return int(torch.isfinite(s).any(2).sum()), int(candidates.sum())
 
 
 # beside the defaults: the sketch's int8 codes instead of int4, and the top 2% of the sketch without a tail
@@ -167,6 +189,16 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
     n_rows = max(1, round(rows * read))
     ids = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(1))[:n_rows].sort().values
     t_gather = best_of(lambda: flat.index_select(0, ids), 5)
+    # the defaults' floor: the distinct K/V rows they must read, gathered by torch as above, and their key
+    # sketch (every offloaded key's codes) read at this machine's copy bandwidth (read + write bytes per
+    # second: generous for a read) — no arithmetic, no ranking; a speed-up above its ratio is out of reach
+    distinct, chosen = rows_read(defaults, q)
+    ids_d = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(2))[:distinct].sort().values
+    t_gather_d = best_of(lambda: flat.index_select(0, ids_d), 5)
+    dense_bytes = 2 * k.nbytes  # fp32 K and V, what the baselines read
+    sketch_bytes = defaults.tokens_offloaded * HKV * D * defaults.index.sketch_bits // 8
+    rows_bytes = distinct * 2 * D * itemsize
+    t_floor = t_gather_d + sketch_bytes / copy_bandwidth
     benchmark.extra_info.update({
         "layout": f"{H} q / {HKV} kv heads, d={D}",
         "context": ctx,
@@ -191,6 +223,14 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
         "dense_GBps": round(2 * k.nbytes / baseline / 1e9, 2),
         "ns_per_row_kvpass": round(t_kvpass / n_rows * 1e9, 1),
         "ns_per_row_torch_gather": round(t_gather / n_rows * 1e9, 1),
+        "defaults_distinct_rows": distinct,
+        "defaults_distinct_rows_per_chosen": round(distinct / chosen, 3),
+        "defaults_bytes_vs_dense": round((rows_bytes + sketch_bytes) / dense_bytes, 4),
+        "defaults_sketch_bytes_vs_dense": round(sketch_bytes / dense_bytes, 4),
+        "defaults_speedup_cap_at_dense_bandwidth": round(dense_bytes / (rows_bytes + sketch_bytes), 1),
+        "ms_defaults_floor": round(t_floor * 1e3, 3),
+        "defaults_floor_speedup_vs_best_dense": round(baseline / t_floor, 1),
+        "ns_per_distinct_row_torch_gather": round(t_gather_d / max(distinct, 1) * 1e9, 1),
         "index_bytes_per_token_per_table": round(store.index_bytes / (n * HKV * idx.lsh_l), 3),
     })
     print(f"\n{layout} {context}: kvpass sample {t_kvpass * 1e3:.2f} ms | sdpa {t_sdpa * 1e3:.2f} ms | grouped "
@@ -201,7 +241,9 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
           f"{cold['top2pct_no_tail'] * 1e3:.2f} ms | keys read {read / n:.2%} | "
           f"{touched / t_kvpass / 1e9:.1f} GB/s effective vs {copy_bandwidth / 1e9:.1f} GB/s copy | "
           f"{t_kvpass / n_rows * 1e9:.0f} ns per row read vs {t_gather / n_rows * 1e9:.0f} ns for torch "
-          f"index_select of as many rows")
+          f"index_select of as many rows | defaults' floor (their {distinct} distinct rows gathered by torch + "
+          f"their sketch at copy bandwidth) {t_floor * 1e3:.2f} ms = {baseline / t_floor:.1f}x dense; bytes "
+          f"{(rows_bytes + sketch_bytes) / dense_bytes:.2%} of dense's (sketch {sketch_bytes / dense_bytes:.2%})")
 
 
 @pytest.mark.parametrize("context", ["8k", "32k"])

@@ -1,0 +1,118 @@
+"""Could a step skip most of the key sketch?  Measured on a real model's keys and queries.
+
+The defaults rank every offloaded key by its int4 sketch score each step (64 bytes a key per kv head at
+head_dim 128) and keep the ``budget`` best.  Three ways to read less, each scored by how many of those
+best keys it still finds (recall of the int4 top-``budget``), per layer:
+
+* **exact tile bounds** (Quest-like): per tile of 16 keys, each dimension's min and max code; a tile whose
+  upper bound Σ_d max(q_d·min_d, q_d·max_d) is below the m-th best score holds none of the best m and
+  could be skipped without changing the answer.  Reported: the fraction of tiles that cannot be skipped.
+* **approximate tile selection**: scan only the best 10/20/30% of tiles of 8 or 16 keys, ranked by that
+  bound, by the tile's mean code (its centroid) or by both.
+* **a coarser prefilter**: rank by a smaller code (sign bits, sign × std, int2) and re-rank the best
+  5/10/20% of keys with the int4 sketch.
+
+Plain torch on the definitions in ``kvpass.lowering.reference``; the model is prefilled densely on CPython
+sources (``kvpass.text.python_source_text``) and the next ``--queries`` positions' queries are taken.
+
+    python scripts/sketch_pruning.py --context 16384          # ~5 min on 2 cores (the prefill)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from kvpass.lowering.reference import sketch_codes, sketch_project, sketch_query, sketch_scale
+from kvpass.runtime.config import Options
+
+from kvpass.frontier import attention_hook, dense_prefix
+from kvpass.hf import cache_kwarg
+from kvpass.models import load_model
+from kvpass.text import python_source_text
+
+
+def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """site → (q [1, H, queries, D], k [1, Hkv, context + queries, D]) of a dense pass."""
+    model, tok = load_model(model_name)
+    ids = tok(python_source_text(), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = ids[:, :context + queries]
+    cache = dense_prefix(model, ids, context)
+    out = {}
+
+    def spy(site, orig, q, k, v, *args, **kwargs):
+        out[site] = (q[:, :, -queries:].clone(), k.clone())
+        return orig(q, k, v, *args, **kwargs)
+
+    with attention_hook(model, spy), torch.no_grad():
+        model(input_ids=ids[:, context:context + queries], use_cache=True, **{cache_kwarg(): cache})
+    return out
+
+
+def top_mask(scores: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(m, -1).indices, True)
+
+
+EXACT = "exact tile bounds (16 keys): tiles that cannot be skipped"
+
+
+def measure(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, stats: dict) -> None:
+    opts = Options()
+    B, H, T, D = q.shape
+    hkv = k.shape[1]
+    keys = k[:, :, opts.sink_size:context - opts.window_size].float()  # the offloaded keys
+    n = keys.shape[2] // 16 * 16
+    keys = keys[:, :, :n]
+    mu = keys.mean(2)
+    scale = sketch_scale(keys, mu, 4)
+    codes = sketch_codes(keys, mu, scale, 4).float()  # [1, Hkv, n, D]
+    qq = sketch_query(sketch_project(q.float().view(B, hkv, H // hkv, T, D), scale))  # [1, Hkv, G, T, D]
+    s = qq @ codes.transpose(-1, -2)[:, :, None]  # [1, Hkv, G, T, n]
+    m = max(1, round(budget * n))
+    best = top_mask(s, m)
+    for tile in (8, 16):
+        t = codes.view(B, hkv, n // tile, tile, D)
+        hi, lo = t.amax(3).transpose(-1, -2)[:, :, None], t.amin(3).transpose(-1, -2)[:, :, None]
+        bound = qq.clamp_min(0) @ hi + qq.clamp_max(0) @ lo  # [1, Hkv, G, T, tiles]
+        centroid = qq @ t.mean(3).transpose(-1, -2)[:, :, None]
+        if tile == 16:
+            m_th = s.topk(m, -1).values[..., -1:]
+            stats[EXACT].append(
+                float((bound >= m_th).float().mean()))
+        in_tiles = best.view(*best.shape[:-1], n // tile, tile).sum(-1)
+        for frac in (0.1, 0.2, 0.3):
+            nt = max(1, round(frac * n / tile))
+            for name, rank in (("bound", bound), ("centroid", centroid), ("bound + centroid", bound + centroid)):
+                kept = (in_tiles * top_mask(rank, nt)).sum(-1).float() / m
+                stats[f"best {frac:.0%} of {tile}-key tiles by {name}: recall"].append(float(kept.mean()))
+    x = keys - mu[:, :, None]
+    std = x.std(2)[:, :, None]
+    coarse = {"sign": x.sign(), "sign x std": x.sign() * std,
+              "int2": (x / std).round().clamp(-2, 1) * std}
+    qf = q.float().view(B, hkv, H // hkv, T, D)
+    for name, c in coarse.items():
+        p = qf @ c.transpose(-1, -2)[:, :, None]
+        for frac in (0.05, 0.1, 0.2):
+            kept = (best & top_mask(p, round(frac * n))).sum(-1).float() / m
+            stats[f"{name} prefilter, best {frac:.0%} re-ranked: recall"].append(float(kept.mean()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=Options().budget)
+    a = ap.parse_args()
+    stats: dict[str, list[float]] = collections.defaultdict(list, {EXACT: []})
+    for q, k in capture(a.model, a.context, a.queries).values():
+        measure(q, k, a.context, a.budget, stats)
+    print(f"{a.model}, {a.context} tokens, {a.queries} queries, int4 top {a.budget:.1%}; mean (worst layer)")
+    for name, v in stats.items():
+        worst = max(v) if "skipped" in name else min(v)
+        print(f"  {name:62s} {sum(v) / len(v):.3f} ({worst:.3f})")
+
+
+if __name__ == "__main__":
+    main()
