@@ -193,6 +193,9 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
     # sketch (every offloaded key's codes) read at this machine's copy bandwidth (read + write bytes per
     # second: generous for a read) — no arithmetic, no ranking; a speed-up above its ratio is out of reach
     distinct, chosen = rows_read(defaults, q)
+    defaults.attend(q, estimator=defaults.options.estimator)
+    assert chosen == int(defaults.last_scored.sum()), "rows_read's keys are not the kernel's"
+    assert chosen / (H // HKV) <= distinct <= chosen
     ids_d = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(2))[:distinct].sort().values
     t_gather_d = best_of(lambda: flat.index_select(0, ids_d), 5)
     dense_bytes = 2 * k.nbytes  # fp32 K and V, what the baselines read
