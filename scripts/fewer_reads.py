@@ -1,4 +1,4 @@
-"""Could a step skip most of the key sketch?  Measured on a real model's keys and queries.
+"""Could a step read less?  Measured on a real model's keys, values and queries.
 
 The defaults rank every offloaded key by its int4 sketch score each step (64 bytes a key per kv head at
 head_dim 128) and keep the ``budget`` best.  Three ways to read less, each scored by how many of those
@@ -12,16 +12,22 @@ best keys it still finds (recall of the int4 top-``budget``), per layer:
 * **a coarser prefilter**: rank by a smaller code (sign bits, sign × std, int2) and re-rank the best
   5/10/20% of keys with the int4 sketch.
 
+And of the K/V rows: **V only for the heavy keys** — the defaults' estimate (head + tail, exact scores,
+sinks and window) with V read only where a key's weight is at least eps × the step's largest, the skipped
+keys' weight left in the denominator: the fraction of the kept keys' V rows read and the output's relative
+error against the estimate with every V (beside the estimate's own against dense).
+
 Plain torch on the definitions in ``kvpass.lowering.reference``; the model is prefilled densely on CPython
 sources (``kvpass.text.python_source_text``) and the next ``--queries`` positions' queries are taken.
 
-    python scripts/sketch_pruning.py --context 16384          # ~5 min on 2 cores (the prefill)
+    python scripts/fewer_reads.py --context 16384          # ~6 min on 2 cores (the prefill)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 
 import torch
 from kvpass.lowering.reference import sketch_codes, sketch_project, sketch_query, sketch_scale
@@ -33,8 +39,8 @@ from kvpass.models import load_model
 from kvpass.text import python_source_text
 
 
-def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """site → (q [1, H, queries, D], k [1, Hkv, context + queries, D]) of a dense pass."""
+def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """site → (q [1, H, queries, D], k and v [1, Hkv, context + queries, D]) of a dense pass."""
     model, tok = load_model(model_name)
     ids = tok(python_source_text(), return_tensors="pt", add_special_tokens=False)["input_ids"]
     ids = ids[:, :context + queries]
@@ -42,7 +48,7 @@ def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torc
     out = {}
 
     def spy(site, orig, q, k, v, *args, **kwargs):
-        out[site] = (q[:, :, -queries:].clone(), k.clone())
+        out[site] = (q[:, :, -queries:].clone(), k.clone(), v.clone())
         return orig(q, k, v, *args, **kwargs)
 
     with attention_hook(model, spy), torch.no_grad():
@@ -98,6 +104,46 @@ def measure(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, stats
             stats[f"{name} prefilter, best {frac:.0%} re-ranked: recall"].append(float(kept.mean()))
 
 
+def measure_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, budget: float,
+                   stats: dict) -> None:
+    """V only for the heavy keys, at each of the queries' own steps (query t sees context + t + 1 keys)."""
+    opts = Options()
+    B, H, T, D = q.shape
+    hkv = k.shape[1]
+    S, W, r = opts.sink_size, opts.window_size, opts.tail_stride
+    for t in range(T):
+        n_ctx = context + t + 1
+        kk, vv = k[:, :, :n_ctx].float(), v[:, :, :n_ctx].float()
+        off = slice(S, n_ctx - W)
+        keys = kk[:, :, off]
+        n = keys.shape[2]
+        mu = keys.mean(2)
+        scale = sketch_scale(keys, mu, 4)
+        qg = q[:, :, t].float().view(B, hkv, H // hkv, D)
+        sk = sketch_query(sketch_project(qg[:, :, :, None], scale))[:, :, :, 0] @ \
+            sketch_codes(keys, mu, scale, 4).float().transpose(-1, -2)
+        head = top_mask(sk, max(1, round(budget * n)))
+        tail = (torch.arange(n) % r == t % r) & ~head
+        s = qg @ kk.transpose(-1, -2) * D ** -0.5  # [1, Hkv, G, n_ctx]
+        so = s[..., off]
+        inf = torch.full_like(so, float("-inf"))
+        logw = s.clone()
+        logw[..., off] = torch.where(head, so, torch.where(tail, so + math.log(r), inf))
+        w = logw.softmax(-1)
+        est = w @ vv
+        dense = s.softmax(-1) @ vv
+        stats["the estimate's own relative error against dense"].append(
+            float(((est - dense).norm(dim=-1) / dense.norm(dim=-1)).mean()))
+        kept = head | tail
+        for eps in (1e-2, 1e-3, 1e-4):
+            heavy = w >= eps * w.amax(-1, keepdim=True)
+            o = (w * heavy) @ vv
+            stats[f"V where weight >= {eps:g} x max: V rows read / kept"].append(
+                float((heavy[..., off] & kept).sum() / kept.sum()))
+            stats[f"V where weight >= {eps:g} x max: relative error against every V"].append(
+                float(((o - est).norm(dim=-1) / est.norm(dim=-1)).mean()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -106,11 +152,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=Options().budget)
     a = ap.parse_args()
     stats: dict[str, list[float]] = collections.defaultdict(list, {EXACT: []})
-    for q, k in capture(a.model, a.context, a.queries).values():
+    for q, k, v in capture(a.model, a.context, a.queries).values():
         measure(q, k, a.context, a.budget, stats)
+        measure_values(q, k, v, a.context, a.budget, stats)
     print(f"{a.model}, {a.context} tokens, {a.queries} queries, int4 top {a.budget:.1%}; mean (worst layer)")
     for name, v in stats.items():
-        worst = max(v) if "skipped" in name else min(v)
+        worst = max(v) if "skipped" in name or "error" in name else min(v)
         print(f"  {name:62s} {sum(v) / len(v):.3f} ({worst:.3f})")
 
 
