@@ -175,13 +175,12 @@ class Decoder:
         B, H, _, D = q.shape
         G = H // self.kv_heads
         idx = store.index
-        keys = torch.cat(store.host.views()[0], 2).float()  # [1, Hkv, n, D]
+        keys, sketch = host_sketch(store)
         n = keys.shape[2]
         qg = q.float().reshape(B, self.kv_heads, G, 1, D)
-        sketch = q_codes = k_codes = None
+        q_codes = k_codes = None
         budget = store.resolve_budget(None)
-        if idx.sketch:
-            sketch = (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+        if sketch is not None:
             cand = sketch_candidates(qg, *sketch, min(n, budget))
         else:  # the kernel's query codes
             q_codes, k_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1), idx.codes(keys)
@@ -200,6 +199,17 @@ class Decoder:
         self.distinct += int(cand.any(2).sum())
         self.candidates += int(cand.sum())
         self.mass.append(float((s.softmax(-1) * cand).sum(-1).mean()))
+
+
+def host_sketch(store: KVStore) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A store's host keys, fp32 [B, Hkv, n, D], and their key sketch (codes, scale) by the reference
+    definition (``sketch_codes`` with the index's μ and scale), or None for an LSH store: what the
+    plain-torch checks of the kernel's choice start from."""
+    idx = store.index
+    keys = torch.cat(store.host.views()[0], 2).float()
+    if not idx.sketch:
+        return keys, None
+    return keys, (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
 
 
 def decoder(model, options: dict | Options, start: int, recall_every: int = 0) -> Decoder:
