@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 
 import torch
-from kvpass.lowering.reference import sketch_codes, sketch_project, sketch_query, sketch_scale
+from kvpass.lowering.reference import (
+    estimator_scores,
+    sketch_candidates,
+    sketch_codes,
+    sketch_project,
+    sketch_query,
+    sketch_scale,
+    sketch_scores,
+)
 from kvpass.runtime.config import Options
 
 from kvpass.frontier import attention_hook, dense_prefix
@@ -73,10 +80,11 @@ def measure(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, stats
     mu = keys.mean(2)
     scale = sketch_scale(keys, mu, 4)
     codes = sketch_codes(keys, mu, scale, 4).float()  # [1, Hkv, n, D]
-    qq = sketch_query(sketch_project(q.float().view(B, hkv, H // hkv, T, D), scale))  # [1, Hkv, G, T, D]
-    s = qq @ codes.transpose(-1, -2)[:, :, None]  # [1, Hkv, G, T, n]
+    qg = q.float().view(B, hkv, H // hkv, T, D)
+    qq = sketch_query(sketch_project(qg, scale))  # [1, Hkv, G, T, D], the integer rows the bounds take
+    s = sketch_scores(qg, codes, scale)  # [1, Hkv, G, T, n]
     m = max(1, round(budget * n))
-    best = top_mask(s, m)
+    best = sketch_candidates(qg, codes, scale, m)  # the defaults' head
     for tile in (8, 16):
         t = codes.view(B, hkv, n // tile, tile, D)
         hi, lo = t.amax(3).transpose(-1, -2)[:, :, None], t.amin(3).transpose(-1, -2)[:, :, None]
@@ -84,8 +92,7 @@ def measure(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, stats
         centroid = qq @ t.mean(3).transpose(-1, -2)[:, :, None]
         if tile == 16:
             m_th = s.topk(m, -1).values[..., -1:]
-            stats[EXACT].append(
-                float((bound >= m_th).float().mean()))
+            stats[EXACT].append(float((bound >= m_th).float().mean()))
         in_tiles = best.view(*best.shape[:-1], n // tile, tile).sum(-1)
         for frac in (0.1, 0.2, 0.3):
             nt = max(1, round(frac * n / tile))
@@ -96,9 +103,8 @@ def measure(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, stats
     std = x.std(2)[:, :, None]
     coarse = {"sign": x.sign(), "sign x std": x.sign() * std,
               "int2": (x / std).round().clamp(-2, 1) * std}
-    qf = q.float().view(B, hkv, H // hkv, T, D)
     for name, c in coarse.items():
-        p = qf @ c.transpose(-1, -2)[:, :, None]
+        p = qg @ c.transpose(-1, -2)[:, :, None]
         for frac in (0.05, 0.1, 0.2):
             kept = (best & top_mask(p, round(frac * n))).sum(-1).float() / m
             stats[f"{name} prefilter, best {frac:.0%} re-ranked: recall"].append(float(kept.mean()))
@@ -119,22 +125,21 @@ def measure_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: i
         n = keys.shape[2]
         mu = keys.mean(2)
         scale = sketch_scale(keys, mu, 4)
-        qg = q[:, :, t].float().view(B, hkv, H // hkv, D)
-        sk = sketch_query(sketch_project(qg[:, :, :, None], scale))[:, :, :, 0] @ \
-            sketch_codes(keys, mu, scale, 4).float().transpose(-1, -2)
-        head = top_mask(sk, max(1, round(budget * n)))
-        tail = (torch.arange(n) % r == t % r) & ~head
-        s = qg @ kk.transpose(-1, -2) * D ** -0.5  # [1, Hkv, G, n_ctx]
-        so = s[..., off]
-        inf = torch.full_like(so, float("-inf"))
+        qg = q[:, :, t].float().view(B, hkv, H // hkv, 1, D)
+        sketch = (sketch_codes(keys, mu, scale, 4), scale)
+        offset = torch.full((B, hkv), t % r)  # the tail sample's start (the store draws it per step)
+        so, _ = estimator_scores(qg, keys, D ** -0.5, "topk", budget=max(1, round(budget * n)), sketch=sketch,
+                                 stride=r, offset=offset)  # the head + tail estimate's offloaded scores
+        s = (qg @ kk.transpose(-1, -2)[:, :, None] * D ** -0.5)[:, :, :, 0]  # [1, Hkv, G, n_ctx]
+        so = so[:, :, :, 0]
         logw = s.clone()
-        logw[..., off] = torch.where(head, so, torch.where(tail, so + math.log(r), inf))
+        logw[..., off] = so
         w = logw.softmax(-1)
         est = w @ vv
         dense = s.softmax(-1) @ vv
         stats["the estimate's own relative error against dense"].append(
             float(((est - dense).norm(dim=-1) / dense.norm(dim=-1)).mean()))
-        kept = head | tail
+        kept = torch.isfinite(so)
         for eps in (1e-2, 1e-3, 1e-4):
             heavy = w >= eps * w.amax(-1, keepdim=True)
             o = (w * heavy) @ vv
