@@ -386,7 +386,7 @@ struct Problem {
   std::vector<const int8_t*> skb;   // retriever "sketch": per sketch block, [B, Hkv, tiles, words, 16, 4] (empty: LSH)
   std::vector<int32_t> sk_qw;       // sketch: the quantised query rows, [B, Hkv, G·Tq, qwords] words of 4 int8
   int64_t sk_bits = 8, sk_words = 0, sk_qwords = 0;  // code width; 4-byte words per key in a tile; per query row
-  bool sk_vnni = false;             // sketch: scan with AVX512-VNNI (else the portable loop: the same sums)
+  int sk_simd = 0;                  // sketch scan: 2 AVX512-VNNI, 1 AVX2, 0 the portable loop (the same sums)
   int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
   const float* sk_q = nullptr;      // [B, H, Tq, D]: the query rows scaled as the codes are (q * scale)
   int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
@@ -924,22 +924,115 @@ KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64
   }
 }
 
-bool cpu_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
+#define KVPASS_AVX2 __attribute__((target("avx2")))
+
+// The same integer sums on AVX2 (no 8-bit dot-product instruction there): vpmaddubsw multiplies unsigned x
+// signed bytes and adds neighbouring pairs into 16 bits, vpmaddwd with ones adds those pairs into the key's
+// 32-bit lane — Σ of 4 byte products a lane, as vpdpbusd.  No pair saturates: int4 keys are 0..15
+// (code + 8), so |pair| ≤ 2 · 15 · 127; int8 keys are the signed codes, multiplied as |code| x ±q
+// (vpsignb), so |pair| ≤ 2 · 128 · 127 < 2^15, and the row's 128 · Σ_d q_d is added after (`bias`) to give
+// VNNI's Σ (code + 128) · q exactly.  A 64-byte tile word is two 32-byte halves: keys 0-7 and 8-15.
+template <int NR, bool INT4>
+KVPASS_AVX2 KVPASS_INLINE void sketch_tile_avx2(const uint8_t* c, const int32_t* qw, int64_t W, int64_t QW,
+                                                const int32_t* bias, int64_t r0, int64_t j, int64_t nl,
+                                                const ScanSink& o) {
+  __m256i acc[NR][2];
+  for (int rr = 0; rr < NR; ++rr) acc[rr][0] = acc[rr][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < W; ++g)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + g * 64 + h * 32));
+      if constexpr (INT4) {
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int rr = 0; rr < NR; ++rr) {
+          const __m256i a = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(qw[rr * QW + 2 * g]));
+          const __m256i b = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(qw[rr * QW + 2 * g + 1]));
+          acc[rr][h] = _mm256_add_epi32(acc[rr][h], _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+        }
+      } else {
+        const __m256i mag = _mm256_abs_epi8(v);
+        for (int rr = 0; rr < NR; ++rr) {
+          const __m256i q = _mm256_sign_epi8(_mm256_set1_epi32(qw[rr * QW + g]), v);
+          acc[rr][h] = _mm256_add_epi32(acc[rr][h], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, q), ones));
+        }
+      }
+    }
+  for (int rr = 0; rr < NR; ++rr) {
+    const int64_t r = r0 + rr;
+    alignas(32) float f[16];
+    for (int h = 0; h < 2; ++h)
+      _mm256_store_ps(f + 8 * h, _mm256_cvtepi32_ps(_mm256_add_epi32(acc[rr][h], _mm256_set1_epi32(bias[r]))));
+    if (o.tau == nullptr) {
+      std::copy(f, f + nl, o.out + r * o.stride + j - o.key0);
+      continue;
+    }
+    const __m256 t = _mm256_set1_ps(o.tau[r]);
+    uint32_t hit = uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(f), t, _CMP_GE_OQ))) |
+                   uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(f + 8), t, _CMP_GE_OQ))) << 8;
+    hit &= (1u << nl) - 1;
+    int64_t at = r * o.cap + o.cnt[r];
+    for (; hit; hit &= hit - 1, ++at) {  // ~2% of the keys reach the threshold: a short loop
+      const int l = __builtin_ctz(hit);
+      o.pos[at] = int32_t(j + l);
+      o.sc[at] = f[l];
+    }
+    o.cnt[r] = at - r * o.cap;
+  }
+}
+
+template <bool INT4>
+KVPASS_AVX2 void sketch_scan_avx2(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
+                                  const int32_t* qw, const ScanSink& o) {
+  const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
+  std::vector<int32_t> bias(rows, 0);  // int8: 128 · Σ_d q_d per row (see sketch_tile_avx2)
+  if (!INT4)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* qb = reinterpret_cast<const int8_t*>(qw + r * QW);
+      for (int64_t i = 0; i < 4 * QW; ++i) bias[r] += 128 * int32_t(qb[i]);
+    }
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
+    const uint8_t* c = sketch_tile(P, b, hk, tile);
+    if (tile + 1 < t1) prefetch_line(reinterpret_cast<const char*>(sketch_tile(P, b, hk, tile + 1)));
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int32_t* q = qw + r0 * QW;
+      switch (std::min<int64_t>(4, rows - r0)) {
+        case 1: sketch_tile_avx2<1, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
+        case 2: sketch_tile_avx2<2, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
+        case 3: sketch_tile_avx2<3, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
+        default: sketch_tile_avx2<4, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
+      }
+    }
+  }
+}
+
+// The sketch scan this CPU runs: 2 AVX512-VNNI, 1 AVX2, 0 the portable loop; $KVPASS_SKETCH_SCAN = "avx2" or
+// "portable" caps it (tests compare the paths; each gives the same integers).
+int sketch_simd() {
+  static const int best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                  __builtin_cpu_supports("avx512vnni")
+                              ? 2
+                              : __builtin_cpu_supports("avx2") ? 1 : 0;
+  const char* scan = std::getenv("KVPASS_SKETCH_SCAN");
+  if (scan && std::string(scan) == "portable") return 0;
+  if (scan && std::string(scan) == "avx2") return std::min(best, 1);
+  return best;
 }
 #else
-bool cpu_has_vnni() { return false; }
+int sketch_simd() { return 0; }
 #endif
 
 // Sketch scores of tiles [t0, t1) of (b, hk) for the unit's G·Tq rows, into the sink.
 void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, const ScanSink& o) {
   const int32_t* qw = P.sk_qw.data() + sketch_qw_offset(P, b, hk);
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (P.sk_vnni) {
+  if (P.sk_simd == 2) {
     if (P.sk_bits == 4) return sketch_scan_vnni<true>(P, b, hk, t0, t1, qw, o);
     return sketch_scan_vnni<false>(P, b, hk, t0, t1, qw, o);
+  }
+  if (P.sk_simd == 1) {
+    if (P.sk_bits == 4) return sketch_scan_avx2<true>(P, b, hk, t0, t1, qw, o);
+    return sketch_scan_avx2<false>(P, b, hk, t0, t1, qw, o);
   }
 #endif
   sketch_scan_portable(P, b, hk, t0, t1, qw, o);
@@ -1266,8 +1359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
     sk_q = sketch_query->contiguous();
     P.sk_q = sk_q.data_ptr<float>();
     P.candidates = std::max<int64_t>(budget, 1);
-    const char* scan = std::getenv("KVPASS_SKETCH_SCAN");  // "portable": tests compare the two paths
-    P.sk_vnni = cpu_has_vnni() && !(scan && std::string(scan) == "portable");
+    P.sk_simd = sketch_simd();
     P.sk_qw.resize(B * H * Tq * P.sk_qwords);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));

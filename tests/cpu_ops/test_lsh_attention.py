@@ -252,12 +252,13 @@ def test_sign_codes_are_the_torch_packing(K, L):
 
 
 def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str, softcap: float = 0.0):
-    """store.attend_host(q, "topk") with the sketch scanned by the kernel's native path (VNNI where the CPU
-    has it) or its portable loop ($KVPASS_SKETCH_SCAN, restored after)."""
+    """store.attend_host(q, "topk") with the sketch scanned by the kernel's native path (AVX512-VNNI or AVX2,
+    what the CPU has), its AVX2 path (where the CPU has AVX2) or its portable loop ($KVPASS_SKETCH_SCAN,
+    restored after)."""
     old = os.environ.pop("KVPASS_SKETCH_SCAN", None)
     try:
-        if scan == "portable":
-            os.environ["KVPASS_SKETCH_SCAN"] = "portable"
+        if scan in ("portable", "avx2"):
+            os.environ["KVPASS_SKETCH_SCAN"] = scan
         return store.attend_host(q, estimator="topk", budget=budget, softcap=softcap)
     finally:
         os.environ.pop("KVPASS_SKETCH_SCAN", None)
@@ -269,13 +270,13 @@ def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str, softcap: flo
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 4, 7]), Tq=st.integers(1, 3),
        D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
-       seed=st.integers(0, 5), scan=st.sampled_from(["native", "portable"]),
+       seed=st.integers(0, 5), scan=st.sampled_from(["native", "avx2", "portable"]),
        bits=st.sampled_from([8, 4]), softcap=st.sampled_from([0.0, 2.0]))
 def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan, bits,
                                                        softcap):
     """topk over the sketch's `budget` best keys, int8 or int4 codes.  The sketch scores are integers (the
     quantised query dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU
-    has one, and the portable loop — and torch pick the same candidates (ties by key order in both), for
+    has one, its AVX2 path and the portable loop — and torch pick the same candidates (ties by key order in both), for
     any query."""
     store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
                     dtype=dtype, host_block_size=64, sketch_bits=bits)
@@ -419,7 +420,7 @@ def test_a_long_query_block_is_split_into_chunks_with_the_same_result(monkeypatc
 @settings(max_examples=fuzz_examples(12), deadline=None)
 @given(G=st.sampled_from([1, 4, 7]), Tq=st.integers(1, 2), D=st.sampled_from([8, 64]), bits=st.sampled_from([8, 4]),
        budget=st.sampled_from([1, 37, 400, 2000]), extra=st.integers(0, 700), seed=st.integers(0, 3),
-       scan=st.sampled_from(["native", "portable"]))
+       scan=st.sampled_from(["native", "avx2", "portable"]))
 def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget, extra, seed, scan):
     """From 16,384 offloaded keys on, a kv head scanned by one thread lists only the keys whose sketch score
     reaches a sampled threshold, with their scores, and picks the budget best from the list: the same keys
