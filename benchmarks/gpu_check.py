@@ -92,7 +92,7 @@ def check_model(device, smoke: bool) -> str:
 
     import kvpass
     from kvpass.hf import greedy
-    from kvpass.text import long_document_prompt
+    from kvpass.eval.text import long_document_prompt
 
     try:
         model, tok = kvpass.load_default_model()

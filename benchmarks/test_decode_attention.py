@@ -33,7 +33,7 @@ from kvpass.cpu_ops import simd_level
 from kvpass.lowering.reference import estimator_scores
 
 from kvpass import KVStore
-from kvpass.frontier import host_sketch
+from kvpass.eval.frontier import host_sketch
 
 LAYOUTS = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64), "qwen2.5-coder-0.5b": (14, 2, 64)}  # q heads, kv heads, D
 CONTEXTS = {"8k": 8192, "32k": 32768, "128k": 131072}

@@ -29,7 +29,7 @@ import torch
 import kvpass
 from kvpass import models
 from kvpass.hf import cache_kwarg
-from kvpass.text import python_source_text
+from kvpass.eval.text import python_source_text
 
 MODEL = os.environ.get("KVPASS_LONG_MODEL", "qwen2.5-coder-0.5b")
 CONTEXTS = {"8k": 8192, "16k": 16384, "32k": 32768}

@@ -77,7 +77,7 @@ def _mib(n: int) -> str:
 def cmd_generate(args) -> int:
     import kvpass
     from kvpass import backend
-    from kvpass.text import long_document_prompt
+    from kvpass.eval.text import long_document_prompt
 
     options = {"preset": args.preset} if args.preset else {}
     given = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
@@ -153,8 +153,8 @@ def _budget(text: str) -> float | int:
 
 
 def cmd_quality(args) -> int:
-    from kvpass.quality import format_quality, layer_quality
-    from kvpass.text import long_document_prompt
+    from kvpass.eval.quality import format_quality, layer_quality
+    from kvpass.eval.text import long_document_prompt
 
     parse_options(sink_size=args.sink_size, window_size=args.window_size, seed=args.seed)
     torch.set_num_threads(args.threads)
@@ -176,9 +176,9 @@ def cmd_frontier(args) -> int:
 
     from tqdm import tqdm
 
-    from kvpass import evaluate as ev
-    from kvpass import frontier as fr
-    from kvpass.text import python_source_text
+    from kvpass.eval import evaluate as ev
+    from kvpass.eval import frontier as fr
+    from kvpass.eval.text import python_source_text
 
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -222,7 +222,7 @@ def cmd_frontier(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from kvpass import evaluate as ev
+    from kvpass.eval import evaluate as ev
 
     if args.plot is None:
         args.plot = "kvpass-frontier.png" if args.frontier else "kvpass-eval.png"
@@ -315,7 +315,7 @@ def cmd_models(args) -> int:
 
 def cmd_export(args) -> int:
     from kvpass.export import export_onnx, onnx_generate, onnx_session
-    from kvpass.text import long_document_prompt
+    from kvpass.eval.text import long_document_prompt
 
     options = parse_options({"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
                              "window_size": args.window_size})

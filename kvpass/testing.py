@@ -140,7 +140,7 @@ def compile_kvpass(model, **options):
 def reference_prompt(tok, n: int) -> torch.Tensor:
     """The first ``n`` tokens of a fixed run of CPython's Language Reference chapters (pydoc_data) —
     real text, the same on every machine (the benchmarks' prompt)."""
-    from kvpass.text import reference_text
+    from kvpass.eval.text import reference_text
 
     text = reference_text(("assignment", "compound", "datamodel", "execmodel", "exprlists", "import"))
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n]

@@ -18,7 +18,7 @@ keys' weight left in the denominator: the fraction of the kept keys' V rows read
 error against the estimate with every V (beside the estimate's own against dense).
 
 Plain torch on the definitions in ``kvpass.lowering.reference``; the model is prefilled densely on CPython
-sources (``kvpass.text.python_source_text``) and the next ``--queries`` positions' queries are taken.
+sources (``kvpass.eval.text.python_source_text``) and the next ``--queries`` positions' queries are taken.
 
     python scripts/fewer_reads.py --context 16384          # ~6 min on 2 cores (the prefill)
 """
@@ -40,10 +40,10 @@ from kvpass.lowering.reference import (
 )
 from kvpass.runtime.config import Options
 
-from kvpass.frontier import attention_hook, dense_prefix
+from kvpass.eval.frontier import attention_hook, dense_prefix
 from kvpass.hf import cache_kwarg
 from kvpass.models import load_model
-from kvpass.text import python_source_text
+from kvpass.eval.text import python_source_text
 
 
 def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, ...]]:

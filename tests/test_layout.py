@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# room → the rooms it may import (besides itself); kvpass/ (the public face) may import every room
+# room → the rooms it may import (besides itself); kvpass/ (the public face) may import every room but the
+# evaluation tools (kvpass.eval), which only its CLI runs (COMPILER_MAY_NOT_IMPORT below)
 ALLOWED = {"kvpass.cpu_ops": set(), "kvpass.lowering": {"kvpass.cpu_ops"},
-           "kvpass.runtime": {"kvpass.lowering", "kvpass.cpu_ops"}}
-ROOMS = ("kvpass.cpu_ops", "kvpass.lowering", "kvpass.runtime")
+           "kvpass.runtime": {"kvpass.lowering", "kvpass.cpu_ops"},
+           "kvpass.eval": {"kvpass", "kvpass.runtime", "kvpass.lowering", "kvpass.cpu_ops"}}
+ROOMS = ("kvpass.cpu_ops", "kvpass.lowering", "kvpass.runtime", "kvpass.eval")
+# the modules of kvpass/ that run the jobs (and the test helpers) may reach the evaluation tools; the compiler
+# (sites, passes, ops, backend, api, export, ...) may not
+EVAL_USERS = {"cli.py", "testing.py"}
 
 
 def _room(module: str) -> str:
@@ -37,13 +42,26 @@ def test_imports_run_one_way_between_the_rooms():
     for room in ("kvpass", *ROOMS):
         pkg = importlib.import_module(room)
         for path in Path(pkg.__path__[0]).rglob("*.py"):
+            if room == "kvpass" and path.parent.name == "eval":  # a room of its own, walked as such
+                continue
             for mod in _imports(path, room):
                 target = _room(mod)
                 if target != room:
                     arrows.add((room, target, path.name))
     assert arrows, "the walk found no import between rooms at all"
     wrong = sorted(a for a in arrows if a[0] in ALLOWED and a[1] not in ALLOWED[a[0]])
+    wrong += sorted(a for a in arrows if a[0] == "kvpass" and a[1] == "kvpass.eval" and a[2] not in EVAL_USERS)
     assert not wrong, f"imports against the room rules (room, imported room, file): {wrong}"
+    assert ("kvpass.eval", "kvpass.runtime", "frontier.py") in arrows  # the walk sees the eval room's arrows
+
+
+def test_the_arrow_rules_catch_a_compiler_module_importing_the_eval_room(tmp_path):
+    """The walk resolves absolute and relative imports alike, so `from .eval import frontier` in the pass would
+    be caught."""
+    f = tmp_path / "passes.py"
+    f.write_text("from .eval import frontier\nimport kvpass.eval.text\n")
+    assert _imports(f, "kvpass") == {"kvpass.eval", "kvpass.eval.text"}
+    assert {_room(m) for m in _imports(f, "kvpass")} == {"kvpass.eval"}
 
 
 def test_one_class_named_kvstore():

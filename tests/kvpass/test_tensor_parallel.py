@@ -47,7 +47,7 @@ def test_smollm2_over_three_ranks_equals_one_process():
     """SmolLM2 (9 q / 3 kv heads) over 3 gloo ranks, one kv head each: exact = dense tokens; the defaults =
     one process's tokens and keys read; each rank a third of the host KV."""
     from kvpass import models
-    from kvpass.text import long_document_prompt
+    from kvpass.eval.text import long_document_prompt
 
     model, tok = kvpass.load_default_model()
     ids = tok(long_document_prompt(tok, 1200, "Summarise the text above."), return_tensors="pt")["input_ids"]

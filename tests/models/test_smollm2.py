@@ -5,7 +5,7 @@ import torch
 
 import kvpass
 from kvpass.testing import greedy
-from kvpass.text import long_document_prompt
+from kvpass.eval.text import long_document_prompt
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_static_cache_split_generates_the_dense_tokens(smollm2):
 def test_sampling_beats_static_only_on_every_layer(smollm2):
     """Real activations (a >= 4k-token real-text prompt): per layer, the sample estimator's attention
     output is closer to dense than sinks + window alone, and reads a few percent of the keys."""
-    from kvpass.quality import format_quality, layer_quality
+    from kvpass.eval.quality import format_quality, layer_quality
 
     model, tok = smollm2
     ids = tok(long_document_prompt(tok, 4096, "Summarise."), return_tensors="pt")["input_ids"]
@@ -201,7 +201,7 @@ def test_inductor_equals_eager_rewrite_without_breaks_or_recompiles(smollm2):
 def test_passkey_static_only_misses_what_sampling_finds(smollm2):
     """Pass key in the middle of a ~1k-token prompt: outside sinks + window, so static-only cannot
     see it; dense, the kvpass defaults and the MagicPIG preset find it, in both set-ups."""
-    from kvpass.evaluate import TASK_CONFIGS, passkey
+    from kvpass.eval.evaluate import TASK_CONFIGS, passkey
 
     model, tok = smollm2
     configs = {k: TASK_CONFIGS[k] for k in ("dense", "static-only", "kvpass", "magicpig")}

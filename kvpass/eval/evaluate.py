@@ -1,11 +1,11 @@
 """``kvpass eval``: quality of kvpass configurations side by side with dense, offline.
 
 * pass-key retrieval (the landmark-attention / Quest style generator: filler sentences, one pass key at
-  a chosen depth, the question at the end) and the RULER-style tasks of ``kvpass.tasks`` — greedy
+  a chosen depth, the question at the end) and the RULER-style tasks of ``kvpass.eval.tasks`` — greedy
   decoding, scored on the continuation;
 * perplexity and next-token KL(dense ‖ config) on real text shipped with CPython (``pydoc_data``):
   the document's first ``prefix`` tokens are prefilled, the next ``tokens`` are scored teacher-forced,
-  every scored position a kvpass decode step (measured by ``kvpass.frontier``, which equals decoding
+  every scored position a kvpass decode step (measured by ``kvpass.eval.frontier``, which equals decoding
   through the compiled model without a prefill per configuration);
 * configurations: dense (the model unchanged), static-only (sinks + window: StreamingLLM), and at each
   budget oracle top-B, kvpass-topk (the defaults: the B best keys by the int4 key sketch) and kvpass-sample (the budget
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpass.tasks import NOISE, Sample, common_prefix, encode, make_samples
+from kvpass.eval.tasks import NOISE, Sample, common_prefix, encode, make_samples
 
 # SimHash bits for kvpass-sample in a budget sweep (L = 150, threshold 2).  Measured on SmolLM2 (real
 # text, 2k context): K = 11, 10, 9, 8 read 1.4%, 3.5%, 8.2%, 18.8% of the offloaded keys
@@ -95,7 +95,7 @@ def _greedy_steps(model, cache, feed: torch.Tensor, n: int, dec, keep: bool = Fa
     the last token generated excepted)."""
     import contextlib
 
-    from kvpass.frontier import attention_hook
+    from kvpass.eval.frontier import attention_hook
     from kvpass.hf import cache_kwarg, crop_to
 
     eos = model.generation_config.eos_token_id
@@ -119,11 +119,11 @@ def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None]
     """Greedy continuation of every sample under every configuration and set-up, scored.
 
     One dense prefill of each sample's context serves every configuration and both set-ups; kvpass's decode
-    steps are the frontier's (``kvpass.frontier.Decoder``: the runtime's store and kernel, equal to decoding
-    through the compiled model — tests/kvpass/test_evaluate.py checks it against ``generate``).
+    steps are the frontier's (``kvpass.eval.frontier.Decoder``: the runtime's store and kernel, equal to decoding
+    through the compiled model — tests/eval/test_evaluate.py checks it against ``generate``).
     ``question``: the question's tokens, then the answer's, are kvpass decode steps; ``generation``: the
     question is prefilled densely, the answer's tokens are decode steps."""
-    from kvpass.frontier import decoder, dense_prefix
+    from kvpass.eval.frontier import decoder, dense_prefix
     from kvpass.hf import crop_to
 
     unknown = set(setups) - set(SETUPS)
@@ -222,7 +222,7 @@ class TextResult:
 
 def document_ids(tok, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of the Python Language Reference (pydoc_data, shipped with CPython)."""
-    from kvpass.text import reference_text
+    from kvpass.eval.text import reference_text
 
     ids = tok(reference_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n_tokens]
     if ids.shape[1] < n_tokens:
@@ -234,8 +234,8 @@ def text_quality(model, tok, configs: dict[str, dict | None], *, prefix: int = 2
                  sink_size: int = 4, window_size: int = 64,
                  progress: Callable[[int], object] | None = None) -> list[TextResult]:
     """Perplexity and next-token KL vs dense over ``tokens`` decode steps after a ``prefix``-token
-    prefill of real text (teacher-forced, measured by ``kvpass.frontier``)."""
-    from kvpass.frontier import frontier
+    prefill of real text (teacher-forced, measured by ``kvpass.eval.frontier``)."""
+    from kvpass.eval.frontier import frontier
 
     ids = document_ids(tok, prefix + tokens + 1)
     cfgs = {n: None if o is None else {"sink_size": sink_size, "window_size": window_size, **o}

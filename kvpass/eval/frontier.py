@@ -8,7 +8,7 @@ model's attention replaced by kvpass's decode step for each query in turn: at ev
 K/V in one append, as the compiled model's prefill does, then for query t the block's token t, and
 attends as a decode step would.  Teacher forcing makes this equal to decoding the block token by token
 through ``torch.compile(backend="kvpass")`` — the logits of position t depend only on keys ≤ t, and each
-layer's K/V come from the sparse outputs of the layers below (tests/kvpass/test_frontier.py checks the
+layer's K/V come from the sparse outputs of the layers below (tests/eval/test_frontier.py checks the
 equality against the compiled model) — without a prefill per configuration.
 
 "Keys attended" of one query at one layer: the static slots it sees (sinks + window, all of them once

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import frontier as fr
+from kvpass.eval import frontier as fr
 from kvpass.hf import cache_kwarg
 from kvpass.testing import tiny_model
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpass.text import reference_text
+from kvpass.eval.text import reference_text
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 

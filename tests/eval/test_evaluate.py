@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from kvpass import evaluate as ev
-from kvpass import tasks
+from kvpass.eval import evaluate as ev
+from kvpass.eval import tasks
 from kvpass.testing import tiny_model
 
 
