@@ -314,8 +314,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from kvpass.export import export_onnx, onnx_generate, onnx_session
     from kvpass.eval.text import long_document_prompt
+    from kvpass.export import export_onnx, onnx_generate, onnx_session
 
     options = parse_options({"estimator": args.estimator, "onnx_lsh": args.onnx_lsh, "sink_size": args.sink_size,
                              "window_size": args.window_size})
@@ -342,6 +342,13 @@ def cmd_export(args) -> int:
         seconds = time.perf_counter() - t0
         print(f"\n=== onnxruntime greedy answer ({len(tokens)} tokens, {seconds:.1f} s incl. the PyTorch "
               f"prefill) ===\n{text.strip()}")
+    return 0
+
+
+def cmd_options(args) -> int:
+    from kvpass.runtime.config import options_reference
+
+    print(options_reference())
     return 0
 
 
@@ -424,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--result", metavar="RESULT.json", help="with --compare: compare this file, run nothing")
     b.add_argument("--tolerance", type=float, default=0.30, help="allowed drop of a ratio (fraction)")
     b.set_defaults(func=cmd_bench)
+    op = sub.add_parser("options", help="every option with its type, default, range and doc, and the presets "
+                                        "(Markdown: docs/options.md is this output)")
+    op.set_defaults(func=cmd_options)
     ex = sub.add_parser("export", help="export the kvpass decode step to ONNX (runs in onnxruntime)")
     ex.add_argument("--output", default="kvpass-decode.onnx", help="the .onnx file (weights beside it)")
     ex.add_argument("--model", help=MODEL_HELP)

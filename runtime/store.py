@@ -29,7 +29,7 @@ def kernel_threads(cpu_threads: int, device: torch.device) -> int:
     """OpenMP threads of the CPU kernel: ``cpu_threads`` when given (> 0); else torch's setting, less one
     when the model runs on an accelerator — that core is left to the thread driving the device (and the
     tokenizer, the data pipeline), which would otherwise deschedule a kernel thread mid-step and make the
-    whole team wait a time slice for it (README: "On a busy host").  torch's own setting is not touched."""
+    whole team wait a time slice for it (docs/benchmarks.md: "On a busy host").  torch's own setting is not touched."""
     if cpu_threads > 0:
         return cpu_threads
     n = torch.get_num_threads()
