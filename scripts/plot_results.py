@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from kvpass.eval.frontier import style_panel
 
     fig, axes = plt.subplots(2, len(PANELS), figsize=(6 * len(PANELS), 8.5), squeeze=False)
     for col, (title, sources) in enumerate(PANELS.items()):
@@ -83,18 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 if label in found:
                     pts = found[label]
                     ax.plot([p[0] for p in pts], [p[pick] for p in pts], label=label, **style)
-            ax.set_xscale("log")
+            style_panel(ax, kl=row == 0, title=title, ylabel=ylabel)
             ax.set_xlim(0.3, 25)  # one scale for both panels: the 3% line and the static part's 0.2-0.4% in view
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            if row == 0:
-                ax.set_yscale("log")
-                ax.set_title(title)
-            else:
-                ax.axhline(0, color="black", lw=1)
-            ax.axvline(3, color="gray", ls=":", lw=1)
-            ax.set_xlabel("context keys attended per step (%, log; sinks + window included)")
-            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)

@@ -345,13 +345,30 @@ def _family(p: Point) -> str:
     return {"none": "static-only"}.get(o.get("estimator"), o.get("estimator", "dense"))
 
 
+def style_panel(ax, *, kl: bool, title: str, ylabel: str) -> None:
+    """One panel of a frontier plot: keys attended (%, log) across; KL (log, titled) or Δperplexity (a zero
+    line) up; the 3% line."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if kl:
+        ax.set_yscale("log")
+        ax.set_title(title)
+    else:
+        ax.axhline(0, color="black", lw=1)
+    ax.axvline(3, color="gray", ls=":", lw=1)
+    ax.set_xlabel("context keys attended per step (%, log; sinks + window included)")
+    ax.set_ylabel(ylabel)
+
+
 def plot(path, runs: dict[str, list[Point]], title: str) -> None:
     """KL and Δperplexity against keys attended, one panel pair per run (e.g. per prefix length)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     colors = {"sample": "tab:blue", "topk": "tab:orange", "topk (sketch)": "tab:brown", "oracle": "tab:green", "magicpig": "tab:purple",
               "head + tail": "tab:cyan", "static-only": "tab:red", "exact": "black"}
@@ -365,17 +382,7 @@ def plot(path, runs: dict[str, list[Point]], title: str) -> None:
             for fam in dict.fromkeys(_family(p) for p in points if p.options is not None):
                 pts = sorted((100 * p.attended, val(p)) for p in points if p.options is not None and _family(p) == fam)
                 ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "s", color=colors.get(fam, "gray"), label=fam)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            if row == 0:
-                ax.set_yscale("log")
-                ax.set_title(label)
-            else:
-                ax.axhline(0, color="black", lw=1)
-            ax.axvline(3, color="gray", ls=":", lw=1)
-            ax.set_xlabel("context keys attended per step (%, log; static slots included)")
-            ax.set_ylabel(ylabel)
+            style_panel(ax, kl=row == 0, title=label, ylabel=ylabel)
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
