@@ -387,6 +387,7 @@ struct Problem {
   std::vector<int32_t> sk_qw;       // sketch: the quantised query rows, [B, Hkv, G·Tq, qwords] words of 4 int8
   int64_t sk_bits = 8, sk_words = 0, sk_qwords = 0;  // code width; 4-byte words per key in a tile; per query row
   int sk_simd = 0;                  // sketch scan: 2 AVX512-VNNI, 1 AVX2, 0 the portable loop (the same sums)
+  std::vector<int32_t> sk_qbias;    // AVX2 int8 scan: each query row's 128 · Σ_d q_d, [B, Hkv, G·Tq] (sketch_tile_avx2)
   int64_t skb_s0 = 0, skb_s1 = 0, sk_tiles = 0;  // strides; tiles of 16 keys per block
   const float* sk_q = nullptr;      // [B, H, Tq, D]: the query rows scaled as the codes are (q * scale)
   int64_t candidates = 0;           // sketch: keys handed to the exact top-k per row
@@ -931,7 +932,8 @@ KVPASS_VNNI void sketch_scan_vnni(const Problem& P, int64_t b, int64_t hk, int64
 // 32-bit lane — Σ of 4 byte products a lane, as vpdpbusd.  No pair saturates: int4 keys are 0..15
 // (code + 8), so |pair| ≤ 2 · 15 · 127; int8 keys are the signed codes, multiplied as |code| x ±q
 // (vpsignb), so |pair| ≤ 2 · 128 · 127 < 2^15, and the row's 128 · Σ_d q_d is added after (`bias`) to give
-// VNNI's Σ (code + 128) · q exactly.  A 64-byte tile word is two 32-byte halves: keys 0-7 and 8-15.
+// VNNI's Σ (code + 128) · q exactly (int4: bias is null).  A 64-byte tile word is two 32-byte halves: keys
+// 0-7 and 8-15.
 template <int NR, bool INT4>
 KVPASS_AVX2 KVPASS_INLINE void sketch_tile_avx2(const uint8_t* c, const int32_t* qw, int64_t W, int64_t QW,
                                                 const int32_t* bias, int64_t r0, int64_t j, int64_t nl,
@@ -960,8 +962,10 @@ KVPASS_AVX2 KVPASS_INLINE void sketch_tile_avx2(const uint8_t* c, const int32_t*
   for (int rr = 0; rr < NR; ++rr) {
     const int64_t r = r0 + rr;
     alignas(32) float f[16];
-    for (int h = 0; h < 2; ++h)
-      _mm256_store_ps(f + 8 * h, _mm256_cvtepi32_ps(_mm256_add_epi32(acc[rr][h], _mm256_set1_epi32(bias[r]))));
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (!INT4) acc[rr][h] = _mm256_add_epi32(acc[rr][h], _mm256_set1_epi32(bias[r]));
+      _mm256_store_ps(f + 8 * h, _mm256_cvtepi32_ps(acc[rr][h]));
+    }
     if (o.tau == nullptr) {
       std::copy(f, f + nl, o.out + r * o.stride + j - o.key0);
       continue;
@@ -984,12 +988,7 @@ template <bool INT4>
 KVPASS_AVX2 void sketch_scan_avx2(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1,
                                   const int32_t* qw, const ScanSink& o) {
   const int64_t W = P.sk_words, QW = P.sk_qwords, rows = P.G * P.Tq;
-  std::vector<int32_t> bias(rows, 0);  // int8: 128 · Σ_d q_d per row (see sketch_tile_avx2)
-  if (!INT4)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* qb = reinterpret_cast<const int8_t*>(qw + r * QW);
-      for (int64_t i = 0; i < 4 * QW; ++i) bias[r] += 128 * int32_t(qb[i]);
-    }
+  const int32_t* bias = INT4 ? nullptr : P.sk_qbias.data() + sketch_qw_offset(P, b, hk) / QW;
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t j = tile * 16, nl = std::min<int64_t>(16, P.n_keys - j);
     const uint8_t* c = sketch_tile(P, b, hk, tile);
@@ -997,10 +996,10 @@ KVPASS_AVX2 void sketch_scan_avx2(const Problem& P, int64_t b, int64_t hk, int64
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const int32_t* q = qw + r0 * QW;
       switch (std::min<int64_t>(4, rows - r0)) {
-        case 1: sketch_tile_avx2<1, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
-        case 2: sketch_tile_avx2<2, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
-        case 3: sketch_tile_avx2<3, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
-        default: sketch_tile_avx2<4, INT4>(c, q, W, QW, bias.data(), r0, j, nl, o); break;
+        case 1: sketch_tile_avx2<1, INT4>(c, q, W, QW, bias, r0, j, nl, o); break;
+        case 2: sketch_tile_avx2<2, INT4>(c, q, W, QW, bias, r0, j, nl, o); break;
+        case 3: sketch_tile_avx2<3, INT4>(c, q, W, QW, bias, r0, j, nl, o); break;
+        default: sketch_tile_avx2<4, INT4>(c, q, W, QW, bias, r0, j, nl, o); break;
       }
     }
   }
@@ -1363,6 +1362,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
     P.sk_qw.resize(B * H * Tq * P.sk_qwords);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t hk = 0; hk < Hkv; ++hk) sketch_query_words(P, b, hk, P.sk_qw.data() + sketch_qw_offset(P, b, hk));
+    if (P.sk_simd == 1 && P.sk_bits == 8) {  // once a call, not once per scanned range (sketch_tile_avx2)
+      const int8_t* qb = reinterpret_cast<const int8_t*>(P.sk_qw.data());
+      P.sk_qbias.assign(B * H * Tq, 0);
+      for (int64_t r = 0; r < B * H * Tq; ++r)
+        for (int64_t i = 0; i < 4 * P.sk_qwords; ++i) P.sk_qbias[r] += 128 * int32_t(qb[r * 4 * P.sk_qwords + i]);
+    }
     P.sk_group = sketch_group_units(B * Hkv, P.threads);
     const char* select = std::getenv("KVPASS_SKETCH_SELECT");  // "scores": every score stored (tests, A/B)
     P.sk_listed = !(select && std::string(select) == "scores");
