@@ -30,15 +30,15 @@ class Knob:
     optional: bool = False  # None is accepted too
     runtime: bool = False
     check: Callable[[Any, Options], str | None] | None = None
-    span: str = ""  # "custom": the accepted values in words (the options reference prints it)
+    span: str = ""  # "custom": the accepted values in words, or the condition beside `choices`
 
     def accepted(self) -> str:
         """The accepted values in words, for the options reference (``kvpass options``)."""
         if self.kind == "int":
             rng = "any int" if self.lo is None and self.hi is None else \
                 f"int >= {self.lo}" if self.hi is None else f"int in [{self.lo}, {self.hi}]"
-        elif self.kind == "choice":
-            rng = "one of " + ", ".join(f"`{c!r}`" for c in self.choices)
+        elif self.choices:  # "choice", or "custom" with a condition beside the choices (span)
+            rng = "one of " + ", ".join(f"`{c!r}`" for c in self.choices) + (f" ({self.span})" if self.span else "")
         elif self.kind == "bool":
             rng = "`True` or `False`"
         else:
@@ -127,9 +127,8 @@ class Options:
                           "centred offloaded key, scanned each step; `topk` attends the `budget` best. `'lsh'`: "
                           "SimHash bucket tables (`lsh_k` bits x `lsh_l` tables), `sample`'s retrieval; `topk` "
                           "takes the best of its candidates. `'auto'`: the sketch for `topk`, LSH for `sample`.",
-                          kind="custom", check=_retriever_error, runtime=True,
-                          span="one of " + ", ".join(f"`{r!r}`" for r in RETRIEVERS) + " ('sketch' not with "
-                               "estimator 'sample')")
+                          kind="custom", check=_retriever_error, runtime=True, choices=RETRIEVERS,
+                          span="'sketch' not with estimator 'sample'")
     # int4 by measurement: on Qwen2.5-Coder-0.5B at 16k/32k, KL 0.0115/0.0061 vs int8's 0.0108/0.0058 at the
     # same keys, for half the bytes scanned (docs/quality.md)
     sketch_bits: int = knob(4, "The sketch's code width per key dimension: `4` (int4, two codes a byte) or `8` "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # room → the rooms it may import (besides itself); kvpass/ (the public face) may import every room but the
-# evaluation tools (kvpass.eval), which only its CLI runs (COMPILER_MAY_NOT_IMPORT below)
+# evaluation tools (kvpass.eval), which only its CLI runs (EVAL_USERS below)
 ALLOWED = {"kvpass.cpu_ops": set(), "kvpass.lowering": {"kvpass.cpu_ops"},
            "kvpass.runtime": {"kvpass.lowering", "kvpass.cpu_ops"},
            "kvpass.eval": {"kvpass", "kvpass.runtime", "kvpass.lowering", "kvpass.cpu_ops"}}
