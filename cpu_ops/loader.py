@@ -8,6 +8,8 @@ sanitizer runtime preloaded (``scripts/sanitize.sh`` does that and runs the kern
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -88,23 +90,46 @@ def load() -> None:
             raise RuntimeError("kvpass: building the CPU kernel needs ninja: `pip install ninja`.") from e
         cflags, ldflags, suffix = build_flags()
         name = f"kvpass_cpu_{_source_signature()}_{_cpu_signature()}{suffix}"
+        # where cpp_extension.load would build ($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/pyXY_cpu)
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         log.info("kvpass: loading CPU kernels (%s); the first build takes ~15 s", name)
         try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(s) for s in _SOURCES],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                is_python_module=False,
-                verbose=False,
-            )
+            with build_lock(build_dir):
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(s) for s in _SOURCES],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=False,
+                )
         except Exception as e:  # a compiler error is long; keep it, and say what failed first
-            raise RuntimeError(
-                f"kvpass: building the CPU kernel {name} failed ({type(e).__name__}). If a previous build "
-                f"was killed, remove the stale lock in $TORCH_EXTENSIONS_DIR/{name}. Details:\n{e}"
-            ) from e
+            raise RuntimeError(f"kvpass: building the CPU kernel {name} failed ({type(e).__name__}). "
+                               f"Details:\n{e}") from e
         _register_fakes()
         _loaded = True
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Hold an OS lock on ``build_dir`` for one build, across processes.
+
+    ``cpp_extension.load`` guards a build with a plain ``lock`` file and waits *forever* while it exists,
+    so a build that was killed (Ctrl-C, a CI timeout) leaves every later process hanging.  An ``flock`` is
+    released by the kernel when its holder dies: every kvpass build takes it first, so a ``lock`` file
+    found while holding it was left by a dead builder and is removed (with a warning)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "kvpass.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("kvpass: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _id_bytes(n: int) -> int:
