@@ -155,7 +155,7 @@ def _register_fakes() -> None:
     def _(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids, seg_starts, seg_meta, tail_codes,
           tail_base, tail_len, lsh_k, threshold, estimator, budget, scale, static_k=None, static_v=None,
           static_allowed=None, sketch_blocks=None, sketch_query=None, sketch_bits=8, threads=0, row_lo=None, row_budget=None,
-          softcap=0.0, stride=0, stride_offset=None):
+          softcap=0.0, stride=0, stride_offset=None, block_starts=None, sketch_starts=None):
         B, H, Tq, _ = q.shape
         return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
                 q.new_empty(B, H, Tq, dtype=torch.int32), q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
@@ -195,7 +195,8 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   static_allowed: torch.Tensor | None = None, sketch_blocks: list[torch.Tensor] | None = None,
                   sketch_query: torch.Tensor | None = None, sketch_bits: int = 8, threads: int = 0,
                   row_lo: torch.Tensor | None = None, row_budget: torch.Tensor | None = None,
-                  softcap: float = 0.0, stride: int = 0, stride_offset: torch.Tensor | None = None
+                  softcap: float = 0.0, stride: int = 0, stride_offset: torch.Tensor | None = None,
+                  block_starts: torch.Tensor | None = None, sketch_starts: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
@@ -215,7 +216,11 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     best LSH candidates (no query codes then: they stay 0).  ``threads``: the OpenMP team (0: OpenMP's
     default, i.e. torch's setting).  ``stride`` > 0 (topk/oracle): the kept keys are the head of the estimate
     and every ``stride``-th other host key, from ``stride_offset`` int64 [B, Hkv] (in [0, stride)), is added
-    with weight ``stride`` — the tail sample (``reference.estimator_scores``).
+    with weight ``stride`` — the tail sample (``reference.estimator_scores``).  ``block_starts`` int64
+    [n_blocks]: the first key of each host block, rising from 0 in multiples of ``block_size`` (then the
+    page size, not the blocks' size: a forked store shares its parent's blocks and starts its own on a page);
+    block i holds keys [start_i, start_i+1) from its token 0.  Absent: block i starts at i · block_size.
+    ``sketch_starts``: the same for the sketch blocks, in multiples of 64 keys.
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored), n_kept
     [B, H, Tq] int32 (of them, in the estimate) and the query codes [B, H, Tq, L] int32 it used."""
     load()
@@ -224,7 +229,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                                               threshold, estimator, budget, scale, static_k,
                                               static_v, static_allowed, sketch_blocks, sketch_query,
                                               sketch_bits, threads, row_lo, row_budget, float(softcap),
-                                              int(stride), stride_offset)
+                                              int(stride), stride_offset, block_starts, sketch_starts)
 
 
 def log_retrieval_probability(cos_theta: torch.Tensor, lsh_k: int, lsh_l: int, threshold: int) -> torch.Tensor:

@@ -35,8 +35,8 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
 
 
 def runtime_stats() -> dict[str, float]:
-    """Bytes and tokens held by live kvpass stores (all sequences, all sites), and how many sequences are
-    live (a sequence's stores go when its cache is dropped, released, or its slot is prefilled anew).  ``keys_read_fraction``:
+    """Bytes and tokens held by live kvpass stores (all sequences, all sites; what forks share counted once),
+    and how many sequences are live (a sequence's stores go when its cache is dropped, released, or its slot is prefilled anew).  ``keys_read_fraction``:
     keys the CPU scored at the last decode step, over the offloaded keys, averaged over the stores."""
     stores = REGISTRY.stores()
     read = [s.last_keys_read / s.tokens_offloaded for s in stores if s.tokens_offloaded]
@@ -45,6 +45,14 @@ def runtime_stats() -> dict[str, float]:
         if s.batch and s.site not in seen:
             seen.add(s.site)
             projection += s.index.projection_bytes
+    blocks: dict[int, tuple[int, int]] = {}  # host blocks by address: a fork shares its parent's (count once)
+    index: dict[int, int] = {}
+    for s in stores:
+        if s.batch:
+            for ptr, (used, reserved) in s.host.block_bytes().items():
+                blocks[ptr] = (max(used, blocks.get(ptr, (0, 0))[0]), reserved)
+            for ptr, n in s.index.held_bytes().items():
+                index[ptr] = max(n, index.get(ptr, 0))
     per_site: dict[str, int] = {}
     for s in stores:
         per_site[s.site] = per_site.get(s.site, 0) + 1
@@ -55,13 +63,13 @@ def runtime_stats() -> dict[str, float]:
         # the most KV on the model's device at once since kvpass.reset(): the static slots plus the block
         # a layer was appending (a prefill's whole prompt for that one layer, or one prefill chunk)
         "peak_device_kv_bytes": REGISTRY.peak_device_kv,
-        "host_kv_bytes": sum(s.host_bytes for s in stores),
-        "host_reserved_bytes": sum(s.host.reserved_bytes for s in stores),
+        "host_kv_bytes": sum(used for used, _ in blocks.values()),
+        "host_reserved_bytes": sum(reserved for _, reserved in blocks.values()),
         "tokens_offloaded": sum(s.tokens_offloaded for s in stores),
         "masked_steps": sum(s.masked_steps for s in stores),
         "reorders": sum(s.reorders for s in stores),  # beam search's batch reorders followed (per store)
         "crops": sum(s.crops for s in stores),        # cache crops followed (rejected drafts; per store)
-        "index_bytes": sum(s.index_bytes for s in stores),
+        "index_bytes": sum(index.values()),
         "projection_bytes": projection,
         "keys_read_fraction": sum(read) / len(read) if read else 0.0,
     }

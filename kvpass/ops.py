@@ -58,10 +58,7 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
         elif past_k.dim() == 4 and past_k.stride(2) == 0:
             store = REGISTRY.by_handle(past_k)
             if store is None:
-                raise RuntimeError(
-                    f"kvpass: site {site}: the cache passed in holds a kvpass placeholder that no live store "
-                    f"owns (after kvpass.reset(), or a cache reordered/copied outside kvpass, e.g. beam "
-                    f"search). Start a new sequence with a fresh cache.")
+                store = _fork(past_k, k, site)
             _follow_crop(store, past_len, site)
         elif (tagged := REGISTRY.by_tags(past_k)) is not None:  # rows of placeholders, copied: beam search
             store, rows = tagged
@@ -103,6 +100,25 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
     handle = REGISTRY.new_handle(store)  # (registers a new store)
     REGISTRY.note_device_kv(k.nbytes + v.nbytes)
     return handle
+
+
+def _fork(past_k: torch.Tensor, k: torch.Tensor, site: str) -> KVStore:
+    """A placeholder that is not its store's current one, but carries its tags whole: a copy of the cache
+    (``copy.deepcopy``: one prefix, many continuations) — or the original, after a copy of it went on.
+    It continues as a fork of that store: the prefix shared, the store's later tokens cropped away
+    (``_follow_crop``)."""
+    tagged = REGISTRY.by_tags(past_k)
+    if tagged is None:
+        raise RuntimeError(
+            f"kvpass: site {site}: the cache passed in holds a kvpass placeholder that no live store owns "
+            f"(after kvpass.reset() or kvpass.release(cache), or a copy of a cache whose original was dropped: "
+            f"keep the original cache alive while its copies decode). Start a new sequence with a fresh cache.")
+    parent, rows = tagged
+    if parent.site != site or rows.shape[0] != k.shape[0] or not torch.equal(rows, torch.arange(k.shape[0])):
+        raise RuntimeError(f"kvpass: site {site}: the cache holds a copy of another site's or batch's kvpass "
+                           f"placeholder (store of {parent.site}, batch {parent.batch})")
+    log.debug("kvpass: site %s forks its store at %d tokens", site, parent.length)
+    return parent.fork()
 
 
 def _follow_crop(store: KVStore, past_len: int, site: str) -> None:

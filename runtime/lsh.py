@@ -15,6 +15,8 @@ keys are sealed in bulk, up to 32768 per segment (15-bit ids).
 
 from __future__ import annotations
 
+import bisect
+import copy
 import functools
 import zlib
 
@@ -80,6 +82,9 @@ class LSHIndex:
         self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
         # int8 codes: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]; int4: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/8⌉, 16, 4]
         self.sketch_blocks: list[torch.Tensor] = []
+        self.sketch_starts: list[int] = []  # first key of each sketch block (a fork's own start on a page)
+        self.shared_below = 0  # keys below this may be another index's too: their blocks are copied before a write
+        self.owned: set[int] = set()  # sketch blocks copied since
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -92,6 +97,7 @@ class LSHIndex:
         self.seg_meta: list[tuple[int, int]] = []  # (base, n)
         self.tail = torch.zeros(batch, num_kv_heads, lsh_l, 0, dtype=torch.int16)  # grows up to seal_size
         self.tail_base = self.tail_len = 0
+        self.segments_shared = False  # a fork shares the bucket segments: copied before take_rows writes them
         self.n_keys = 0  # keys offloaded so far (all indexed once the index is built)
 
     @property
@@ -140,23 +146,87 @@ class LSHIndex:
     def _add_sketch(self, codes: torch.Tensor) -> None:
         """codes: int8 [B, Hkv, n, D] of the next n offloaded keys, into the sketch blocks: SKETCH_BLOCK keys
         each, as ``sketch_tiles`` lays them out."""
-        t, n = 0, codes.shape[2]
         tiles = sketch_tiles(codes, self.sketch_bits)  # [B, Hkv, n, words, 4], n a multiple of 16 or not
+        self._put_tiles(tiles, self.n_keys - codes.shape[2])
+
+    def _new_sketch_block(self, start: int, words: int) -> None:
+        B, Hkv = self.batch, self.num_kv_heads
+        # uninitialised: a tile is written whole, or zeroed before its first key (the kernel reads only
+        # the keys it holds, but a fork's block is mostly never written: its pages stay untouched)
+        self.sketch_blocks.append(torch.empty(B, Hkv, SKETCH_BLOCK // 16, words, 16, 4, dtype=torch.int8))
+        self.sketch_starts.append(start)
+
+    def _put_tiles(self, tiles: torch.Tensor, at: int) -> None:
+        """Write the sketch bytes tiles [B, Hkv, n, words, 4] of keys [at, at + n)."""
+        t, n = 0, tiles.shape[2]
         B, Hkv, _, words, _ = tiles.shape
-        at = self.n_keys - n  # keys sketched before these
         while t < n:
-            if at % SKETCH_BLOCK == 0 and at // SKETCH_BLOCK == len(self.sketch_blocks):
-                self.sketch_blocks.append(torch.zeros(B, Hkv, SKETCH_BLOCK // 16, words, 16, 4, dtype=torch.int8))
-            blk = self.sketch_blocks[at // SKETCH_BLOCK]
-            off = at % SKETCH_BLOCK
-            m = min(SKETCH_BLOCK - off, n - t)
+            i = bisect.bisect_right(self.sketch_starts, at) - 1
+            end = self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else \
+                (self.sketch_starts[i] + SKETCH_BLOCK if i >= 0 else 0)
+            if at >= end:  # past the last block
+                self._new_sketch_block(at, words)
+                i, end = i + 1, at + SKETCH_BLOCK
+            if at < self.shared_below and i not in self.owned:  # another index may read it: copy first
+                self.sketch_blocks[i] = self.sketch_blocks[i].clone()
+                self.owned.add(i)
+            blk = self.sketch_blocks[i]
+            off = at - self.sketch_starts[i]
+            m = min(end - at, n - t)
             if off % 16 == 0 and m % 16 == 0:  # whole tiles: one strided copy
                 blk[:, :, off // 16:(off + m) // 16] = tiles[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, words, 4) \
                     .transpose(3, 4)
             else:
-                for i in range(m):
-                    blk[:, :, (off + i) // 16, :, (off + i) % 16] = tiles[:, :, t + i]
+                for j in range(m):
+                    if (off + j) % 16 == 0:
+                        blk[:, :, (off + j) // 16] = 0
+                    blk[:, :, (off + j) // 16, :, (off + j) % 16] = tiles[:, :, t + j]
             at, t = at + m, t + m
+
+    def fork(self) -> LSHIndex:
+        """An index of the same keys that shares this one's sealed parts: sketch blocks below the fork point
+        (rounded down to 64 keys; the rest is copied into a block of the fork's own) and bucket segments;
+        the small per-row parts (μ, scales, the unsealed tail) are copied."""
+        child = copy.copy(self)
+        for name in ("mu", "sketch_scale"):
+            if getattr(self, name) is not None:
+                setattr(child, name, getattr(self, name).clone())
+        child.tail = self.tail.clone()
+        child.seg_ids, child.seg_starts, child.seg_meta = list(self.seg_ids), list(self.seg_starts), list(self.seg_meta)
+        self.segments_shared = child.segments_shared = bool(self.seg_ids)
+        n0 = self.n_keys // 64 * 64
+        keep = bisect.bisect_left(self.sketch_starts, n0)
+        child.sketch_blocks, child.sketch_starts = self.sketch_blocks[:keep], self.sketch_starts[:keep]
+        child.shared_below, child.owned = n0, set()
+        self.shared_below = max(self.shared_below, n0)
+        self.owned -= set(range(keep))
+        if self.sketch_blocks:
+            words = self.sketch_blocks[0].shape[3]
+            child._new_sketch_block(n0, words)
+            if self.n_keys > n0:  # the fork point's tiles, copied
+                j = bisect.bisect_right(self.sketch_starts, n0) - 1
+                t0 = (n0 - self.sketch_starts[j]) // 16
+                m = -(-(self.n_keys - n0) // 16)
+                child.sketch_blocks[-1][:, :, :m] = self.sketch_blocks[j][:, :, t0:t0 + m]
+        return child
+
+    def kernel_sketch_starts(self) -> torch.Tensor | None:
+        """The sketch blocks' starts for the kernel (``lsh_attention``'s sketch_starts): None when block i
+        starts at i · SKETCH_BLOCK (an index that was never forked)."""
+        if all(st == i * SKETCH_BLOCK for i, st in enumerate(self.sketch_starts)):
+            return None
+        return torch.tensor(self.sketch_starts, dtype=torch.long)
+
+    def held_bytes(self) -> dict[int, int]:
+        """Bytes the index holds, per tensor by its address (``runtime_stats`` counts what forks share
+        once): bucket tables, tail codes, μ and scales whole; of a sketch block, the tiles of its keys."""
+        held = {t.data_ptr(): t.nbytes for t in [self.mu, self.sketch_scale, self.tail, *self.seg_ids, *self.seg_starts]
+                if t is not None and t.nbytes}
+        for i, blk in enumerate(self.sketch_blocks):
+            end = self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else self.n_keys
+            tiles = -(-max(0, min(end, self.n_keys) - self.sketch_starts[i]) // 16)
+            held[blk.data_ptr()] = tiles * blk[0, 0, 0].nbytes * self.batch * self.num_kv_heads
+        return held
 
     def _add_codes(self, codes: torch.Tensor) -> None:
         """codes: int32 [B, Hkv, n, L] of the next n offloaded keys.  Whenever the tail and the new keys
@@ -220,6 +290,7 @@ class LSHIndex:
             self.sketch_scale = torch.cat([sketch_scale(kf[b:b + 1, :, int(lo[b]):], self.mu[b:b + 1], self.sketch_bits)
                                            for b in range(B)])
         self.seg_ids, self.seg_starts, self.seg_meta, self.sketch_blocks = [], [], [], []
+        self.sketch_starts, self.shared_below, self.owned, self.segments_shared = [], 0, set(), False
         self.tail = self.tail[..., :0]
         self.tail_base = self.tail_len = 0
         self.n_keys = n
@@ -227,7 +298,15 @@ class LSHIndex:
 
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src: every per-row tensor of the index (see
-        ``KVStore.reorder``).  The projection is per site, shared by every row."""
+        ``KVStore.reorder``).  The projection is per site, shared by every row.  What a fork may share is
+        copied first (copy on write)."""
+        for i in range(len(self.sketch_blocks)):
+            if self.sketch_starts[i] < self.shared_below and i not in self.owned:
+                self.sketch_blocks[i] = self.sketch_blocks[i].clone()
+                self.owned.add(i)
+        if self.segments_shared:
+            self.seg_ids, self.seg_starts = [t.clone() for t in self.seg_ids], [t.clone() for t in self.seg_starts]
+            self.segments_shared = False
         for t in [self.mu, self.sketch_scale, self.tail, *self.sketch_blocks, *self.seg_ids, *self.seg_starts]:
             take_rows(t, dst, src)
 
@@ -246,11 +325,9 @@ class LSHIndex:
 
     @property
     def index_bytes(self) -> int:
-        """Bytes of the index proper: bucket tables, tail codes, μ (the projection is per site, shared
-        by all sequences, and reported apart)."""
-        n = sum(t.nbytes for t in self.seg_ids) + sum(t.nbytes for t in self.seg_starts) + self.tail.nbytes
-        n += sum(t.nbytes for t in self.sketch_blocks) + (self.sketch_scale.nbytes if self.sketch_scale is not None else 0)
-        return n + (self.mu.nbytes if self.mu is not None else 0)
+        """Bytes of the index proper: bucket tables, tail codes, μ, the sketch's filled tiles (the
+        projection is per site, shared by all sequences, and reported apart)."""
+        return sum(self.held_bytes().values())
 
     @property
     def projection_bytes(self) -> int:

@@ -8,6 +8,8 @@ Shapes: B batch, H query heads, Hkv kv heads, Tq query tokens, D head_dim, S sin
 
 from __future__ import annotations
 
+import bisect
+import copy
 import ctypes
 import functools
 import math
@@ -60,54 +62,80 @@ def _libc():
 
 
 class HostKV:
-    """Append-only host store of K and V, in fixed-size blocks: growing never copies what is stored.
+    """Append-only host store of K and V, in blocks: growing never copies what is stored.
 
-    Block i holds tokens [i*block_size, (i+1)*block_size) of the offloaded sequence as
-    k, v: [B, Hkv, block_size, D] views (token stride 2·D: K and V of a token are adjacent in one
-    [B, Hkv, block_size, 2, D] allocation; pinned when the model runs on an accelerator).
+    Block i holds tokens [starts[i], starts[i+1]) of the offloaded sequence (the last block: up to its
+    capacity, ``block_size``) from its token 0, as k, v: [B, Hkv, block_size, D] views (token stride 2·D: K
+    and V of a token are adjacent in one [B, Hkv, block_size, 2, D] allocation; pinned when the model runs
+    on an accelerator).  A store's own blocks start at multiples of ``block_size``.
+
+    Forks (``fork``) share blocks: a fork references its parent's blocks below the fork point (rounded down
+    to a ``page``) and starts a block of its own there.  Below ``shared_below`` a block may be read by
+    another store, so it is copied before it is written (copy on write: a crop below the fork point, a beam
+    reorder); the tokens themselves are append-only, so a normal decode never copies.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  block_size: int = 4096, pin: bool = False):
         self.shape = (batch, num_kv_heads, block_size, head_dim)
         self.dtype, self.block_size, self.pin = dtype, block_size, pin
+        self.page = math.gcd(block_size, 64)  # a fork's own blocks start on a page (the kernel's block_starts)
         self.kv_blocks: list[torch.Tensor] = []  # [B, Hkv, block_size, 2, D] each
         self.k_blocks: list[torch.Tensor] = []   # views of them: [..., 0, :] and [..., 1, :]
         self.v_blocks: list[torch.Tensor] = []
+        self.starts: list[int] = []              # first token of each block
         self.length = 0
+        self.shared_below = 0                    # tokens below this may be another store's too
+        self.owned: set[int] = set()             # blocks copied since: written freely
+
+    def _new_block(self, start: int, huge: bool = True) -> None:
+        b, h, n, d = self.shape
+        kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
+        if huge and not self.pin:
+            _huge_pages(kv)
+        self.kv_blocks.append(kv)
+        self.k_blocks.append(kv[:, :, :, 0])
+        self.v_blocks.append(kv[:, :, :, 1])
+        self.starts.append(start)
+
+    def _end(self, i: int) -> int:
+        """Where block i's tokens end: the next block's start, or its capacity."""
+        return self.starts[i + 1] if i + 1 < len(self.starts) else self.starts[i] + self.block_size
+
+    def _writable(self, i: int) -> None:
+        """Block i is about to be written below ``shared_below``: copy it first unless it is this store's."""
+        if self.starts[i] < self.shared_below and i not in self.owned:
+            kv = self.kv_blocks[i].clone()
+            self.kv_blocks[i], self.k_blocks[i], self.v_blocks[i] = kv, kv[:, :, :, 0], kv[:, :, :, 1]
+            self.owned.add(i)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, Hkv, T, D] on any device; copied to host memory in the store's dtype."""
         t0, T = 0, k.shape[2]
         while t0 < T:
-            used = self.length % self.block_size
-            if used == 0 and self.length // self.block_size == len(self.k_blocks):
-                # K and V of a token side by side ([B, Hkv, block, 2, D]): the CPU reads a retrieved
-                # token's K and V as one contiguous 2·D row (one DRAM page, adjacent-line prefetch)
-                b, h, n, d = self.shape
-                kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
-                if not self.pin:
-                    _huge_pages(kv)
-                self.kv_blocks.append(kv)
-                self.k_blocks.append(kv[:, :, :, 0])
-                self.v_blocks.append(kv[:, :, :, 1])
-            n = min(self.block_size - used, T - t0)
-            blk = self.length // self.block_size
-            self.k_blocks[blk][:, :, used:used + n].copy_(k[:, :, t0:t0 + n])
-            self.v_blocks[blk][:, :, used:used + n].copy_(v[:, :, t0:t0 + n])
+            p = self.length
+            i = bisect.bisect_right(self.starts, p) - 1
+            if i < 0 or p >= self._end(i):  # past the last block
+                self._new_block(p)
+                i += 1
+            if p < self.shared_below:
+                self._writable(i)
+            n = min(self._end(i) - p, T - t0)
+            used = p - self.starts[i]
+            self.k_blocks[i][:, :, used:used + n].copy_(k[:, :, t0:t0 + n])
+            self.v_blocks[i][:, :, used:used + n].copy_(v[:, :, t0:t0 + n])
             self.length += n
             t0 += n
 
     def views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The stored tokens as per-block views [B, Hkv, n_i, D] (no copies), in position order."""
-        ks, vs, left = [], [], self.length
-        for kb, vb in zip(self.k_blocks, self.v_blocks):
-            n = min(left, self.block_size)
-            if n == 0:
+        ks, vs = [], []
+        for i, (kb, vb) in enumerate(zip(self.k_blocks, self.v_blocks)):
+            n = min(self._end(i), self.length) - self.starts[i]
+            if n <= 0:
                 break
             ks.append(kb[:, :, :n])
             vs.append(vb[:, :, :n])
-            left -= n
         return ks, vs
 
     def truncate(self, n: int) -> None:
@@ -116,8 +144,40 @@ class HostKV:
 
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src (in place; see ``KVStore.reorder``)."""
-        for kv in self.kv_blocks:
-            take_rows(kv, dst, src)
+        for i in range(len(self.kv_blocks)):
+            self._writable(i)
+            take_rows(self.kv_blocks[i], dst, src)
+
+    def fork(self) -> HostKV:
+        """A store of the same tokens that shares this one's blocks (see the class docstring)."""
+        child = HostKV(*self.shape[:2], self.shape[3], self.dtype, self.block_size, self.pin)
+        n0 = self.length // self.page * self.page
+        keep = bisect.bisect_left(self.starts, n0)  # the blocks that start below the fork point
+        child.kv_blocks, child.k_blocks = self.kv_blocks[:keep], self.k_blocks[:keep]
+        child.v_blocks, child.starts = self.v_blocks[:keep], self.starts[:keep]
+        child.length = child.shared_below = n0
+        self.shared_below = max(self.shared_below, n0)
+        self.owned -= set(range(keep))
+        child._new_block(n0, huge=False)  # its own tokens from n0 on (a fork's are few: no huge pages)
+        if self.length > n0:  # the fork point's page, copied
+            j = bisect.bisect_right(self.starts, n0) - 1
+            at, m = n0 - self.starts[j], self.length - n0
+            child.append(self.k_blocks[j][:, :, at:at + m], self.v_blocks[j][:, :, at:at + m])
+        return child
+
+    def kernel_blocks(self) -> tuple[int, torch.Tensor | None]:
+        """(block_size, block_starts) for the kernel: this store's blocks as ``lsh_attention`` takes them —
+        (block size, None) when block i starts at i · block_size, else (page, starts)."""
+        if all(st == i * self.block_size for i, st in enumerate(self.starts)):
+            return self.block_size, None
+        return self.page, torch.tensor(self.starts, dtype=torch.long)
+
+    def block_bytes(self) -> dict[int, tuple[int, int]]:
+        """Per block, by its address: (bytes of the tokens this store keeps in it, bytes allocated)."""
+        b, h, _, d = self.shape
+        token = 2 * b * h * d * self.dtype.itemsize
+        return {kv.data_ptr(): (max(0, min(self._end(i), self.length) - self.starts[i]) * token, kv.nbytes)
+                for i, kv in enumerate(self.kv_blocks)}
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +187,7 @@ class HostKV:
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(t.nbytes for t in self.k_blocks) + sum(t.nbytes for t in self.v_blocks)
+        return sum(t.nbytes for t in self.kv_blocks)
 
 
 class KVStore:
@@ -265,6 +325,23 @@ class KVStore:
         self.last_scored = self.last_kept = self.last_query_codes = None
         self.reorders += 1
 
+    def fork(self) -> KVStore:
+        """An independent store of the same tokens (a forked sequence: ``copy.deepcopy`` of a cache).  It
+        shares this store's host KV blocks and index segments — append-only, copied only where either store
+        would write what the other reads (``HostKV``) — and copies the static slots (sinks + window) and
+        the index's small per-row parts.  Either store may be dropped without touching the other."""
+        child = copy.copy(self)
+        child.static_k, child.static_v = self.static_k.clone(), self.static_v.clone()
+        child.static_pos, child.last_positions = self.static_pos.clone(), self.last_positions.clone()
+        child.host, child.index = self.host.fork(), self.index.fork()
+        if self._centred_for is not None:
+            child._centred_for = self._centred_for.clone()
+        child.handle = child.serial = child.buffer = child._pinned = None
+        child.model_buffer_bytes = 0
+        child.last_scored = child.last_kept = child.last_query_codes = None
+        child.masked_steps = child.reorders = child.crops = 0
+        return child
+
     def crop(self, length: int) -> None:
         """Forget the tokens at positions >= length (``cache.crop``: assisted or speculative decoding rejecting
         a draft).  Their static slots are emptied and the host store and its index cut back; the ring then
@@ -363,6 +440,9 @@ class KVStore:
             static["sketch_blocks"] = idx.sketch_blocks
             # the kernel keeps a sketch score per query row and key: bounded (192 MiB) by query chunks
             rows = max(1, SKETCH_SCORES // max(1, self.batch * qh.shape[1] * n))
+        block_size, static["block_starts"] = self.host.kernel_blocks()
+        if sketch:
+            static["sketch_starts"] = idx.kernel_sketch_starts()
         parts = []
         for t0 in range(0, max(1, qh.shape[2]), rows):  # host keys precede every query: chunks are independent
             kw = dict(static)
@@ -375,7 +455,7 @@ class KVStore:
                 kw.update(sketch_query=qs.reshape(B, H, Tq, D), sketch_bits=idx.sketch_bits)
             parts.append(lsh_attention(
                 qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,
-                self.options.host_block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
+                block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
                 scale=scale, threads=kernel_threads(self.cpu_threads, self.device), softcap=softcap, **kw))
         out, lse, self.last_scored, self.last_kept, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))

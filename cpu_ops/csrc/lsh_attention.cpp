@@ -1184,6 +1184,53 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
   }
 }
 
+constexpr int64_t kSketchPage = 64;  // keys per sketch page when the sketch blocks' starts are given
+
+// The first key of each host block: `starts` (int64 [n_blocks], ascending from 0, each a multiple of `page`:
+// a forked store's blocks start where its own tokens do, after the blocks it shares), or i · page when
+// absent (every block full but the last).  Block i then holds keys [start_i, start_{i+1}) — the last
+// [start, n_keys) — from its token 0 (dimension 2, unit = 1 token, or `unit` for tiled sketch blocks).
+std::vector<int64_t> host_block_starts(const char* fn, const char* what, at::TensorList blocks,
+                                       const std::optional<at::Tensor>& starts, int64_t page, int64_t n_keys,
+                                       int64_t unit = 1) {
+  const int64_t nb = blocks.size();
+  std::vector<int64_t> st(nb);
+  if (starts.has_value()) {
+    const auto s = starts->to(at::kLong).contiguous();
+    TORCH_CHECK(s.device().is_cpu() && s.dim() == 1 && s.size(0) == nb, fn, what, "' starts must be int64 [",
+                nb, "] on the CPU, got ", s.sizes());
+    std::copy(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + nb, st.begin());
+  } else {
+    for (int64_t i = 0; i < nb; ++i) st[i] = i * page;
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t end = i + 1 < nb ? st[i + 1] : std::max(n_keys, st[i]);
+    TORCH_CHECK(st[i] % page == 0 && (i > 0 || st[i] == 0) && (i + 1 == nb ? end >= st[i] : end > st[i]) &&
+                    end - st[i] <= blocks[i].size(2) * unit, fn, what, " ", i, " starts at key ", st[i],
+                " and holds ", blocks[i].size(2) * unit, " keys: the starts must rise from 0 in multiples of ", page,
+                " and each block must hold the keys up to the next start");
+  }
+  TORCH_CHECK(n_keys >= 0 && n_keys < (int64_t(1) << 31) && (nb ? st[nb - 1] + blocks[nb - 1].size(2) * unit : 0) >= n_keys,
+              fn, n_keys, " keys do not fit the ", nb, " ", what);
+  return st;
+}
+
+// Per page of `page` keys, the address of its first key (at batch row 0, kv head 0): the kernel finds key
+// j at page j / page, row j % page (every block shares the strides).
+std::vector<const void*> page_table(at::TensorList blocks, const std::vector<int64_t>& starts, int64_t page,
+                                    int64_t n_keys) {
+  std::vector<const void*> ptr((n_keys + page - 1) / page);
+  size_t i = 0;
+  for (int64_t p = 0; p < int64_t(ptr.size()); ++p) {
+    while (i + 1 < starts.size() && starts[i + 1] <= p * page) ++i;
+    const auto& t = blocks[i];
+    // tiled sketch blocks ([B, Hkv, tiles, words, 16, 4]): dimension 2 counts tiles of 16 keys
+    const int64_t rows = t.dim() == 6 ? (p * page - starts[i]) / 16 : p * page - starts[i];
+    ptr[p] = static_cast<const char*>(t.data_ptr()) + rows * t.stride(2) * t.element_size();
+  }
+  return ptr;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const at::Tensor& q, const at::Tensor& proj, const at::Tensor& mu, at::TensorList k_blocks,
     at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
@@ -1193,7 +1240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
     const std::optional<at::Tensor>& static_allowed, std::optional<at::TensorList> sketch_blocks,
     const std::optional<at::Tensor>& sketch_query, int64_t sketch_bits, int64_t threads,
     const std::optional<at::Tensor>& row_lo, const std::optional<at::Tensor>& row_budget, double softcap,
-    int64_t stride, const std::optional<at::Tensor>& stride_offset) {
+    int64_t stride, const std::optional<at::Tensor>& stride_offset, const std::optional<at::Tensor>& block_starts,
+    const std::optional<at::Tensor>& sketch_starts) {
   const char* fn = "kvpass_cpu.lsh_attention: ";
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.device().is_cpu(), fn,
               "q must be a [B, H, Tq, D] float32 CPU tensor, got ", q.sizes(), " ", q.scalar_type());
@@ -1210,8 +1258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
               "need 1 <= lsh_k <= 16 and 1 <= lsh_threshold <= min(lsh_l, 255), got lsh_k=", lsh_k,
               " lsh_threshold=", threshold, " lsh_l=", L);
   TORCH_CHECK(k_blocks.size() == v_blocks.size(), fn, "key and value block counts differ");
-  TORCH_CHECK(n_keys >= 0 && n_keys <= int64_t(k_blocks.size()) * block_size && n_keys < (int64_t(1) << 31),
-              fn, n_keys, " keys do not fit ", k_blocks.size(), " blocks of ", block_size);
+  TORCH_CHECK(block_size >= 1, fn, "block_size must be >= 1, got ", block_size);
+  const auto kv_starts = host_block_starts(fn, "k_blocks", k_blocks, block_starts, block_size, n_keys);
   auto out = at::empty({B, H, Tq, D}, q.options());
   auto lse = at::empty({B, H, Tq}, q.options());
   auto n_read = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
@@ -1304,10 +1352,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
                       ids.size(3), w});
   }
   TORCH_CHECK(tail_base + tail_len <= n_keys, fn, "tail exceeds the stored keys");
-  for (size_t i = 0; i < k_blocks.size(); ++i) {
-    P.kb.push_back(k_blocks[i].data_ptr());
-    P.vb.push_back(v_blocks[i].data_ptr());
-  }
+  P.kb = page_table(k_blocks, kv_starts, block_size, n_keys);
+  P.vb = page_table(v_blocks, kv_starts, block_size, n_keys);
   if (!k_blocks.empty()) {
     P.kb_s0 = k_blocks[0].stride(0), P.kb_s1 = k_blocks[0].stride(1), P.kb_s2 = k_blocks[0].stride(2);
     P.vb_s0 = v_blocks[0].stride(0), P.vb_s1 = v_blocks[0].stride(1), P.vb_s2 = v_blocks[0].stride(2);
@@ -1351,10 +1397,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
                   "sketch block ", i, " must be int8 [B, Hkv, tiles, words, 16, 4] = [", B, ", ", Hkv, ", ",
                   tiles, ", ", D4, ", 16, 4], tiles contiguous, with the others' strides; got ", blocks[i].sizes(),
                   " ", blocks[i].scalar_type());
-    TORCH_CHECK(int64_t(blocks.size()) * tiles * 16 >= n_keys, fn, "the sketch covers ",
-                int64_t(blocks.size()) * tiles * 16, " keys, the store ", n_keys);
-    for (const auto& t : blocks) P.skb.push_back(t.data_ptr<int8_t>());
-    P.skb_s0 = blocks[0].stride(0), P.skb_s1 = blocks[0].stride(1), P.sk_tiles = tiles;
+    // pages of one block each, or (sketch_starts) of kSketchPage keys: a fork's blocks start on such a page
+    const int64_t sk_page = sketch_starts.has_value() ? kSketchPage : tiles * 16;
+    TORCH_CHECK(tiles > 0, fn, "sketch blocks must hold at least one tile");
+    const auto sk_starts = host_block_starts(fn, "sketch_blocks", blocks, sketch_starts, sk_page, n_keys, 16);
+    for (const void* t : page_table(blocks, sk_starts, sk_page, n_keys)) P.skb.push_back(static_cast<const int8_t*>(t));
+    P.skb_s0 = blocks[0].stride(0), P.skb_s1 = blocks[0].stride(1), P.sk_tiles = sk_page / 16;
     sk_q = sketch_query->contiguous();
     P.sk_q = sk_q.data_ptr<float>();
     P.candidates = std::max<int64_t>(budget, 1);
@@ -1438,7 +1486,8 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "int tail_len, int lsh_k, int threshold, str estimator, int budget, float scale, Tensor? static_k=None, "
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
         "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None, float softcap=0.0, "
-        "int stride=0, Tensor? stride_offset=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int stride=0, Tensor? stride_offset=None, Tensor? block_starts=None, Tensor? sketch_starts=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");
   m.def("simd_level() -> int", &kvpass_cpu::simd_level);

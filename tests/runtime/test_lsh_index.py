@@ -64,8 +64,9 @@ def test_the_key_sketch_holds_one_code_per_key_dimension_and_no_hashing_state(bi
     store.append(k, k)
     idx, stats = store.index, store.stats()
     assert idx.sketch and not idx.seg_ids and idx.tail_len == 0
-    blocks = -(-stats["tokens_offloaded"] // SKETCH_BLOCK)
-    assert stats["index_bytes"] == blocks * SKETCH_BLOCK * Hkv * D * bits // 8 + 2 * Hkv * D * 4  # codes, scale, mu
+    blocks, tiles = -(-stats["tokens_offloaded"] // SKETCH_BLOCK), -(-stats["tokens_offloaded"] // 16)
+    assert len(idx.sketch_blocks) == blocks
+    assert stats["index_bytes"] == tiles * 16 * Hkv * D * bits // 8 + 2 * Hkv * D * 4  # filled tiles, scale, mu
     assert stats["projection_bytes"] == idx.proj().nbytes == Hkv * D * 10 * 2
     q = torch.randn(1, 2 * Hkv, 1, D, generator=gen)
     assert torch.isfinite(store.attend(q)).all()

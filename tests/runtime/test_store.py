@@ -184,3 +184,75 @@ def test_left_padding_is_never_attended(estimator, retriever, n, B, Hkv):
         # sample (every 100th of the others) counts from the row's first real key
         head = round(0.05 * own)
         assert bool((scored[-1] > head).all()) and bool((scored[-1] <= head + -(-own // 100)).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(block=st.sampled_from([8, 64, 100, 4096]), sketch_bits=st.sampled_from([4, 8]),
+       ops=st.lists(st.tuples(st.sampled_from(["append", "crop", "reorder", "fork"]), st.integers(0, 7),
+                              st.integers(1, 300)), min_size=1, max_size=14))
+def test_forks_are_independent_stores_that_share_the_prefix(block, sketch_bits, ops):
+    """A tree of forks under appends, crops (below a fork point too) and beam reorders: every store
+    holds exactly its own tokens and attends (sketch top-k) exactly as a store that replayed its own
+    history without forks — whatever its parent or siblings wrote after the fork (copy on write)."""
+    torch.manual_seed(0)
+    B, Hkv, D = 2, 2, 16
+    kw = {"batch": B, "sink_size": 2, "window_size": 8, "host_block_size": block, "budget": 0.1,
+          "sketch_bits": sketch_bits}
+    root = KVStore(Hkv, D, **kw)
+    root.append(*(2 * [torch.randn(B, Hkv, 600, D)]))
+    stores, history = [root], [[("append", _contents(root)[1])]]
+    for op, which, n in ops:
+        i = which % len(stores)
+        s = stores[i]
+        if op == "append":
+            new = torch.randn(B, Hkv, n, D)
+            s.append(new, new)
+            history[i].append(("append", new))
+        elif op == "crop":
+            m = max(0, s.length - n)
+            if m > 0:
+                s.crop(m)
+                history[i].append(("crop", m))
+        elif op == "reorder":
+            rows = torch.tensor([1, 1]) if n % 2 else torch.tensor([1, 0])
+            s.reorder(rows)
+            history[i].append(("reorder", rows))
+        else:
+            stores.append(s.fork())
+            history.append(list(history[i]))
+    q = torch.randn(B, 4, 1, D)
+    for s, hist in zip(stores, history):
+        ref = KVStore(Hkv, D, **kw)
+        for op, arg in hist:
+            if op == "append":
+                ref.append(arg, arg)
+            elif op == "crop":
+                ref.crop(arg)
+            else:
+                ref.reorder(arg)
+        assert s.length == ref.length
+        pos, k = _contents(s)
+        pos_r, k_r = _contents(ref)
+        assert torch.equal(pos, pos_r) and torch.equal(k, k_r)
+        torch.testing.assert_close(s.attend(q), ref.attend(q), rtol=1e-6, atol=1e-6)
+
+
+def test_the_kernel_refuses_block_starts_that_do_not_cover_the_keys():
+    from kvpass.cpu_ops import lsh_attention
+
+    store = KVStore(2, 16, batch=1, sink_size=2, window_size=8, host_block_size=80, estimator="exact")
+    store.append(torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16))
+    fork = store.fork()
+    page, starts = fork.host.kernel_blocks()
+    # 290 host tokens in blocks of 80: the fork's own block starts at its last page (of 16 tokens)
+    assert page == 16 and starts.tolist() == [0, 80, 160, 240, 288]
+    q = torch.randn(1, 4, 1, 16)
+    args = (q, fork.index.proj(), fork.index.mu, fork.host.k_blocks, fork.host.v_blocks, page, 290, [], [],
+            torch.zeros(0, 2, dtype=torch.long), fork.index.tail, 0, 0)
+    kw = dict(lsh_k=fork.index.lsh_k, threshold=1, estimator="oracle", budget=290, scale=0.25)
+    out, *_ = lsh_attention(*args, block_starts=starts, **kw)
+    unforked = lsh_attention(q, *args[1:3], store.host.k_blocks, store.host.v_blocks, 80, *args[6:], **kw)[0]
+    torch.testing.assert_close(out, unforked)
+    for bad in ([0, 80, 160, 240, 280], [0, 80, 240, 160, 288], [16, 80, 160, 240, 288], [0, 80, 160, 320, 336]):
+        with pytest.raises(RuntimeError, match="starts"):
+            lsh_attention(*args, block_starts=torch.tensor(bad), **kw)
