@@ -10,12 +10,14 @@ kernel; the two partial results merge exactly through their log-sum-exp.
 from __future__ import annotations
 
 from kvpass.api import explain, release, reset, runtime_stats
+from kvpass.context import ContextError, load_context, save_context
 from kvpass.export import OnnxDecoder, export_onnx, onnx_generate, onnx_session
 from kvpass.models import load_default_model, load_model
 from kvpass.report import Report, SiteReport
 from kvpass.runtime import KVStore, Options
 
 __all__ = [
+           "ContextError",
            "KVStore",
            "OnnxDecoder",
            "Options",
@@ -23,6 +25,7 @@ __all__ = [
            "SiteReport",
            "explain",
            "export_onnx",
+           "load_context",
            "load_default_model",
            "load_model",
            "onnx_generate",
@@ -30,5 +33,6 @@ __all__ = [
            "release",
            "reset",
            "runtime_stats",
+           "save_context",
 ]
 __version__ = "0.1.0"

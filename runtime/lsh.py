@@ -210,6 +210,45 @@ class LSHIndex:
                 child.sketch_blocks[-1][:, :, :m] = self.sketch_blocks[j][:, :, t0:t0 + m]
         return child
 
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(meta, tensors) of the index (``KVStore.state``): the sketch in regular blocks, one tensor
+        [n_blocks, B, Hkv, tiles, words, 16, 4]; the bucket segments one tensor each."""
+        meta = {"n_keys": self.n_keys, "tail_base": self.tail_base, "tail_len": self.tail_len,
+                "seg_meta": [list(m) for m in self.seg_meta]}
+        tensors = {"tail": self.tail[..., :self.tail_len].contiguous()}
+        for name in ("mu", "sketch_scale"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        for i, (ids, st) in enumerate(zip(self.seg_ids, self.seg_starts)):
+            tensors[f"seg_ids.{i}"], tensors[f"seg_starts.{i}"] = ids, st
+        if self.sketch_blocks:
+            B, Hkv, tiles, words = self.sketch_blocks[0].shape[:4]
+            n_blocks = -(-self.n_keys // SKETCH_BLOCK)
+            flat = torch.zeros(B, Hkv, n_blocks * tiles, words, 16, 4, dtype=torch.int8)
+            for i, blk in enumerate(self.sketch_blocks):
+                end = min(self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else self.n_keys, self.n_keys)
+                t0, t1 = self.sketch_starts[i] // 16, -(-end // 16)
+                if t1 > t0:
+                    flat[:, :, t0:t1] = blk[:, :, :t1 - t0]
+            tensors["sketch"] = flat.view(B, Hkv, n_blocks, tiles, words, 16, 4).permute(2, 0, 1, 3, 4, 5, 6).contiguous()
+        return meta, tensors
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor], batch: int, num_kv_heads: int, head_dim: int,
+                   options: Options, *, site: str = "") -> LSHIndex:
+        """The index ``state`` described; the sketch blocks are views of tensors["sketch"] (not copied)."""
+        idx = cls(batch, num_kv_heads, head_dim, options, site=site)
+        idx.n_keys, idx.tail_base, idx.tail_len = meta["n_keys"], meta["tail_base"], meta["tail_len"]
+        idx.seg_meta = [tuple(m) for m in meta["seg_meta"]]
+        idx.mu, idx.sketch_scale = tensors.get("mu"), tensors.get("sketch_scale")
+        idx.tail = tensors["tail"].clone()  # written in place as keys come: never the file's
+        idx.seg_ids = [tensors[f"seg_ids.{i}"] for i in range(len(idx.seg_meta))]
+        idx.seg_starts = [tensors[f"seg_starts.{i}"] for i in range(len(idx.seg_meta))]
+        if "sketch" in tensors:
+            idx.sketch_blocks = list(tensors["sketch"].unbind(0))
+            idx.sketch_starts = [i * SKETCH_BLOCK for i in range(len(idx.sketch_blocks))]
+        return idx
+
     def kernel_sketch_starts(self) -> torch.Tensor | None:
         """The sketch blocks' starts for the kernel (``lsh_attention``'s sketch_starts): None when block i
         starts at i · SKETCH_BLOCK (an index that was never forked)."""

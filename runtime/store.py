@@ -165,6 +165,35 @@ class HostKV:
             child.append(self.k_blocks[j][:, :, at:at + m], self.v_blocks[j][:, :, at:at + m])
         return child
 
+    def packed(self) -> torch.Tensor:
+        """The stored tokens in regular blocks, one tensor: [n_blocks, B, Hkv, block_size, 2, D] (a copy;
+        what ``from_packed`` takes back — a saved context)."""
+        b, h, bs, d = self.shape
+        n_blocks = -(-self.length // bs)
+        flat = torch.zeros(b, h, n_blocks * bs, 2, d, dtype=self.dtype)
+        at = 0
+        for kv, (kb, _) in zip(self.kv_blocks, zip(*self.views())):
+            flat[:, :, at:at + kb.shape[2]] = kv[:, :, :kb.shape[2]]
+            at += kb.shape[2]
+        return flat.view(b, h, n_blocks, bs, 2, d).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, length: int) -> HostKV:
+        """A store whose blocks are views of ``packed`` ([n_blocks, B, Hkv, block_size, 2, D], from ``packed``;
+        memory-mapped or not: nothing is copied)."""
+        n_blocks, b, h, bs, _, d = packed.shape
+        if length > n_blocks * bs:
+            raise ValueError(f"kvpass: {length} host tokens do not fit {n_blocks} blocks of {bs}")
+        host = cls(b, h, d, packed.dtype, bs)
+        for i in range(n_blocks):
+            kv = packed[i]
+            host.kv_blocks.append(kv)
+            host.k_blocks.append(kv[:, :, :, 0])
+            host.v_blocks.append(kv[:, :, :, 1])
+            host.starts.append(i * bs)
+        host.length = length
+        return host
+
     def kernel_blocks(self) -> tuple[int, torch.Tensor | None]:
         """(block_size, block_starts) for the kernel: this store's blocks as ``lsh_attention`` takes them —
         (block size, None) when block i starts at i · block_size, else (page, starts)."""
@@ -341,6 +370,36 @@ class KVStore:
         child.last_scored = child.last_kept = child.last_query_codes = None
         child.masked_steps = child.reorders = child.crops = 0
         return child
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(meta, tensors): everything this store holds, as JSON-able values and named CPU tensors —
+        a saved context (``kvpass.save_context``); ``from_state`` rebuilds the store."""
+        meta = {"site": self.site, "options": self.options.to_op_string(), "batch": self.batch,
+                "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "dtype": str(self.dtype).split(".")[1],
+                "length": self.length, "host_length": self.host.length}
+        tensors = {"static_k": self.static_k, "static_v": self.static_v, "static_pos": self.static_pos,
+                   "last_positions": self.last_positions, "host": self.host.packed()}
+        if self._centred_for is not None:
+            tensors["centred_for"] = self._centred_for
+        index_meta, index_tensors = self.index.state()
+        meta["index"] = index_meta
+        tensors.update({f"index.{k}": t for k, t in index_tensors.items()})
+        return meta, {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KVStore:
+        """The store ``state`` described; the host KV and the index's blocks are views of ``tensors`` (a
+        memory-mapped file's stay mapped), the static slots go to ``device``."""
+        store = cls(meta["num_kv_heads"], meta["head_dim"], options=Options.from_op_string(meta["options"]),
+                    dtype=getattr(torch, meta["dtype"]), device=device, batch=meta["batch"], site=meta["site"])
+        for name in ("static_k", "static_v", "static_pos", "last_positions"):
+            setattr(store, name, tensors[name].to(store.device))
+        store.length = meta["length"]
+        store.host = HostKV.from_packed(tensors["host"], meta["host_length"])
+        store.index = LSHIndex.from_state(meta["index"], {k[6:]: t for k, t in tensors.items() if k.startswith("index.")},
+                                          store.batch, store.num_kv_heads, store.head_dim, store.options, site=store.site)
+        store._centred_for = tensors.get("centred_for")
+        return store
 
     def crop(self, length: int) -> None:
         """Forget the tokens at positions >= length (``cache.crop``: assisted or speculative decoding rejecting
