@@ -34,7 +34,7 @@ class _StepClock:
         return 1.0 / statistics.median(gaps) if gaps else float("nan")
 
 
-def _generate(model, ids, new_tokens, desc: str):
+def _generate(model, ids, new_tokens, desc: str, **gen_kwargs):
     from tqdm import tqdm
     from transformers import LogitsProcessorList
 
@@ -44,7 +44,7 @@ def _generate(model, ids, new_tokens, desc: str):
         clock = _StepClock(bar)
         t0 = time.perf_counter()
         with torch.no_grad():
-            seq, logits = greedy(model, ids, new_tokens, logits_processor=LogitsProcessorList([clock]))
+            seq, logits = greedy(model, ids, new_tokens, logits_processor=LogitsProcessorList([clock]), **gen_kwargs)
     return seq[:, ids.shape[1]:], logits, clock, time.perf_counter() - t0
 
 
@@ -74,16 +74,86 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _cli_options(args) -> tuple[dict, Options]:
+    """The kvpass options a job's command line gives (a preset, then the options given beside it), checked
+    now — not after the model has loaded."""
+    options = {"preset": args.preset} if args.preset else {}
+    given = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
+             "budget": args.budget, "tail_stride": args.tail_stride}
+    options.update({k: v for k, v in given.items() if v is not None}, inductor=not args.no_inductor)
+    return options, parse_options(options)
+
+
+def _add_option_args(g) -> None:
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (the options below override it)")
+    g.add_argument("--sink-size", type=int, help=f"default {Options().sink_size}")
+    g.add_argument("--window-size", type=int, help=f"default {Options().window_size}")
+    g.add_argument("--estimator", choices=list(ESTIMATORS), help=f"default {Options().estimator}")
+    g.add_argument("--budget", type=_budget, default=None, help="topk/oracle: fraction (0.02) or count (1024)")
+    g.add_argument("--tail-stride", type=int, default=None,
+                   help=f"topk/oracle: also every N-th other key, weighted (default {Options().tail_stride}; 0: none)")
+    g.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
+    g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
+
+
+def cmd_ask(args) -> int:
+    import copy
+
+    import kvpass
+    from kvpass.context import prefill, read_header
+    from kvpass.eval.text import document_and_questions
+
+    options, _ = _cli_options(args)
+    if args.load_context:
+        read_header(args.load_context)  # not a context: say so before the model loads
+    torch.set_num_threads(args.threads)
+    model, tok, model_name = _load(args.model, "ask")
+    text = open(args.document, encoding="utf-8").read() if args.document else None
+    doc, questions = document_and_questions(tok, args.questions, text=text, n_tokens=args.context)
+    print(f"{model_name}: a document of {doc.shape[1]} tokens ({args.document or 'the Python Language Reference'}), "
+          f"{len(questions)} question(s), {args.new_tokens} new tokens each, greedy, {args.threads} threads, "
+          f"kvpass {options}", flush=True)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=options)
+    t0 = time.perf_counter()
+    if args.load_context:
+        cache = kvpass.load_context(args.load_context, model, options=options, mmap=args.mmap)
+        if cache.get_seq_length() != doc.shape[1]:
+            raise ValueError(f"kvpass: {args.load_context} holds {cache.get_seq_length()} tokens, the document "
+                             f"{doc.shape[1]}: another document?")
+        how = f"loaded{' (memory-mapped)' if args.mmap else ''} from {args.load_context}"
+    else:
+        cache = prefill(model, doc, chunk=args.chunk)
+        how = "prefilled"
+    context_s = time.perf_counter() - t0
+    print(f"context {how} in {context_s:.1f} s", flush=True)
+    if args.save_context:
+        t1 = time.perf_counter()
+        kvpass.save_context(cache, args.save_context, model)
+        print(f"context saved to {args.save_context} in {time.perf_counter() - t1:.1f} s", flush=True)
+    seconds = []
+    for i, (question, q_ids) in enumerate(questions):
+        ids = torch.cat([doc, q_ids], 1)
+        fork = copy.deepcopy(cache)  # shares the document's KV; the question and answer are the fork's own
+        new, _, clock, took = _generate(model, ids, args.new_tokens, f"question {i + 1}", cache=fork)
+        seconds.append(took)
+        print(f"\n=== question {i + 1}: {question}\n{tok.decode(new[0], skip_special_tokens=True).strip()}")
+        print(f"({took:.1f} s, {clock.tokens_per_s():.1f} tok/s)", flush=True)
+        del fork
+    per_q = sum(seconds) / max(1, len(seconds))
+    print(f"\n=== time ===\ncontext: {context_s:.1f} s, once ({how}); per question: {per_q:.1f} s; "
+          f"in all: {context_s + sum(seconds):.1f} s")
+    if how == "prefilled" and seconds:
+        print(f"prefilling the document again for each question would take about "
+              f"{len(seconds) * context_s + sum(seconds):.1f} s (the prefill above, {len(seconds)} times)")
+    return 0
+
+
 def cmd_generate(args) -> int:
     import kvpass
     from kvpass import backend
     from kvpass.eval.text import long_document_prompt
 
-    options = {"preset": args.preset} if args.preset else {}
-    given = {"sink_size": args.sink_size, "window_size": args.window_size, "estimator": args.estimator,
-             "budget": args.budget, "tail_stride": args.tail_stride}  # given on the command line: over the preset
-    options.update({k: v for k, v in given.items() if v is not None}, inductor=not args.no_inductor)
-    opts = parse_options(options)  # bad values fail now, not after the model has loaded
+    options, opts = _cli_options(args)
     args.estimator = opts.estimator
     torch.set_num_threads(args.threads)
     model, tok, model_name = _load(args.model, "generate")
@@ -367,17 +437,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens of real text in the prompt (default: near SmolLM2's 8k limit, where kvpass pays off)")
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--question", default="Summarise the text above in two sentences.")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (the options below override it)")
-    g.add_argument("--sink-size", type=int, help=f"default {Options().sink_size}")
-    g.add_argument("--window-size", type=int, help=f"default {Options().window_size}")
-    g.add_argument("--estimator", choices=list(ESTIMATORS), help=f"default {Options().estimator}")
-    g.add_argument("--threads", type=int, default=max(1, min(torch.get_num_threads(), 16)))
-    g.add_argument("--no-inductor", action="store_true", help="run the rewritten graph eagerly")
+    _add_option_args(g)
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")
-    g.add_argument("--budget", type=_budget, default=None, help="topk/oracle: fraction (0.02) or count (1024)")
-    g.add_argument("--tail-stride", type=int, default=None,
-                   help=f"topk/oracle: also every N-th other key, weighted (default {Options().tail_stride}; 0: none)")
     g.set_defaults(func=cmd_generate)
+    a = sub.add_parser("ask", help="prefill a long document once (or load it), then answer each question from a "
+                                   "fork of it")
+    a.add_argument("questions", nargs="*", help="questions about the document (default: three about the "
+                                                "Python Language Reference)")
+    a.add_argument("--model", help=MODEL_HELP)
+    a.add_argument("--document", metavar="FILE", help="a UTF-8 text file (default: --context tokens of the Python "
+                                                      "Language Reference)")
+    a.add_argument("--context", type=int, default=4096, help="without --document: tokens of the Language Reference")
+    a.add_argument("--new-tokens", type=int, default=64)
+    a.add_argument("--chunk", type=int, default=2048, help="prefill chunk, tokens")
+    a.add_argument("--save-context", metavar="DIR", help="save the prefilled context (kvpass.save_context)")
+    a.add_argument("--load-context", metavar="DIR", help="load a saved context instead of prefilling")
+    a.add_argument("--mmap", action="store_true", help="with --load-context: memory-map the host KV")
+    _add_option_args(a)
+    a.set_defaults(func=cmd_ask)
     qa = sub.add_parser("quality", help="per-layer attention quality of the estimators on SmolLM2's real "
                                         "activations (no compiler)")
     qa.add_argument("--model", help=MODEL_HELP)

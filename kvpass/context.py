@@ -37,6 +37,41 @@ class ContextError(ValueError):
     """A saved context that cannot be loaded here (damaged, or made for another model, release or options)."""
 
 
+def prefill(model, ids: torch.Tensor, *, chunk: int = 2048, progress: bool = True):
+    """A ``DynamicCache`` holding the prompt ``ids`` [1, T] (T >= 2), for a model whose ``forward`` kvpass
+    compiled (``model.forward = torch.compile(model.forward, backend="kvpass", ...)``).
+
+    The first T - 1 tokens run through the model's own forward (the class's, not the compiled one) in
+    chunks of ``chunk`` tokens, with a progress bar; the last token runs through kvpass, which takes that
+    KV over in one append — its index built over the whole prompt at once, as a one-shot prefill builds it.
+    Peak memory: the prompt's dense KV twice, for that one step."""
+    from transformers import DynamicCache
+
+    from kvpass.hf import cache_kwarg
+
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise ValueError(f"kvpass: prefill takes one prompt of >= 2 tokens, ids [1, T]; got {tuple(ids.shape)}")
+    key = cache_kwarg()
+    cache = DynamicCache(config=model.config)
+    forward = type(model).forward  # the uncompiled forward
+    with torch.no_grad():
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=ids.shape[1], desc="prefill", unit="tok")
+        for t in range(0, ids.shape[1] - 1, chunk):
+            block = ids[:, t:min(t + chunk, ids.shape[1] - 1)]
+            forward(model, input_ids=block, **{key: cache}, logits_to_keep=1)
+            if bar is not None:
+                bar.update(block.shape[1])
+        model(input_ids=ids[:, -1:], **{key: cache}, logits_to_keep=1)  # kvpass adopts the KV
+        if bar is not None:
+            bar.update(1)
+            bar.close()
+    return cache
+
+
 def model_fingerprint(model) -> str:
     """SHA-256 of the model's config and of a checksum of every parameter (name, shape, dtype and sum): the
     same weights give the same fingerprint; another model, or the same one fine-tuned, another."""

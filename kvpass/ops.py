@@ -251,6 +251,11 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
     keys; an accelerator: the CPU partial, then one device pass over the static slots that merges it).
     Any other mask is applied exactly by both parts in torch, then merged (counted in masked_steps).
     """
+    # contiguous, whatever q's layout (a block's q is often a transposed view): what the fake kernel promises
+    return _split_attention(q, handle, mask, scale, estimator, cpu_threads, site, softcap).contiguous()
+
+
+def _split_attention(q, handle, mask, scale, estimator, cpu_threads, site, softcap):
     store = _store(handle, site)
     store.cpu_threads = cpu_threads  # the kernel's team (runtime.store.kernel_threads); torch's is untouched
     if _block_reaches_host(store, q.shape[2], site):
@@ -276,7 +281,7 @@ def split_attention_op(q: torch.Tensor, handle: torch.Tensor, mask: torch.Tensor
 
 @split_attention_op.register_fake
 def _(q, handle, mask, scale, estimator, cpu_threads, site, softcap=0.0):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous
 
 
 try:  # torch >= 2.11 spells it in torch.library; older releases in the effects module

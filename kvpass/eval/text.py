@@ -26,6 +26,31 @@ def long_document_prompt(tokenizer, n_tokens: int, question: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+DEFAULT_QUESTIONS = ("What does the text say about the global statement?",
+                     "Which special method makes an object callable?",
+                     "What happens when a with statement's body raises an exception?")
+
+
+def document_and_questions(tokenizer, questions, *, text: str | None = None, n_tokens: int = 4096):
+    """A long document and questions about it, as token ids that share the document as a prefix: (doc
+    [1, T], [(question, ids [1, n]) ...]); ``doc`` followed by a question's ids is the chat prompt
+    "document, then question" (``long_document_prompt``'s form).  ``text``: the document (default:
+    ``n_tokens`` tokens of the Python Language Reference); no questions: ``DEFAULT_QUESTIONS``."""
+    mark = "\x00KVPASS-QUESTION\x00"
+    if text is None:
+        prompt = long_document_prompt(tokenizer, n_tokens, mark)
+    else:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{text}\n\n{mark}"}], tokenize=False,
+                                               add_generation_prompt=True)
+    head, tail = prompt.split(mark)
+    head, gap = head[:len(head.rstrip())], head[len(head.rstrip()):]  # the blank line goes with the question
+
+    def ids(s: str):
+        return tokenizer(s, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    return ids(head), [(q, ids(gap + q + tail)) for q in (questions or DEFAULT_QUESTIONS)]
+
+
 SOURCE_MODULES = ("typing", "inspect", "dataclasses", "functools", "argparse", "ast", "enum", "pathlib",
                   "subprocess", "threading", "tarfile", "zipfile")
 

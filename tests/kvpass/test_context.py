@@ -102,3 +102,47 @@ def test_saving_replaces_a_context_atomically(saved, tmp_path):
     kvpass.save_context(cache, target, model)  # over the old one
     assert (target / "context.json").read_text() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]  # no temporary folder left behind
+
+
+def test_a_chunked_prefill_hands_kvpass_the_whole_prompt_at_once():
+    """``kvpass.context.prefill``: chunks through the model's own forward, then kvpass takes the KV over in
+    one append — exact mode answers as dense, and the index is built over every prompt key at once."""
+    from kvpass.context import prefill
+
+    model = tiny_model("llama")
+    dense = [_ask(model, copy.deepcopy(_prefill(model, PREFIX)), q) for q in QUESTIONS]
+    compile_kvpass(model, **OPTIONS, estimator="exact")
+    kvpass.reset()
+    cache = prefill(model, PREFIX, chunk=96, progress=False)
+    assert cache.get_seq_length() == PREFIX.shape[1]
+    assert [_ask(model, copy.deepcopy(cache), q).tolist() for q in QUESTIONS] == [a.tolist() for a in dense]
+    store = REGISTRY.by_handle(cache.layers[0].keys)
+    host = torch.cat(store.host.views()[0], 2)
+    assert host.shape[2] == store.index.n_keys == PREFIX.shape[1] - 4 - 16
+    # μ is the mean of the 379 keys the first append offloaded (the prompt but its last token), not of a chunk's
+    torch.testing.assert_close(store.index.mu, host[:, :, :-1].float().mean(2))
+
+
+def test_kvpass_ask_prefills_once_saves_and_answers_from_the_loaded_context(tmp_path, capsys):
+    """The job end to end on a small random model in a local folder (SmolLM2's tokenizer): prefill, save,
+    three answers; then the same from the saved context."""
+    from kvpass import cli
+    from kvpass.models import load_default_model
+
+    _, tok = load_default_model()
+    folder = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["ask", "--model", str(folder), "--context", "700", "--new-tokens", "6", "--no-inductor",
+              "--window-size", "16"]
+    assert cli.main([*common, "--save-context", str(tmp_path / "ctx")]) == 0
+    first = capsys.readouterr().out
+    assert cli.main([*common, "--load-context", str(tmp_path / "ctx"), "--mmap"]) == 0
+    second = capsys.readouterr().out
+
+    def answers(out):
+        return [block.split("\n")[1] for block in out.split("=== question ")[1:]]
+
+    assert len(answers(first)) == 3 and answers(first) == answers(second)
+    assert "prefilled" in first and "prefilling the document again for each question" in first
+    assert "loaded (memory-mapped)" in second
