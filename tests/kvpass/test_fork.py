@@ -35,8 +35,9 @@ def _answers(model, prefix_cache):
     return [_ask(model, copy.deepcopy(prefix_cache), q) for q in QUESTIONS]
 
 
-def test_copies_of_a_prefilled_cache_answer_as_dense_in_exact_mode():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a hybrid cache (sliding-window + full layers)
+def test_copies_of_a_prefilled_cache_answer_as_dense_in_exact_mode(family):
+    model = tiny_model(family)
     dense = _answers(model, _prefill(model, PREFIX))
     compile_kvpass(model, window_size=16, sink_size=4, estimator="exact", host_block_size=128)
     kvpass.reset()

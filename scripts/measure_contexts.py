@@ -1,0 +1,148 @@
+"""The long-document workflow measured on an installed model (docs/contexts.md): forks of one prefix in
+exact mode against dense, the memory of N forks against one prefix, save / load / memory-mapped load
+against the prefill, and the decode step from a loaded context (in memory, mapped warm, mapped cold).
+
+    python scripts/measure_contexts.py --model qwen2.5-coder-0.5b --context 16384 --exact-check --forks 8
+    python scripts/measure_contexts.py --model qwen2.5-coder-0.5b --context 32768 --save /tmp/ctx32k
+
+Every figure is printed as it is measured (one line each), then as JSON.  Prompts are the Python Language
+Reference (``kvpass.eval.text``); answers are greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import kvpass
+from kvpass.eval.text import DEFAULT_QUESTIONS, document_and_questions
+from kvpass.hf import cache_kwarg
+from kvpass.runtime import REGISTRY
+
+OUT: dict = {}
+
+
+def note(key: str, value, text: str) -> None:
+    OUT[key] = value
+    print(f"{key}: {text}", flush=True)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def hf_prefill(model, ids):
+    """Hugging Face's pattern: one forward of the prefix into a DynamicCache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(ids, **{cache_kwarg(): cache}, logits_to_keep=1)
+    return cache, time.perf_counter() - t0
+
+
+def answer(model, doc, q_ids, cache, new):
+    ids = torch.cat([doc, q_ids], 1)
+    steps = []
+
+    class Clock:
+        def __call__(self, input_ids, scores):
+            steps.append(time.perf_counter())
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    with torch.no_grad():
+        out = model.generate(ids, **{cache_kwarg(): cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]))
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    return out[0, ids.shape[1]:].tolist(), statistics.median(gaps) if gaps else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--exact-check", action="store_true", help="forks in exact mode against dense, token for token")
+    p.add_argument("--forks", type=int, default=0, help="memory of N forks (at the defaults) against one prefix")
+    p.add_argument("--save", metavar="DIR", help="save the prefix there, load it back (memory, mmap), time the step")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = kvpass.load_model(args.model)
+    doc, questions = document_and_questions(tok, list(DEFAULT_QUESTIONS), n_tokens=args.context)
+    note("setup", {"model": args.model, "context": doc.shape[1], "threads": args.threads, "load": os.getloadavg()[0]},
+         f"{args.model}, a {doc.shape[1]}-token document, {args.threads} threads, load {os.getloadavg()[0]:.2f}")
+    forward = model.forward
+
+    if args.exact_check:
+        cache, s = hf_prefill(model, doc)
+        dense = [answer(model, doc, q, copy.deepcopy(cache), args.new_tokens)[0] for _, q in questions]
+        del cache
+        model.forward = torch.compile(forward, backend="kvpass", options={"estimator": "exact"})
+        kvpass.reset()
+        cache, s = hf_prefill(model, doc)
+        forked = [answer(model, doc, q, copy.deepcopy(cache), args.new_tokens)[0] for _, q in questions]
+        same = [a == b for a, b in zip(forked, dense)]
+        note("exact_forks_equal_dense", same, f"{sum(same)}/{len(same)} questions: the forks' tokens equal dense's")
+        del cache
+        model.forward = forward
+        torch._dynamo.reset()
+
+    model.forward = torch.compile(forward, backend="kvpass")
+    kvpass.reset()
+    base = rss_mib()
+    cache, prefill_s = hf_prefill(model, doc)
+    note("prefill_s", prefill_s, f"{prefill_s:.1f} s (one forward, kvpass defaults, incl. compilation)")
+    one, rss_one = kvpass.runtime_stats(), rss_mib() - base
+    note("one_prefix", {"host_kv_bytes": one["host_kv_bytes"], "index_bytes": one["index_bytes"], "rss_mib": rss_one},
+         f"host KV {one['host_kv_bytes'] / 2**20:.1f} MiB, index {one['index_bytes'] / 2**20:.1f} MiB, RSS +{rss_one:.0f} MiB")
+    if args.forks:
+        forks = [copy.deepcopy(cache) for _ in range(args.forks)]
+        for i, f in enumerate(forks):  # each fork takes a question and a few answer tokens
+            answer(model, doc, questions[i % len(questions)][1], f, 4)
+        many, rss_many = kvpass.runtime_stats(), rss_mib() - base
+        ratio = (many["host_kv_bytes"] + many["index_bytes"]) / (one["host_kv_bytes"] + one["index_bytes"])
+        note("forks", {"n": args.forks, "host_kv_bytes": many["host_kv_bytes"], "index_bytes": many["index_bytes"],
+                       "rss_mib": rss_many, "ratio_stats": ratio, "ratio_rss": rss_many / rss_one},
+             f"{args.forks} forks + the prefix: host KV + index {ratio:.3f}x one prefix's (runtime_stats), "
+             f"RSS +{rss_many:.0f} MiB = {rss_many / rss_one:.3f}x")
+        del forks
+    if args.save:
+        t0 = time.perf_counter()
+        kvpass.save_context(cache, args.save, model)
+        note("save_s", time.perf_counter() - t0, f"{time.perf_counter() - t0:.1f} s to save")
+        size = sum(f.stat().st_size for f in os.scandir(args.save))
+        note("file_mib", size / 2**20, f"{size / 2**20:.0f} MiB on disk")
+        _, live_step = answer(model, doc, questions[0][1], copy.deepcopy(cache), args.new_tokens)
+        del cache
+        steps = {"live": live_step}
+        for how, mmap in (("memory", False), ("mmap", True)):
+            kvpass.reset()
+            t0 = time.perf_counter()
+            loaded = kvpass.load_context(args.save, model, mmap=mmap)
+            s = time.perf_counter() - t0
+            note(f"load_{how}_s", s, f"{s:.2f} s to load ({how}) = {s / prefill_s:.2%} of the prefill")
+            _, steps[how] = answer(model, doc, questions[0][1], copy.deepcopy(loaded), args.new_tokens)
+            if mmap:  # cold: the file's pages dropped from the page cache, then the same question
+                fd = os.open(os.path.join(args.save, "context.safetensors"), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+                _, steps["mmap_cold"] = answer(model, doc, questions[1][1], copy.deepcopy(loaded), args.new_tokens)
+            del loaded
+        note("step_ms", {k: v * 1e3 for k, v in steps.items()},
+             ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in steps.items()) + " (median decode step)")
+    print(json.dumps(OUT, indent=1))
+
+
+if __name__ == "__main__":
+    main()
