@@ -67,7 +67,7 @@ class HostKV:
     Block i holds tokens [starts[i], starts[i+1]) of the offloaded sequence (the last block: up to its
     capacity, ``block_size``) from its token 0, as k, v: [B, Hkv, block_size, D] views (token stride 2·D: K
     and V of a token are adjacent in one [B, Hkv, block_size, 2, D] allocation; pinned when the model runs
-    on an accelerator).  A store's own blocks start at multiples of ``block_size``.
+    on an accelerator).  An unforked store's blocks start at multiples of ``block_size``.
 
     Forks (``fork``) share blocks: a fork references its parent's blocks below the fork point (rounded down
     to a ``page``) and starts a block of its own there.  Below ``shared_below`` a block may be read by
@@ -89,6 +89,8 @@ class HostKV:
         self.owned: set[int] = set()             # blocks copied since: written freely
 
     def _new_block(self, start: int, huge: bool = True) -> None:
+        # K and V of a token side by side ([B, Hkv, block, 2, D]): the CPU reads a retrieved token's K and V
+        # as one contiguous 2·D row (one DRAM page, adjacent-line prefetch)
         b, h, n, d = self.shape
         kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
         if huge and not self.pin:
