@@ -86,13 +86,16 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
                                f"consecutive; kvpass appends tokens in order")
         store = REGISTRY.by_buffer(site, past_k)
         if p0 == 0 or store is None:
-            if p0 != 0:
-                raise RuntimeError(f"kvpass: site {site}: the static cache starts at position {p0}, but "
-                                   f"kvpass saw no earlier tokens for it; prefill through kvpass first (a static "
-                                   f"cache reordered or copied, e.g. by beam search, is a new buffer to kvpass: "
-                                   f"use the default DynamicCache there)")
+            past = past_k[:, :, :p0], past_v[:, :, :p0]
+            if p0 != 0 and (past_k.shape[2] < p0 or bool(torch.isnan(past[0]).any())):
+                raise RuntimeError(f"kvpass: site {site}: the static cache starts at position {p0}, but its "
+                                   f"buffer does not hold the {p0} earlier tokens; prefill through kvpass first")
             store = _new_store(site, k, config)
             REGISTRY.bind_buffer(site, past_k, store)
+            if p0 != 0:  # a buffer kvpass has not seen holding earlier tokens: a copied StaticCache (or one
+                # filled without kvpass, or beam search's reorder): the model keeps real KV there, so adopt it
+                store.append(*past)
+                _say_adopted(site, p0)
         elif p0 != store.length:
             raise RuntimeError(f"kvpass: site {site}: writing position {p0} but the store holds "
                                f"{store.length} tokens; rewriting earlier positions is not supported")
@@ -119,6 +122,15 @@ def _fork(past_k: torch.Tensor, k: torch.Tensor, site: str) -> KVStore:
                            f"placeholder (store of {parent.site}, batch {parent.batch})")
     log.debug("kvpass: site %s forks its store at %d tokens", site, parent.length)
     return parent.fork()
+
+
+def _say_adopted(site: str, n: int) -> None:
+    if "adopted" not in _WARNED:
+        _WARNED.add("adopted")
+        log.warning("kvpass: a static cache kvpass had not seen holds %d tokens (first at site %s): a copy of a "
+                    "cache, one filled without kvpass, or beam search's reorder. kvpass offloads and indexes them "
+                    "anew — a full pass over the context each time it happens (for beam search and many forks, a "
+                    "DynamicCache shares and follows instead; said once)", n, site)
 
 
 def _follow_crop(store: KVStore, past_len: int, site: str) -> None:

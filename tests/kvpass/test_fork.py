@@ -120,3 +120,22 @@ def test_a_copy_whose_original_is_gone_is_a_clear_error():
     kvpass.release(prefix)
     with torch.no_grad(), pytest.raises(Exception, match="keep the original cache alive"):
         model(QUESTIONS[0], **{CACHE: saved})
+
+
+def test_a_copied_static_cache_is_adopted_and_answers_as_dense():
+    """A StaticCache's buffers hold the model's real KV: a copy of one is a buffer kvpass has not seen, whose
+    earlier tokens it adopts (offloads and indexes anew; nothing shared) — exact mode equals dense."""
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+
+    def answers():
+        cache = StaticCache(config=model.config, max_cache_len=480)
+        with torch.no_grad():
+            model(PREFIX, **{CACHE: cache})
+        return [_ask(model, copy.deepcopy(cache), q) for q in QUESTIONS]
+
+    dense = answers()
+    compile_kvpass(model, window_size=16, sink_size=4, estimator="exact")
+    kvpass.reset()
+    assert [a.tolist() for a in answers()] == [a.tolist() for a in dense]
