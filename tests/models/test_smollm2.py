@@ -251,3 +251,40 @@ def test_onnx_export_matches_pytorch_kvpass(smollm2, onnx_lsh, tmp_path):
     tokens, text = ex.onnx_generate(session, tok, ids, model=model, max_new_tokens=32)
     seq, _ = greedy(compile_kvpass(kvpass.load_default_model()[0], estimator=estimator), ids, 32)
     assert tokens == seq[0, ids.shape[1]:].tolist(), (text, tok.decode(seq[0, ids.shape[1]:]))
+
+
+@pytest.mark.slow
+def test_prompt_reuse_forks_equal_dense_in_exact_mode(smollm2):
+    """Hugging Face's prompt-reuse pattern on the real model: a 1,200-token document prefilled once, three
+    questions, each from copy.deepcopy of the cache — kvpass forks its stores; exact mode = dense."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from kvpass.eval.text import DEFAULT_QUESTIONS, document_and_questions
+    from kvpass.hf import cache_kwarg
+
+    model, tok = smollm2
+    doc, questions = document_and_questions(tok, list(DEFAULT_QUESTIONS), n_tokens=1200)
+
+    def answers():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(doc, **{cache_kwarg(): cache})
+            outs = []
+            for _, q in questions:
+                ids = torch.cat([doc, q], 1)
+                out = model.generate(ids, **{cache_kwarg(): copy.deepcopy(cache)}, max_new_tokens=16,
+                                     do_sample=False, pad_token_id=0)
+                outs.append(out[0, ids.shape[1]:].tolist())
+        return outs
+
+    dense = answers()
+    fwd = model.forward
+    model.forward = torch.compile(fwd, backend="kvpass", options={"estimator": "exact", "inductor": False})
+    try:
+        kvpass.reset()
+        assert answers() == dense
+    finally:
+        model.forward = fwd
+        kvpass.reset()
