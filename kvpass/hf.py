@@ -16,7 +16,11 @@ def cache_kwarg() -> str:
 
 
 def greedy(model, ids, new_tokens, **gen_kwargs):
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens: (sequences [B, T + new], logits [B, new, V])."""
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens: (sequences [B, T + new], logits [B, new, V]).
+    ``ids`` are whole prompts unless an ``attention_mask`` comes with them: given none, ``generate`` would
+    infer one from the pad token and hide every prompt token that equals it (id 0 is a real token, "!", in
+    Qwen's and Llama's vocabularies)."""
+    gen_kwargs.setdefault("attention_mask", torch.ones_like(ids))
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0, **gen_kwargs)
     return out.sequences, torch.stack(out.logits, 1)

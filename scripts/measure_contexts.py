@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -23,8 +24,7 @@ import torch
 
 import kvpass
 from kvpass.eval.text import DEFAULT_QUESTIONS, document_and_questions
-from kvpass.hf import cache_kwarg
-from kvpass.runtime import REGISTRY
+from kvpass.hf import cache_kwarg, greedy
 
 OUT: dict = {}
 
@@ -62,9 +62,8 @@ def answer(model, doc, q_ids, cache, new):
     from transformers import LogitsProcessorList
 
     with torch.no_grad():
-        out = model.generate(ids, **{cache_kwarg(): cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]))
-    gaps = [b - a for a, b in zip(steps, steps[1:])]
+        out, _ = greedy(model, ids, new, **{cache_kwarg(): cache}, logits_processor=LogitsProcessorList([Clock()]))
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     return out[0, ids.shape[1]:].tolist(), statistics.median(gaps) if gaps else float("nan")
 
 

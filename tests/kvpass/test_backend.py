@@ -357,6 +357,21 @@ def test_other_masks_are_applied_exactly_on_the_masked_path(caplog, monkeypatch)
     assert stats["masked_steps"] == 2 * 7  # every decode step of both layers took the masked path
 
 
+def test_a_prompt_token_equal_to_the_pad_token_is_attended():
+    """generate infers a mask from the pad token when given none, hiding every prompt token equal to it —
+    a hole that sends each step down the masked path.  kvpass's greedy passes the whole prompt's mask: a
+    prompt holding token 0 (the pad id it uses) takes the split and equals dense."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    ids[0, 17] = 0
+    ref_ids, ref_logits = greedy(model, ids, 8)
+    compile_kvpass(model, window_size=8)
+    kvpass.reset()
+    ids_k, logits_k = greedy(model, ids, 8)
+    assert torch.equal(ids_k, ref_ids) and (logits_k - ref_logits).abs().max() <= 1e-4
+    assert kvpass.runtime_stats()["masked_steps"] == 0
+
+
 def _causal_4d(q_len: int, past: int) -> torch.Tensor:
     """The explicit [1, 1, Tq, L] bool causal mask that transformers 5.17 builds under torch.compile."""
     L = past + q_len
