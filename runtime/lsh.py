@@ -23,6 +23,7 @@ import zlib
 import torch
 from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
 from kvpass.lowering.reference import MIN_KEYS, simhash, sketch_codes, sketch_scale
+from kvpass.runtime.blocks import Blocks, host_empty
 from kvpass.runtime.config import Options
 
 MAX_SEGMENT = 32768
@@ -80,11 +81,12 @@ class LSHIndex:
         self.threshold = 1 if self.sketch else options.lsh_threshold
         self.sketch_bits = options.sketch_bits
         self.sketch_scale: torch.Tensor | None = None  # [B, Hkv, D] fp32, frozen with μ
-        # int8 codes: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]; int4: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/8⌉, 16, 4]
-        self.sketch_blocks: list[torch.Tensor] = []
-        self.sketch_starts: list[int] = []  # first key of each sketch block (a fork's own start on a page)
-        self.shared_below = 0  # keys below this may be another index's too: their blocks are copied before a write
-        self.owned: set[int] = set()  # sketch blocks copied since
+        # int8 codes: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/4⌉, 16, 4]; int4: [B, Hkv, SKETCH_BLOCK / 16, ⌈D/8⌉, 16, 4],
+        # uninitialised: a tile is written whole, or zeroed before its first key (the kernel reads only the keys
+        # it holds, and a fork's own block is mostly never written: its pages stay untouched)
+        words = -(-head_dim * self.sketch_bits // 32)
+        self.sketch_store = Blocks(SKETCH_BLOCK, 64, functools.partial(
+            host_empty, (batch, num_kv_heads, SKETCH_BLOCK // 16, words, 16, 4), torch.int8))
         self.min_keys, self.seal_size = min_keys, min(seal_size, MAX_SEGMENT)
         # a bulk append (a prompt) this large is sealed at once, whatever seal_size says: left in the tail,
         # its codes would be scanned whole at every decode step (at a 2k-token prompt, 150 tables x 2k
@@ -149,29 +151,22 @@ class LSHIndex:
         tiles = sketch_tiles(codes, self.sketch_bits)  # [B, Hkv, n, words, 4], n a multiple of 16 or not
         self._put_tiles(tiles, self.n_keys - codes.shape[2])
 
-    def _new_sketch_block(self, start: int, words: int) -> None:
-        B, Hkv = self.batch, self.num_kv_heads
-        # uninitialised: a tile is written whole, or zeroed before its first key (the kernel reads only
-        # the keys it holds, but a fork's block is mostly never written: its pages stay untouched)
-        self.sketch_blocks.append(torch.empty(B, Hkv, SKETCH_BLOCK // 16, words, 16, 4, dtype=torch.int8))
-        self.sketch_starts.append(start)
+    def _new_sketch(self) -> Blocks:
+        return Blocks(SKETCH_BLOCK, 64, self.sketch_store.new)
+
+    @property
+    def sketch_blocks(self) -> list[torch.Tensor]:
+        return self.sketch_store.tensors
 
     def _put_tiles(self, tiles: torch.Tensor, at: int) -> None:
         """Write the sketch bytes tiles [B, Hkv, n, words, 4] of keys [at, at + n)."""
         t, n = 0, tiles.shape[2]
         B, Hkv, _, words, _ = tiles.shape
+        blocks = self.sketch_store
         while t < n:
-            i = bisect.bisect_right(self.sketch_starts, at) - 1
-            end = self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else \
-                (self.sketch_starts[i] + SKETCH_BLOCK if i >= 0 else 0)
-            if at >= end:  # past the last block
-                self._new_sketch_block(at, words)
-                i, end = i + 1, at + SKETCH_BLOCK
-            if at < self.shared_below and i not in self.owned:  # another index may read it: copy first
-                self.sketch_blocks[i] = self.sketch_blocks[i].clone()
-                self.owned.add(i)
-            blk = self.sketch_blocks[i]
-            off = at - self.sketch_starts[i]
+            i, end = blocks.for_write(at)
+            blk = blocks.tensors[i]
+            off = at - blocks.starts[i]
             m = min(end - at, n - t)
             if off % 16 == 0 and m % 16 == 0:  # whole tiles: one strided copy
                 blk[:, :, off // 16:(off + m) // 16] = tiles[:, :, t:t + m].reshape(B, Hkv, m // 16, 16, words, 4) \
@@ -194,20 +189,12 @@ class LSHIndex:
         child.tail = self.tail.clone()
         child.seg_ids, child.seg_starts, child.seg_meta = list(self.seg_ids), list(self.seg_starts), list(self.seg_meta)
         self.segments_shared = child.segments_shared = bool(self.seg_ids)
-        n0 = self.n_keys // 64 * 64
-        keep = bisect.bisect_left(self.sketch_starts, n0)
-        child.sketch_blocks, child.sketch_starts = self.sketch_blocks[:keep], self.sketch_starts[:keep]
-        child.shared_below, child.owned = n0, set()
-        self.shared_below = max(self.shared_below, n0)
-        self.owned -= set(range(keep))
-        if self.sketch_blocks:
-            words = self.sketch_blocks[0].shape[3]
-            child._new_sketch_block(n0, words)
-            if self.n_keys > n0:  # the fork point's tiles, copied
-                j = bisect.bisect_right(self.sketch_starts, n0) - 1
-                t0 = (n0 - self.sketch_starts[j]) // 16
-                m = -(-(self.n_keys - n0) // 16)
-                child.sketch_blocks[-1][:, :, :m] = self.sketch_blocks[j][:, :, t0:t0 + m]
+        child.sketch_store, n0 = self.sketch_store.fork(self.n_keys)
+        if self.sketch_blocks and self.n_keys > n0:  # the fork point's tiles, copied
+            j = bisect.bisect_right(self.sketch_store.starts, n0) - 1
+            t0 = (n0 - self.sketch_store.starts[j]) // 16
+            m = -(-(self.n_keys - n0) // 16)
+            child.sketch_blocks[-1][:, :, :m] = self.sketch_blocks[j][:, :, t0:t0 + m]
         return child
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -226,8 +213,8 @@ class LSHIndex:
             n_blocks = -(-self.n_keys // SKETCH_BLOCK)
             flat = torch.zeros(B, Hkv, n_blocks * tiles, words, 16, 4, dtype=torch.int8)
             for i, blk in enumerate(self.sketch_blocks):
-                end = min(self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else self.n_keys, self.n_keys)
-                t0, t1 = self.sketch_starts[i] // 16, -(-end // 16)
+                start = self.sketch_store.starts[i]
+                t0, t1 = start // 16, -(-(start + self.sketch_store.count(i, self.n_keys)) // 16)
                 if t1 > t0:
                     flat[:, :, t0:t1] = blk[:, :, :t1 - t0]
             tensors["sketch"] = flat.view(B, Hkv, n_blocks, tiles, words, 16, 4).permute(2, 0, 1, 3, 4, 5, 6).contiguous()
@@ -245,16 +232,13 @@ class LSHIndex:
         idx.seg_ids = [tensors[f"seg_ids.{i}"] for i in range(len(idx.seg_meta))]
         idx.seg_starts = [tensors[f"seg_starts.{i}"] for i in range(len(idx.seg_meta))]
         if "sketch" in tensors:
-            idx.sketch_blocks = list(tensors["sketch"].unbind(0))
-            idx.sketch_starts = [i * SKETCH_BLOCK for i in range(len(idx.sketch_blocks))]
+            idx.sketch_store = Blocks.regular(list(tensors["sketch"].unbind(0)), SKETCH_BLOCK, 64, idx.sketch_store.new)
         return idx
 
     def kernel_sketch_starts(self) -> torch.Tensor | None:
         """The sketch blocks' starts for the kernel (``lsh_attention``'s sketch_starts): None when block i
         starts at i · SKETCH_BLOCK (an index that was never forked)."""
-        if all(st == i * SKETCH_BLOCK for i, st in enumerate(self.sketch_starts)):
-            return None
-        return torch.tensor(self.sketch_starts, dtype=torch.long)
+        return self.sketch_store.kernel_starts()
 
     def held_bytes(self) -> dict[int, int]:
         """Bytes the index holds, per tensor by its address (``runtime_stats`` counts what forks share
@@ -262,8 +246,7 @@ class LSHIndex:
         held = {t.data_ptr(): t.nbytes for t in [self.mu, self.sketch_scale, self.tail, *self.seg_ids, *self.seg_starts]
                 if t is not None and t.nbytes}
         for i, blk in enumerate(self.sketch_blocks):
-            end = self.sketch_starts[i + 1] if i + 1 < len(self.sketch_starts) else self.n_keys
-            tiles = -(-max(0, min(end, self.n_keys) - self.sketch_starts[i]) // 16)
+            tiles = -(-self.sketch_store.count(i, self.n_keys) // 16)
             held[blk.data_ptr()] = tiles * blk[0, 0, 0].nbytes * self.batch * self.num_kv_heads
         return held
 
@@ -328,8 +311,8 @@ class LSHIndex:
         if self.sketch:
             self.sketch_scale = torch.cat([sketch_scale(kf[b:b + 1, :, int(lo[b]):], self.mu[b:b + 1], self.sketch_bits)
                                            for b in range(B)])
-        self.seg_ids, self.seg_starts, self.seg_meta, self.sketch_blocks = [], [], [], []
-        self.sketch_starts, self.shared_below, self.owned, self.segments_shared = [], 0, set(), False
+        self.seg_ids, self.seg_starts, self.seg_meta = [], [], []
+        self.sketch_store, self.segments_shared = self._new_sketch(), False
         self.tail = self.tail[..., :0]
         self.tail_base = self.tail_len = 0
         self.n_keys = n
@@ -339,10 +322,8 @@ class LSHIndex:
         """Batch rows dst become copies of rows src: every per-row tensor of the index (see
         ``KVStore.reorder``).  The projection is per site, shared by every row.  What a fork may share is
         copied first (copy on write)."""
-        for i in range(len(self.sketch_blocks)):
-            if self.sketch_starts[i] < self.shared_below and i not in self.owned:
-                self.sketch_blocks[i] = self.sketch_blocks[i].clone()
-                self.owned.add(i)
+        for i in range(len(self.sketch_store)):
+            self.sketch_store.writable(i)
         if self.segments_shared:
             self.seg_ids, self.seg_starts = [t.clone() for t in self.seg_ids], [t.clone() for t in self.seg_starts]
             self.segments_shared = False

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import bisect
 import copy
-import ctypes
 import functools
 import math
-import sys
 
 import torch
 from kvpass.cpu_ops import lsh_attention
 from kvpass.lowering import merge_partials, static_attention
 from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project, stride_offsets
+from kvpass.runtime.blocks import Blocks, host_empty
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex, take_rows
 
@@ -37,103 +36,61 @@ def kernel_threads(cpu_threads: int, device: torch.device) -> int:
     n = torch.get_num_threads()
     return n if device.type == "cpu" else max(1, n - 1)
 
-_MADV_HUGEPAGE = 14
-_HUGE = 2 << 20
-
-
-def _huge_pages(t: torch.Tensor) -> None:
-    """Ask Linux for transparent huge pages under a fresh (untouched) host tensor.  Retrieval reads
-    scattered rows of a large store: with 4 KiB pages nearly every row is a TLB miss, which costs more
-    than the row itself.  Best effort: a no-op where madvise or THP is unavailable."""
-    if t.nbytes < 2 * _HUGE or not sys.platform.startswith("linux"):
-        return
-    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
-    end = (t.data_ptr() + t.nbytes) // _HUGE * _HUGE
-    if end > start:
-        try:
-            _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
 class HostKV:
-    """Append-only host store of K and V, in blocks: growing never copies what is stored.
+    """Append-only host store of K and V, in ``Blocks`` of ``block_size`` tokens: growing never copies what
+    is stored, and forks (``fork``) share the blocks below their fork point (a page of 64 tokens).
 
-    Block i holds tokens [starts[i], starts[i+1]) of the offloaded sequence (the last block: up to its
-    capacity, ``block_size``) from its token 0, as k, v: [B, Hkv, block_size, D] views (token stride 2·D: K
-    and V of a token are adjacent in one [B, Hkv, block_size, 2, D] allocation; pinned when the model runs
-    on an accelerator).  An unforked store's blocks start at multiples of ``block_size``.
-
-    Forks (``fork``) share blocks: a fork references its parent's blocks below the fork point (rounded down
-    to a ``page``) and starts a block of its own there.  Below ``shared_below`` a block may be read by
-    another store, so it is copied before it is written (copy on write: a crop below the fork point, a beam
-    reorder); the tokens themselves are append-only, so a normal decode never copies.
+    A block is one [B, Hkv, block_size, 2, D] allocation (K and V of a token adjacent: the CPU reads a
+    retrieved token's K and V as one contiguous 2·D row — one DRAM page, adjacent-line prefetch; pinned
+    when the model runs on an accelerator); ``k_blocks`` / ``v_blocks`` are its [B, Hkv, block_size, D]
+    views, token stride 2·D, as the kernel takes them.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 block_size: int = 4096, pin: bool = False):
+                 block_size: int = 4096, pin: bool = False, *, blocks: Blocks | None = None):
         self.shape = (batch, num_kv_heads, block_size, head_dim)
         self.dtype, self.block_size, self.pin = dtype, block_size, pin
-        self.page = math.gcd(block_size, 64)  # a fork's own blocks start on a page (the kernel's block_starts)
-        self.kv_blocks: list[torch.Tensor] = []  # [B, Hkv, block_size, 2, D] each
-        self.k_blocks: list[torch.Tensor] = []   # views of them: [..., 0, :] and [..., 1, :]
-        self.v_blocks: list[torch.Tensor] = []
-        self.starts: list[int] = []              # first token of each block
+        new = functools.partial(host_empty, (batch, num_kv_heads, block_size, 2, head_dim), dtype, pin=pin)
+        self.blocks = blocks or Blocks(block_size, math.gcd(block_size, 64), new)
         self.length = 0
-        self.shared_below = 0                    # tokens below this may be another store's too
-        self.owned: set[int] = set()             # blocks copied since: written freely
+        self._views: tuple[int, list[torch.Tensor], list[torch.Tensor]] = (-1, [], [])
 
-    def _new_block(self, start: int, huge: bool = True) -> None:
-        # K and V of a token side by side ([B, Hkv, block, 2, D]): the CPU reads a retrieved token's K and V
-        # as one contiguous 2·D row (one DRAM page, adjacent-line prefetch)
-        b, h, n, d = self.shape
-        kv = torch.empty(b, h, n, 2, d, dtype=self.dtype, pin_memory=self.pin)
-        if huge and not self.pin:
-            _huge_pages(kv)
-        self.kv_blocks.append(kv)
-        self.k_blocks.append(kv[:, :, :, 0])
-        self.v_blocks.append(kv[:, :, :, 1])
-        self.starts.append(start)
+    @property
+    def kv_blocks(self) -> list[torch.Tensor]:
+        return self.blocks.tensors
 
-    def _end(self, i: int) -> int:
-        """Where block i's tokens end: the next block's start, or its capacity."""
-        return self.starts[i + 1] if i + 1 < len(self.starts) else self.starts[i] + self.block_size
+    def _kv_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._views[0] != self.blocks.version:
+            kv = self.blocks.tensors
+            self._views = (self.blocks.version, [t[:, :, :, 0] for t in kv], [t[:, :, :, 1] for t in kv])
+        return self._views[1], self._views[2]
 
-    def _writable(self, i: int) -> None:
-        """Block i is about to be written below ``shared_below``: copy it first unless it is this store's."""
-        if self.starts[i] < self.shared_below and i not in self.owned:
-            kv = self.kv_blocks[i].clone()
-            self.kv_blocks[i], self.k_blocks[i], self.v_blocks[i] = kv, kv[:, :, :, 0], kv[:, :, :, 1]
-            self.owned.add(i)
+    @property
+    def k_blocks(self) -> list[torch.Tensor]:
+        return self._kv_views()[0]
+
+    @property
+    def v_blocks(self) -> list[torch.Tensor]:
+        return self._kv_views()[1]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [B, Hkv, T, D] on any device; copied to host memory in the store's dtype."""
         t0, T = 0, k.shape[2]
         while t0 < T:
-            p = self.length
-            i = bisect.bisect_right(self.starts, p) - 1
-            if i < 0 or p >= self._end(i):  # past the last block
-                self._new_block(p)
-                i += 1
-            if p < self.shared_below:
-                self._writable(i)
-            n = min(self._end(i) - p, T - t0)
-            used = p - self.starts[i]
-            self.k_blocks[i][:, :, used:used + n].copy_(k[:, :, t0:t0 + n])
-            self.v_blocks[i][:, :, used:used + n].copy_(v[:, :, t0:t0 + n])
+            i, end = self.blocks.for_write(self.length)
+            n = min(end - self.length, T - t0)
+            used = self.length - self.blocks.starts[i]
+            kv = self.blocks.tensors[i]
+            kv[:, :, used:used + n, 0].copy_(k[:, :, t0:t0 + n])
+            kv[:, :, used:used + n, 1].copy_(v[:, :, t0:t0 + n])
             self.length += n
             t0 += n
 
     def views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The stored tokens as per-block views [B, Hkv, n_i, D] (no copies), in position order."""
         ks, vs = [], []
-        for i, (kb, vb) in enumerate(zip(self.k_blocks, self.v_blocks)):
-            n = min(self._end(i), self.length) - self.starts[i]
+        for i, (kb, vb) in enumerate(zip(*self._kv_views())):
+            n = self.blocks.count(i, self.length)
             if n <= 0:
                 break
             ks.append(kb[:, :, :n])
@@ -146,24 +103,18 @@ class HostKV:
 
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src (in place; see ``KVStore.reorder``)."""
-        for i in range(len(self.kv_blocks)):
-            self._writable(i)
-            take_rows(self.kv_blocks[i], dst, src)
+        for i in range(len(self.blocks)):
+            self.blocks.writable(i)
+            take_rows(self.blocks.tensors[i], dst, src)
 
     def fork(self) -> HostKV:
-        """A store of the same tokens that shares this one's blocks (see the class docstring)."""
-        child = HostKV(*self.shape[:2], self.shape[3], self.dtype, self.block_size, self.pin)
-        n0 = self.length // self.page * self.page
-        keep = bisect.bisect_left(self.starts, n0)  # the blocks that start below the fork point
-        child.kv_blocks, child.k_blocks = self.kv_blocks[:keep], self.k_blocks[:keep]
-        child.v_blocks, child.starts = self.v_blocks[:keep], self.starts[:keep]
-        child.length = child.shared_below = n0
-        self.shared_below = max(self.shared_below, n0)
-        self.owned -= set(range(keep))
-        child._new_block(n0, huge=False)  # its own tokens from n0 on (a fork's are few: no huge pages)
+        """A store of the same tokens that shares this one's blocks (``Blocks.fork``)."""
+        blocks, n0 = self.blocks.fork(self.length)
+        child = HostKV(*self.shape[:2], self.shape[3], self.dtype, self.block_size, self.pin, blocks=blocks)
+        child.length = n0
         if self.length > n0:  # the fork point's page, copied
-            j = bisect.bisect_right(self.starts, n0) - 1
-            at, m = n0 - self.starts[j], self.length - n0
+            j = bisect.bisect_right(self.blocks.starts, n0) - 1
+            at, m = n0 - self.blocks.starts[j], self.length - n0
             child.append(self.k_blocks[j][:, :, at:at + m], self.v_blocks[j][:, :, at:at + m])
         return child
 
@@ -174,9 +125,10 @@ class HostKV:
         n_blocks = -(-self.length // bs)
         flat = torch.zeros(b, h, n_blocks * bs, 2, d, dtype=self.dtype)
         at = 0
-        for kv, (kb, _) in zip(self.kv_blocks, zip(*self.views())):
-            flat[:, :, at:at + kb.shape[2]] = kv[:, :, :kb.shape[2]]
-            at += kb.shape[2]
+        for i, kv in enumerate(self.blocks.tensors):
+            n = self.blocks.count(i, self.length)
+            flat[:, :, at:at + n] = kv[:, :, :n]
+            at += n
         return flat.view(b, h, n_blocks, bs, 2, d).permute(2, 0, 1, 3, 4, 5).contiguous()
 
     @classmethod
@@ -187,28 +139,22 @@ class HostKV:
         if length > n_blocks * bs:
             raise ValueError(f"kvpass: {length} host tokens do not fit {n_blocks} blocks of {bs}")
         host = cls(b, h, d, packed.dtype, bs)
-        for i in range(n_blocks):
-            kv = packed[i]
-            host.kv_blocks.append(kv)
-            host.k_blocks.append(kv[:, :, :, 0])
-            host.v_blocks.append(kv[:, :, :, 1])
-            host.starts.append(i * bs)
+        host.blocks = Blocks.regular(list(packed.unbind(0)), bs, host.blocks.page, host.blocks.new)
         host.length = length
         return host
 
     def kernel_blocks(self) -> tuple[int, torch.Tensor | None]:
         """(block_size, block_starts) for the kernel: this store's blocks as ``lsh_attention`` takes them —
         (block size, None) when block i starts at i · block_size, else (page, starts)."""
-        if all(st == i * self.block_size for i, st in enumerate(self.starts)):
-            return self.block_size, None
-        return self.page, torch.tensor(self.starts, dtype=torch.long)
+        starts = self.blocks.kernel_starts()
+        return (self.block_size, None) if starts is None else (self.blocks.page, starts)
 
     def block_bytes(self) -> dict[int, tuple[int, int]]:
         """Per block, by its address: (bytes of the tokens this store keeps in it, bytes allocated)."""
         b, h, _, d = self.shape
         token = 2 * b * h * d * self.dtype.itemsize
-        return {kv.data_ptr(): (max(0, min(self._end(i), self.length) - self.starts[i]) * token, kv.nbytes)
-                for i, kv in enumerate(self.kv_blocks)}
+        return {kv.data_ptr(): (self.blocks.count(i, self.length) * token, kv.nbytes)
+                for i, kv in enumerate(self.blocks.tensors)}
 
     @property
     def nbytes(self) -> int:
@@ -218,7 +164,7 @@ class HostKV:
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(t.nbytes for t in self.kv_blocks)
+        return sum(t.nbytes for t in self.blocks.tensors)
 
 
 class KVStore:

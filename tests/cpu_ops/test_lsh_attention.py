@@ -392,7 +392,7 @@ def test_sketch_selection_is_exact_when_the_sample_misleads(budget, units):
     sampled = torch.arange(n) % 256 < 16
     codes[:, :, sampled] = (50 + torch.arange(n)[sampled] % 7).to(torch.int8)[None, None, :, None]
     idx.sketch_scale = torch.ones_like(idx.sketch_scale)
-    idx.sketch_blocks, idx.sketch_starts = [], []
+    idx.sketch_store = idx._new_sketch()
     idx._add_sketch(codes)
     q = torch.ones(B, Hkv, 1, D)
     out, lse = store.attend_host(q, estimator="topk", budget=budget)

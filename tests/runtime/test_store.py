@@ -1,10 +1,13 @@
 """The per-(sequence, site) store: every token in exactly one place, accounting honest."""
 
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvpass.runtime import KVStore
+from kvpass.runtime.blocks import host_empty
 
 
 def _contents(store: KVStore):
@@ -256,3 +259,44 @@ def test_the_kernel_refuses_block_starts_that_do_not_cover_the_keys():
     for bad in ([0, 80, 160, 240, 280], [0, 80, 240, 160, 288], [16, 80, 160, 240, 288], [0, 80, 160, 320, 336]):
         with pytest.raises(RuntimeError, match="starts"):
             lsh_attention(*args, block_starts=torch.tensor(bad), **kw)
+
+
+def _rss_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set from /proc")
+def test_a_host_block_is_resident_only_where_written():
+    """host_empty maps fresh pages: a 64 MiB block costs what is written of it, and goes back when it dies."""
+    before = _rss_mib()
+    t = host_empty((4, 1024, 4096), torch.float32)  # 64 MiB
+    t[:, :2] = 1.0  # 4 x 2 rows of 16 KiB
+    assert _rss_mib() - before < 4
+    assert float(t[:, :2].sum()) == 4 * 2 * 4096 and t.shape == (4, 1024, 4096)
+    t.fill_(2.0)
+    assert _rss_mib() - before > 60
+    del t
+    assert _rss_mib() - before < 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set from /proc")
+def test_forks_cost_the_memory_of_their_own_tokens():
+    """Each fork allocates a 4 MiB block of its own (block_size 4096, 2 kv heads, D 64, fp32), writes a page
+    and a question into it, and decodes; between forks the model's temporaries come and go (here an 8 MiB
+    tensor, written and freed).  On the malloc heap the forks' blocks would land on the temporaries'
+    touched pages and cost 4 MiB each; on pages of their own they cost what they hold."""
+    gen = torch.Generator().manual_seed(0)
+    store = KVStore(2, 64, sink_size=4, window_size=16, host_block_size=4096, budget=0.05)
+    store.append(torch.randn(1, 2, 3 * 4096 + 100, 64, generator=gen), torch.randn(1, 2, 3 * 4096 + 100, 64, generator=gen))
+    store.attend(torch.randn(1, 8, 1, 64, generator=gen))
+    forks, before = [], _rss_mib()
+    for _ in range(8):
+        torch.ones(2 << 20).sum()  # a temporary the size of two blocks, touched and freed
+        forks.append(store.fork())
+        for _ in range(20):  # a 16-token question and 4 answer tokens
+            forks[-1].append(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+            forks[-1].attend(torch.randn(1, 8, 1, 64))
+    assert _rss_mib() - before < 8 * 1.0
