@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kvpass.ops import placeholder_store
 from kvpass.runtime import REGISTRY, KVStore, parse_options
 
 log = logging.getLogger("kvpass")
@@ -92,15 +93,10 @@ def _layer_store(keys: torch.Tensor, index: int) -> KVStore | None:
     """The store behind a cache layer's keys: None for a dense layer (real KV)."""
     if keys.dim() != 4 or keys.stride(2) != 0:
         return None
-    store = REGISTRY.by_handle(keys)
-    if store is None:  # a copy of a cache, not yet decoded from: the store it was copied from, at its length
-        tagged = REGISTRY.by_tags(keys)
-        if tagged is None:
-            raise ContextError(f"kvpass: cache layer {index} holds a placeholder that no live store owns "
-                               f"(released, or the original of this copy was dropped)")
-        store = tagged[0].fork()
-        if store.length != keys.shape[2]:
-            store.crop(keys.shape[2])
+    try:  # a copy of a cache, not yet decoded from: a fork of the store it was copied from, at its length
+        store = placeholder_store(keys, keys.shape[2])
+    except RuntimeError as e:
+        raise ContextError(f"kvpass: cache layer {index}: {e}") from None
     if store.length != keys.shape[2]:
         raise ContextError(f"kvpass: cache layer {index} says {keys.shape[2]} tokens, its store holds {store.length}")
     return store

@@ -56,16 +56,13 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
         if past_len == 0:
             store = _new_store(site, k, config)
         elif past_k.dim() == 4 and past_k.stride(2) == 0:
-            store = REGISTRY.by_handle(past_k)
-            if store is None:
-                store = _fork(past_k, k, site)
-            _follow_crop(store, past_len, site)
+            store = placeholder_store(past_k, past_len, site)
         elif (tagged := REGISTRY.by_tags(past_k)) is not None:  # rows of placeholders, copied: beam search
             store, rows = tagged
             if store.site != site or rows.shape[0] != k.shape[0]:
                 raise RuntimeError(f"kvpass: site {site}: the cache holds rows of another site's or batch's "
                                    f"kvpass placeholders (store of {store.site}, batch {store.batch})")
-            _follow_crop(store, past_len, site)
+            _follow_crop(store, past_len)
             store.reorder(rows)
         else:  # real KV from a cache filled without kvpass: adopt it
             if bool(torch.isnan(past_k).any()):  # copies of placeholders: the KV itself is in a store
@@ -105,23 +102,30 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
     return handle
 
 
-def _fork(past_k: torch.Tensor, k: torch.Tensor, site: str) -> KVStore:
-    """A placeholder that is not its store's current one, but carries its tags whole: a copy of the cache
-    (``copy.deepcopy``: one prefix, many continuations) — or the original, after a copy of it went on.
-    It continues as a fork of that store: the prefix shared, the store's later tokens cropped away
-    (``_follow_crop``)."""
-    tagged = REGISTRY.by_tags(past_k)
-    if tagged is None:
-        raise RuntimeError(
-            f"kvpass: site {site}: the cache passed in holds a kvpass placeholder that no live store owns "
-            f"(after kvpass.reset() or kvpass.release(cache), or a copy of a cache whose original was dropped: "
-            f"keep the original cache alive while its copies decode). Start a new sequence with a fresh cache.")
-    parent, rows = tagged
-    if parent.site != site or rows.shape[0] != k.shape[0] or not torch.equal(rows, torch.arange(k.shape[0])):
-        raise RuntimeError(f"kvpass: site {site}: the cache holds a copy of another site's or batch's kvpass "
-                           f"placeholder (store of {parent.site}, batch {parent.batch})")
-    log.debug("kvpass: site %s forks its store at %d tokens", site, parent.length)
-    return parent.fork()
+def placeholder_store(past_k: torch.Tensor, past_len: int, site: str | None = None) -> KVStore:
+    """The store that a kvpass placeholder (a cache layer's stride-0 keys) stands for, at the cache's length
+    past_len: the placeholder's own store, or — for a copy of a cache (``copy.deepcopy``: one prefix, many
+    continuations), or the original after a copy of it went on — a fork of the store whose tags it
+    carries: the prefix shared, that store's later tokens cropped away.  ``site``: the attention site
+    asking, checked against the store's (None: any)."""
+    store = REGISTRY.by_handle(past_k)
+    if store is None:
+        tagged = REGISTRY.by_tags(past_k)
+        if tagged is None:
+            raise RuntimeError(
+                f"kvpass: site {site}: the cache passed in holds a kvpass placeholder that no live store owns "
+                f"(after kvpass.reset() or kvpass.release(cache), or a copy of a cache whose original was "
+                f"dropped: keep the original cache alive while its copies decode). Start a new sequence with a "
+                f"fresh cache.")
+        parent, rows = tagged
+        if (site is not None and parent.site != site) or rows.shape[0] != past_k.shape[0] \
+                or not torch.equal(rows, torch.arange(rows.shape[0])):
+            raise RuntimeError(f"kvpass: site {site}: the cache holds a copy of another site's or batch's kvpass "
+                               f"placeholder (store of {parent.site}, batch {parent.batch})")
+        log.debug("kvpass: site %s forks its store at %d tokens", parent.site, parent.length)
+        store = parent.fork()
+    _follow_crop(store, past_len)
+    return store
 
 
 def _say_adopted(site: str, n: int) -> None:
@@ -133,17 +137,17 @@ def _say_adopted(site: str, n: int) -> None:
                     "DynamicCache shares and follows instead; said once)", n, site)
 
 
-def _follow_crop(store: KVStore, past_len: int, site: str) -> None:
+def _follow_crop(store: KVStore, past_len: int) -> None:
     """The model's cache says past_len tokens: a store holding more drops the rest (``cache.crop``)."""
     if past_len > store.length:
-        raise RuntimeError(f"kvpass: site {site}: the cache says {past_len} past tokens but the kvpass store "
+        raise RuntimeError(f"kvpass: site {store.site}: the cache says {past_len} past tokens but the kvpass store "
                            f"holds {store.length}; was the cache edited outside kvpass?")
     if past_len < store.length:
         try:
             store.crop(past_len)
         except ValueError as e:
             raise RuntimeError(str(e)) from None
-        log.debug("kvpass: site %s cropped to %d tokens", site, past_len)
+        log.debug("kvpass: site %s cropped to %d tokens", store.site, past_len)
 
 
 @append_kv.register_fake
