@@ -4,6 +4,7 @@ against the prefill, and the decode step from a loaded context (in memory, mappe
 
     python scripts/measure_contexts.py --model qwen2.5-coder-0.5b --context 16384 --exact-check --forks 8
     python scripts/measure_contexts.py --model qwen2.5-coder-0.5b --context 32768 --save /tmp/ctx32k
+    python scripts/measure_contexts.py --model qwen2.5-coder-0.5b --context 32768 --load /tmp/ctx32k
 
 Every figure is printed as it is measured (one line each), then as JSON.  Prompts are the Python Language
 Reference (``kvpass.eval.text``); answers are greedy.
@@ -67,6 +68,40 @@ def answer(model, doc, q_ids, cache, new):
     return out[0, ids.shape[1]:].tolist(), statistics.median(gaps) if gaps else float("nan")
 
 
+def drop_page_cache(folder: str) -> None:
+    """Drop the context file's pages from the page cache (those no process maps)."""
+    fd = os.open(os.path.join(folder, "context.safetensors"), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def loaded_steps(model, doc, q_ids, folder, new, prefill_s=None, live_tokens=None, live_step=None) -> None:
+    """Load the context three ways and answer the same question from each: in memory; memory-mapped warm
+    (the file in the page cache: verifying it has just read it); memory-mapped cold (the file's pages
+    dropped after loading, so the rows a step reads come from the disk)."""
+    steps, tokens = ({"live": live_step} if live_step else {}), {}
+    for how in ("memory", "mmap", "mmap_cold"):
+        kvpass.reset()
+        gc.collect()
+        t0 = time.perf_counter()
+        loaded = kvpass.load_context(folder, model, mmap=how != "memory")
+        s = time.perf_counter() - t0
+        frac = f" = {s / prefill_s:.2%} of the prefill" if prefill_s else ""
+        note(f"load_{how}_s", s, f"{s:.2f} s to load ({how}){frac}")
+        if how == "mmap_cold":
+            drop_page_cache(folder)
+        tokens[how], steps[how] = answer(model, doc, q_ids, copy.deepcopy(loaded), new)
+        del loaded
+    ref = live_tokens if live_tokens is not None else tokens["memory"]
+    same = {k: v == ref for k, v in tokens.items()}
+    note("same_tokens", same, f"each loaded context's answer equals the {'live' if live_tokens else 'in-memory'} "
+                              f"one's: {same}")
+    note("step_ms", {k: v * 1e3 for k, v in steps.items()},
+         ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in steps.items()) + " (median decode step)")
+    note("mmap_over_memory", steps["mmap"] / steps["memory"],
+         f"warm mapped step / in-memory step: {steps['mmap'] / steps['memory']:.3f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -75,6 +110,8 @@ def main() -> None:
     p.add_argument("--exact-check", action="store_true", help="forks in exact mode against dense, token for token")
     p.add_argument("--forks", type=int, default=0, help="memory of N forks (at the defaults) against one prefix")
     p.add_argument("--save", metavar="DIR", help="save the prefix there, load it back (memory, mmap), time the step")
+    p.add_argument("--load", metavar="DIR", help="only load a context saved by --save (same model, --context) "
+                   "three ways and time the step; no prefill")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,14 +120,21 @@ def main() -> None:
     note("setup", {"model": args.model, "context": doc.shape[1], "threads": args.threads, "load": os.getloadavg()[0]},
          f"{args.model}, a {doc.shape[1]}-token document, {args.threads} threads, load {os.getloadavg()[0]:.2f}")
     forward = model.forward
+    if args.load:
+        model.forward = torch.compile(forward, backend="kvpass")
+        kvpass.reset()
+        answer(model, doc, questions[1][1], kvpass.load_context(args.load, model), 4)  # compile first
+        loaded_steps(model, doc, questions[0][1], args.load, args.new_tokens)
+        print(json.dumps(OUT, indent=1))
+        return
 
     if args.exact_check:
-        cache, s = hf_prefill(model, doc)
+        cache, _ = hf_prefill(model, doc)
         dense = [answer(model, doc, q, copy.deepcopy(cache), args.new_tokens)[0] for _, q in questions]
         del cache
         model.forward = torch.compile(forward, backend="kvpass", options={"estimator": "exact"})
         kvpass.reset()
-        cache, s = hf_prefill(model, doc)
+        cache, _ = hf_prefill(model, doc)
         forked = [answer(model, doc, q, copy.deepcopy(cache), args.new_tokens)[0] for _, q in questions]
         same = [a == b for a, b in zip(forked, dense)]
         note("exact_forks_equal_dense", same, f"{sum(same)}/{len(same)} questions: the forks' tokens equal dense's")
@@ -131,24 +175,7 @@ def main() -> None:
         note("file_mib", size / 2**20, f"{size / 2**20:.0f} MiB on disk")
         live_tokens, live_step = answer(model, doc, questions[0][1], copy.deepcopy(cache), args.new_tokens)
         del cache
-        steps, same = {"live": live_step}, {}
-        for how, mmap in (("memory", False), ("mmap", True)):
-            kvpass.reset()
-            t0 = time.perf_counter()
-            loaded = kvpass.load_context(args.save, model, mmap=mmap)
-            s = time.perf_counter() - t0
-            note(f"load_{how}_s", s, f"{s:.2f} s to load ({how}) = {s / prefill_s:.2%} of the prefill")
-            tokens, steps[how] = answer(model, doc, questions[0][1], copy.deepcopy(loaded), args.new_tokens)
-            same[how] = tokens == live_tokens
-            if mmap:  # cold: the file's pages dropped from the page cache, then the same question
-                fd = os.open(os.path.join(args.save, "context.safetensors"), os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
-                _, steps["mmap_cold"] = answer(model, doc, questions[1][1], copy.deepcopy(loaded), args.new_tokens)
-            del loaded
-        note("same_tokens", same, f"the loaded context's answer equals the live one's: {same}")
-        note("step_ms", {k: v * 1e3 for k, v in steps.items()},
-             ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in steps.items()) + " (median decode step)")
+        loaded_steps(model, doc, questions[0][1], args.save, args.new_tokens, prefill_s, live_tokens, live_step)
     print(json.dumps(OUT, indent=1))
 
 
