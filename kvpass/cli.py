@@ -7,6 +7,7 @@ import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -121,7 +122,7 @@ def cmd_ask(args) -> int:
         read_header(args.load_context)  # not a context: say so before the model loads
     torch.set_num_threads(args.threads)
     model, tok, model_name = _load(args.model, "ask")
-    text = open(args.document, encoding="utf-8").read() if args.document else None
+    text = Path(args.document).read_text(encoding="utf-8") if args.document else None
     doc, questions = document_and_questions(tok, args.questions, text=text, n_tokens=args.context)
     print(f"{model_name}: a document of {doc.shape[1]} tokens ({args.document or 'the Python Language Reference'}), "
           f"{len(questions)} question(s), {args.new_tokens} new tokens each, greedy, {args.threads} threads, "
@@ -303,6 +304,38 @@ def cmd_frontier(args) -> int:
     return 0
 
 
+def cmd_retrieval(args) -> int:
+    """kvpass eval --retrieval: recall and attention mass of each key code, on the model's own keys."""
+    from tqdm import tqdm
+
+    from kvpass.eval import retrieval as rt
+    from kvpass.eval.evaluate import machine_name
+    from kvpass.eval.text import python_source_text
+
+    torch.set_num_threads(args.threads)
+    context = (args.prefix or [4096])[0]
+    budget = Options().budget
+    model, tok, model_name = _load(args.model, "eval --retrieval")
+    ids = tok(python_source_text(), return_tensors="pt")["input_ids"][:, :context + args.queries]
+    if ids.shape[1] < context + args.queries:
+        raise ValueError(f"kvpass: the CPython sources have {ids.shape[1]} tokens for this tokenizer; --prefix "
+                         f"{context} + --queries {args.queries} needs more")
+    print(f"retrieval: {model_name}, {context} tokens of CPython sources, the next {args.queries} positions' "
+          f"queries, B = {budget:.1%} of the offloaded keys (the default budget); {machine_name()}", flush=True)
+    sites = rt.capture(model, ids, context, args.queries)
+    with tqdm(total=len(sites), desc="sites", unit="site") as bar:
+        rows = rt.study(sites, context, budget, progress=bar.update)
+    print(rt.format_rows(rows))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"model": model_name, "context": context, "queries": args.queries, "budget": budget,
+                       "machine": machine_name(), "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -312,6 +345,8 @@ def cmd_eval(args) -> int:
         args.plot = "kvpass-frontier.png" if args.frontier else "kvpass-eval.png"
     if args.frontier:
         return cmd_frontier(args)
+    if args.retrieval:
+        return cmd_retrieval(args)
     torch.set_num_threads(args.threads)
     if args.quick:
         pk_lengths, pk_depths, r_lengths, r_depths = [1024, 2048], [0.1, 0.5, 0.9], [1024], [0.5]
@@ -497,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--frontier", action="store_true",
                     help="the quality/keys frontier instead: KL and perplexity vs keys attended for every estimator "
                          "and the MagicPIG preset, teacher-forced on CPython sources (--quick: SmolLM2 at 2k, CI)")
+    ev.add_argument("--retrieval", action="store_true",
+                    help="a retrieval study instead: recall and attention mass of each key code (today's sketch, "
+                         "rotated codes of 4..1 bits, staged rankings) on the model's own keys (--prefix, default "
+                         "4096; --queries)")
+    ev.add_argument("--queries", type=int, default=48, help="--retrieval: query positions after the prefix")
     ev.add_argument("--prefix", type=int, nargs="+", default=None,
                     help="real text: tokens prefilled before scoring (default 2048; --frontier: 2048 6144 on "
                          "SmolLM2, 8192 16384 on other models; several values: one frontier run each, eval takes the first)")

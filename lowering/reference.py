@@ -128,6 +128,79 @@ def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
 
 
+# ---------------------------------------------------------------- the rotated code (issue 36: a study so far)
+# A key's centred coordinates, whitened by their standard deviation over the build keys, turned by one
+# seeded random rotation, then coded in b bits each with a step of the key's own (a mid-rise uniform
+# quantiser): a quantised random projection, the p-stable LSH family (at b = 1, SimHash / RaBitQ's code).
+# Code c in [0, 2^b) stands for (c + 1/2 - 2^(b-1)) steps; its high h bits alone, for the middle of their
+# interval: the same code at h bits and 2^(b-h) times the step — what a scan of the high bit planes sees.
+
+# The step that minimises a unit Gaussian's mean squared error for a uniform mid-rise quantiser of 2^b
+# levels (Max 1960; the rotated, whitened coordinates are close to Gaussian): step = this x the key's RMS.
+GAUSS_STEP = {1: 1.5958, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569, 8: 0.0308}
+
+
+def rotation(dim: int, seed: int) -> torch.Tensor:
+    """A seeded random rotation [D, D] (fp32, orthogonal: Q of the QR of a Gaussian matrix, signs fixed so
+    that it is uniform over the orthogonal group)."""
+    g = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    qm, r = torch.linalg.qr(g)
+    return (qm * torch.sign(torch.diagonal(r))).float()
+
+
+def rotated_std(keys: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standard deviation of the centred build keys [B, Hkv, n, D] → [B, Hkv, D] fp32 (1
+    where a dimension is constant), frozen with μ."""
+    sd = (keys.float() - mu[:, :, None]).pow(2).mean(2).sqrt()
+    return torch.where(sd > 0, sd, torch.ones_like(sd))
+
+
+def rotated_codes(k: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, rot: torch.Tensor,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [B, Hkv, n, D] in [0, 2^bits), step [B, Hkv, n] fp32) of keys k [B, Hkv, n, D]: the
+    coordinates x = ((k − μ) / std) · rot coded with the key's step = GAUSS_STEP[bits] · RMS(x)."""
+    x = ((k.float() - mu[:, :, None]) / std[:, :, None]) @ rot
+    rms = x.pow(2).mean(-1).sqrt()
+    step = torch.where(rms > 0, rms * GAUSS_STEP[bits], torch.ones_like(rms))
+    half = 1 << (bits - 1)
+    codes = (x / step[..., None]).floor().add(half).clamp(0, 2 * half - 1)
+    return codes.to(torch.uint8), step
+
+
+def rotated_query(q: torch.Tensor, std: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """The query in the code's coordinates: (q · std) · rot, so that q·(k − μ) = q̃ · x.  q [B, Hkv, G, Tq, D]
+    → same shape, fp32."""
+    return (q.float() * std[:, :, None, None]) @ rot
+
+
+def rotated_scores(qt: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bits: int,
+                   planes: int | None = None) -> torch.Tensor:
+    """The estimate of q·(k − μ) from the codes' ``planes`` high bits (all when None): q̃ [B, Hkv, G, Tq, D]
+    (``rotated_query``), codes / step of ``rotated_codes`` → [B, Hkv, G, Tq, n] fp32."""
+    low = bits - (bits if planes is None else planes)
+    hi = codes.to(torch.int32) >> low
+    value = hi.float() * (1 << low) + ((1 << low) - 1) / 2 + 0.5 - (1 << (bits - 1))  # in steps
+    return (qt @ value.transpose(-1, -2)[:, :, None]) * step[:, :, None, None]
+
+
+def best_of(scores: torch.Tensor, m: int, among: torch.Tensor | None = None) -> torch.Tensor:
+    """bool, scores' shape: the m best scores along the last dimension (equal scores by key order), only
+    ``among`` those marked when given."""
+    if among is not None:
+        scores = scores.masked_fill(~among, float("-inf"))
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :m]
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return keep if among is None else keep & among
+
+
+def staged_candidates(qt: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bits: int, planes: int,
+                      first: int, m: int) -> torch.Tensor:
+    """bool [B, Hkv, G, Tq, n]: stage 1 keeps the ``first`` keys of best score from the ``planes`` high bit
+    planes; stage 2 re-ranks those by the whole code and keeps m."""
+    coarse = best_of(rotated_scores(qt, codes, step, bits, planes), first)
+    return best_of(rotated_scores(qt, codes, step, bits), m, among=coarse)
+
+
 def lsh_candidates(q_codes: torch.Tensor, k_codes: torch.Tensor, threshold: int) -> torch.Tensor:
     """bool [B, Hkv, G, Tq, n]: the keys colliding with the query in ≥ threshold tables.  q_codes
     [B, Hkv, G, Tq, L]; k_codes [B, Hkv, n, L]."""

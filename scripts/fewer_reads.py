@@ -40,27 +40,16 @@ from kvpass.lowering.reference import (
 )
 from kvpass.runtime.config import Options
 
-from kvpass.eval.frontier import attention_hook, dense_prefix
-from kvpass.hf import cache_kwarg
-from kvpass.models import load_model
+from kvpass.eval import retrieval
 from kvpass.eval.text import python_source_text
+from kvpass.models import load_model
 
 
 def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, ...]]:
     """site → (q [1, H, queries, D], k and v [1, Hkv, context + queries, D]) of a dense pass."""
     model, tok = load_model(model_name)
     ids = tok(python_source_text(), return_tensors="pt", add_special_tokens=False)["input_ids"]
-    ids = ids[:, :context + queries]
-    cache = dense_prefix(model, ids, context)
-    out = {}
-
-    def spy(site, orig, q, k, v, *args, **kwargs):
-        out[site] = (q[:, :, -queries:].clone(), k.clone(), v.clone())
-        return orig(q, k, v, *args, **kwargs)
-
-    with attention_hook(model, spy), torch.no_grad():
-        model(input_ids=ids[:, context:context + queries], use_cache=True, **{cache_kwarg(): cache})
-    return out
+    return retrieval.capture(model, ids[:, :context + queries], context, queries, values=True)
 
 
 def top_mask(scores: torch.Tensor, m: int) -> torch.Tensor:
