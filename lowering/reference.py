@@ -183,6 +183,17 @@ def rotated_scores(qt: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bi
     return (qt @ value.transpose(-1, -2)[:, :, None]) * step[:, :, None, None]
 
 
+def sketch_plane_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, planes: int) -> torch.Tensor:
+    """The int4 sketch read from its ``planes`` high bit planes: the nibble code + 8 (as the kernel stores
+    it) known to its high bits, each dimension taken at the middle of its interval; scored against
+    q' = q · scale (``sketch_project``).  q [B, Hkv, G, Tq, D], codes int8 [B, Hkv, n, D] in ±7, scale
+    [B, Hkv, D] → [B, Hkv, G, Tq, n] fp32."""
+    low = 4 - planes
+    hi = (codes.to(torch.int32) + 8) >> low
+    value = hi.float() * (1 << low) + ((1 << low) - 1) / 2 - 8
+    return sketch_project(q, scale) @ value.transpose(-1, -2)[:, :, None]
+
+
 def best_of(scores: torch.Tensor, m: int, among: torch.Tensor | None = None) -> torch.Tensor:
     """bool, scores' shape: the m best scores along the last dimension (equal scores by key order), only
     ``among`` those marked when given."""

@@ -7,7 +7,7 @@ they hold — *mass@c*.  Both are means over layers, kv heads, query heads and q
 
 The codes: today's int4 sketch (a per-dimension step, no rotation); the rotated code of 4, 3, 2 and 1
 bits (whitened by each dimension's standard deviation, one seeded random rotation, a step per key:
-``kvpass.lowering.reference.rotated_codes``); and staged rankings of a 4-bit rotated code, whose high bit
+``kvpass.lowering.reference.rotated_codes``); and staged rankings of either 4-bit code, whose high bit
 planes rank c1 x B keys first and whose whole code re-ranks those.  Bytes per key are what a step reads
 per key and kv head (a step per key in fp16 where the code has one; a staged ranking's second stage
 counted for the keys it reads).
@@ -30,6 +30,7 @@ from kvpass.lowering.reference import (
     rotated_std,
     rotation,
     sketch_codes,
+    sketch_plane_scores,
     sketch_scale,
     sketch_scores,
     staged_candidates,
@@ -87,8 +88,17 @@ def site_study(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, op
 
     out = {}
     scale = sketch_scale(keys, mu, 4)
-    s = sketch_scores(qg, sketch_codes(keys, mu, scale, 4), scale)
+    sketch = sketch_codes(keys, mu, scale, 4)
+    s = sketch_scores(qg, sketch, scale)
     out["int4 sketch (per-dimension step, no rotation)"] = (D / 2, *_at_cs(s, m, score))
+    for planes, c1 in STAGED:
+        first = best_of(sketch_plane_scores(qg, sketch, scale, planes), c1 * m)
+        recall, mass = {}, {}
+        for c in CS:
+            if c <= c1:
+                recall[c], mass[c] = score(best_of(s, c * m, among=first))
+        read = D * planes / 8 + min(1.0, c1 * m / n) * D * (4 - planes) / 8
+        out[f"int4 sketch: {planes} high bit planes rank {c1} x B, all 4 re-rank"] = (read, recall, mass)
     std, rot = rotated_std(keys, mu), rotation(D, seed)
     qt = rotated_query(qg, std, rot)
     for bits in BITS:

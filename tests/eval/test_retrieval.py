@@ -62,6 +62,21 @@ def test_the_high_planes_are_the_same_code_with_fewer_bits(bits, planes, seed):
     assert torch.allclose(high, same, rtol=1e-4, atol=1e-3)
 
 
+def test_the_sketchs_planes_all_read_are_its_own_scores():
+    """All 4 planes of the int4 sketch score as the sketch does (before the query's rounding); 3 planes
+    order keys nearly as 4 do."""
+    from kvpass.lowering.reference import sketch_codes, sketch_plane_scores, sketch_project, sketch_scale
+
+    k, q = _keys(512, 32)
+    mu = k.mean(2)
+    scale = sketch_scale(k, mu, 4)
+    codes = sketch_codes(k, mu, scale, 4)
+    full = sketch_project(q, scale) @ codes.float().transpose(-1, -2)[:, :, None]
+    assert torch.allclose(sketch_plane_scores(q, codes, scale, 4), full, rtol=1e-5, atol=1e-4)
+    three = sketch_plane_scores(q, codes, scale, 3)
+    assert float(torch.corrcoef(torch.stack([three.flatten(), full.flatten()]))[0, 1]) > 0.95
+
+
 def test_a_staged_ranking_that_keeps_every_key_first_is_the_full_ranking():
     k, q = _keys()
     mu = k.mean(2)
@@ -93,7 +108,7 @@ def test_the_study_runs_on_a_model_and_prints_a_row_per_code():
     assert len(sites) == 2 and next(iter(sites.values()))[0].shape[2] == 20
     rows = retrieval.study(sites, 680, 0.05)
     table = retrieval.format_rows(rows)
-    assert len(rows) == 1 + len(retrieval.BITS) + len(retrieval.STAGED) and table.count("\n") == len(rows) + 1
+    assert len(rows) == 1 + len(retrieval.BITS) + 2 * len(retrieval.STAGED) and table.count("\n") == len(rows) + 1
     for r in rows:
         assert all(0 <= v <= 1 for v in [*r.recall.values(), *r.mass.values()])
         assert r.worst_layer[2] <= r.recall[2] + 1e-9
@@ -111,4 +126,4 @@ def test_kvpass_eval_retrieval_on_the_cli(tmp_path, queries, capsys):
     printed = capsys.readouterr().out
     assert "rotated int4" in printed and "| code |" in printed
     data = json.loads(out.read_text())
-    assert data["context"] == 512 and len(data["rows"]) == 7
+    assert data["context"] == 512 and len(data["rows"]) == 9
