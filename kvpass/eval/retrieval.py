@@ -49,6 +49,7 @@ class Row:
     recall: dict[int, float]                       # c -> mean recall@c
     mass: dict[int, float]                         # c -> mean mass@c
     worst_layer: dict[int, float] = dataclasses.field(default_factory=dict)  # c -> lowest layer mean recall
+    worst_site: dict[int, str] = dataclasses.field(default_factory=dict)     # c -> that layer's site
 
 
 def capture(model, ids: torch.Tensor, context: int, queries: int, values: bool = False) -> dict[str, tuple]:
@@ -129,7 +130,7 @@ def study(sites: dict[str, tuple[torch.Tensor, torch.Tensor]], context: int, bud
     """The rows of the study over every captured site (``capture``): means over sites, and each c's worst
     site (layer) by recall."""
     options = options or Options()
-    per_site = []
+    per_site, names = [], list(sites)
     for q, k in sites.values():
         per_site.append(site_study(q, k, context, budget, options, seed))
         if progress:
@@ -137,20 +138,22 @@ def study(sites: dict[str, tuple[torch.Tensor, torch.Tensor]], context: int, bud
     rows = []
     for name, (nbytes, _, _) in per_site[0].items():
         cs = per_site[0][name][1].keys()
+        worst = {c: min(range(len(per_site)), key=lambda i, c=c: per_site[i][name][1][c]) for c in cs}
         rows.append(Row(name, nbytes,
                         {c: sum(s[name][1][c] for s in per_site) / len(per_site) for c in cs},
                         {c: sum(s[name][2][c] for s in per_site) / len(per_site) for c in cs},
-                        {c: min(s[name][1][c] for s in per_site) for c in cs}))
+                        {c: per_site[i][name][1][c] for c, i in worst.items()},
+                        {c: names[i] for c, i in worst.items()}))
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
     """A Markdown table: code, bytes per key, then recall@c (mass@c) for each c, and the worst layer's
-    recall at c = 2."""
+    recall at c = 2 (and its site)."""
     head = "| code | bytes/key | " + " | ".join(f"c = {c}: recall (mass)" for c in CS) + " | worst layer, c = 2 |"
     lines = [head, "|" + "---|" * (len(CS) + 3)]
     for r in rows:
         cells = [f"{r.recall[c]:.3f} ({r.mass[c]:.3f})" if c in r.recall else "" for c in CS]
-        worst = f"{r.worst_layer[2]:.3f}" if 2 in r.worst_layer else ""
+        worst = f"{r.worst_layer[2]:.3f} ({r.worst_site[2]})" if 2 in r.worst_layer else ""
         lines.append(f"| {r.code} | {r.bytes_per_key:.1f} | " + " | ".join(cells) + f" | {worst} |")
     return "\n".join(lines)
