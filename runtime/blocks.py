@@ -45,8 +45,8 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False,
 
 
 class Blocks:
-    """An append-only list of items in blocks of ``size``, the blocks along ``axis`` of tensors that
-    ``new()`` allocates; forks share the blocks below their fork point.
+    """An append-only list of items in blocks of ``size`` items, each block a tensor that ``new`` allocates
+    (its owner knows along which dimension the items lie); forks share the blocks below their fork point.
 
     Below ``shared_below`` a block may be read by another list, so it is copied before it is written
     (``writable``: a crop below the fork point, a beam reorder); ``owned`` are those copied since.  Items
@@ -82,10 +82,14 @@ class Blocks:
         """How many of the first n items block i holds."""
         return max(0, min(self.end(i), n) - self.starts[i])
 
+    def find(self, at: int) -> int:
+        """The block holding item ``at`` (the last block starting at or before it; −1: none)."""
+        return bisect.bisect_right(self.starts, at) - 1
+
     def for_write(self, at: int) -> tuple[int, int]:
         """(i, end): the block that item ``at`` goes to, and where that block ends — a new block when ``at``
         is past the last one, a copy when another list may read it."""
-        i = bisect.bisect_right(self.starts, at) - 1
+        i = self.find(at)
         if i < 0 or at >= self.end(i):
             self.add(at)
             i = len(self.tensors) - 1

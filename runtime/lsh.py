@@ -15,7 +15,6 @@ keys are sealed in bulk, up to 32768 per segment (15-bit ids).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import functools
 import zlib
@@ -191,7 +190,7 @@ class LSHIndex:
         self.segments_shared = child.segments_shared = bool(self.seg_ids)
         child.sketch_store, n0 = self.sketch_store.fork(self.n_keys)
         if self.sketch_blocks and self.n_keys > n0:  # the fork point's tiles, copied
-            j = bisect.bisect_right(self.sketch_store.starts, n0) - 1
+            j = self.sketch_store.find(n0)
             t0 = (n0 - self.sketch_store.starts[j]) // 16
             m = -(-(self.n_keys - n0) // 16)
             child.sketch_blocks[-1][:, :, :m] = self.sketch_blocks[j][:, :, t0:t0 + m]

@@ -8,7 +8,6 @@ Shapes: B batch, H query heads, Hkv kv heads, Tq query tokens, D head_dim, S sin
 
 from __future__ import annotations
 
-import bisect
 import copy
 import functools
 import math
@@ -113,7 +112,7 @@ class HostKV:
         child = HostKV(*self.shape[:2], self.shape[3], self.dtype, self.block_size, self.pin, blocks=blocks)
         child.length = n0
         if self.length > n0:  # the fork point's page, copied
-            j = bisect.bisect_right(self.blocks.starts, n0) - 1
+            j = self.blocks.find(n0)
             at, m = n0 - self.blocks.starts[j], self.length - n0
             child.append(self.k_blocks[j][:, :, at:at + m], self.v_blocks[j][:, :, at:at + m])
         return child
