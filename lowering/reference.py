@@ -120,12 +120,20 @@ def sketch_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> 
     return sketch_query(sketch_project(q, scale)) @ codes.float().transpose(-1, -2)[:, :, None]
 
 
+def best_of(scores: torch.Tensor, m: int, among: torch.Tensor | None = None) -> torch.Tensor:
+    """bool, scores' shape: the m best scores along the last dimension (equal scores by key order), only
+    ``among`` those marked when given."""
+    if among is not None:
+        scores = scores.masked_fill(~among, float("-inf"))
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :m]
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+    return keep if among is None else keep & among
+
+
 def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, m: int) -> torch.Tensor:
     """bool [B, Hkv, G, Tq, n]: the m keys of best sketch score, equal scores by key order (the kernel's
     rule).  Shapes as ``sketch_scores``."""
-    s = sketch_scores(q, codes, scale)
-    top = s.sort(dim=-1, descending=True, stable=True).indices[..., :m]
-    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+    return best_of(sketch_scores(q, codes, scale), m)
 
 
 # ---------------------------------------------------------------- the rotated code (issue 36: a study so far)
@@ -173,13 +181,19 @@ def rotated_query(q: torch.Tensor, std: torch.Tensor, rot: torch.Tensor) -> torc
     return (q.float() * std[:, :, None, None]) @ rot
 
 
+def _planes_value(u: torch.Tensor, bits: int, planes: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit codes u known by their ``planes`` high bits: the middle of each code's
+    interval, fp32 (u itself when every plane is read)."""
+    low = bits - planes
+    return (u >> low).float() * (1 << low) + ((1 << low) - 1) / 2
+
+
 def rotated_scores(qt: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bits: int,
                    planes: int | None = None) -> torch.Tensor:
     """The estimate of q·(k − μ) from the codes' ``planes`` high bits (all when None): q̃ [B, Hkv, G, Tq, D]
     (``rotated_query``), codes / step of ``rotated_codes`` → [B, Hkv, G, Tq, n] fp32."""
-    low = bits - (bits if planes is None else planes)
-    hi = codes.to(torch.int32) >> low
-    value = hi.float() * (1 << low) + ((1 << low) - 1) / 2 + 0.5 - (1 << (bits - 1))  # in steps
+    value = _planes_value(codes.to(torch.int32), bits, bits if planes is None else planes) \
+        + 0.5 - (1 << (bits - 1))  # in steps
     return (qt @ value.transpose(-1, -2)[:, :, None]) * step[:, :, None, None]
 
 
@@ -188,28 +202,15 @@ def sketch_plane_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     it) known to its high bits, each dimension taken at the middle of its interval; scored against
     q' = q · scale (``sketch_project``).  q [B, Hkv, G, Tq, D], codes int8 [B, Hkv, n, D] in ±7, scale
     [B, Hkv, D] → [B, Hkv, G, Tq, n] fp32."""
-    low = 4 - planes
-    hi = (codes.to(torch.int32) + 8) >> low
-    value = hi.float() * (1 << low) + ((1 << low) - 1) / 2 - 8
+    value = _planes_value(codes.to(torch.int32) + 8, 4, planes) - 8
     return sketch_project(q, scale) @ value.transpose(-1, -2)[:, :, None]
 
 
-def best_of(scores: torch.Tensor, m: int, among: torch.Tensor | None = None) -> torch.Tensor:
-    """bool, scores' shape: the m best scores along the last dimension (equal scores by key order), only
-    ``among`` those marked when given."""
-    if among is not None:
-        scores = scores.masked_fill(~among, float("-inf"))
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :m]
-    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-    return keep if among is None else keep & among
-
-
-def staged_candidates(qt: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, bits: int, planes: int,
-                      first: int, m: int) -> torch.Tensor:
-    """bool [B, Hkv, G, Tq, n]: stage 1 keeps the ``first`` keys of best score from the ``planes`` high bit
-    planes; stage 2 re-ranks those by the whole code and keeps m."""
-    coarse = best_of(rotated_scores(qt, codes, step, bits, planes), first)
-    return best_of(rotated_scores(qt, codes, step, bits), m, among=coarse)
+def staged_candidates(coarse: torch.Tensor, full: torch.Tensor, first: int, m: int) -> torch.Tensor:
+    """bool [B, Hkv, G, Tq, n]: stage 1 keeps the ``first`` keys of best ``coarse`` score (a code's high bit
+    planes: ``rotated_scores(..., planes)``, ``sketch_plane_scores``); stage 2 re-ranks those by the
+    ``full`` score (the whole code) and keeps m."""
+    return best_of(full, m, among=best_of(coarse, first))
 
 
 def lsh_candidates(q_codes: torch.Tensor, k_codes: torch.Tensor, threshold: int) -> torch.Tensor:

@@ -93,29 +93,32 @@ def site_study(q: torch.Tensor, k: torch.Tensor, context: int, budget: float, op
     s = sketch_scores(qg, sketch, scale)
     out["int4 sketch (per-dimension step, no rotation)"] = (D / 2, *_at_cs(s, m, score))
     for planes, c1 in STAGED:
-        first = best_of(sketch_plane_scores(qg, sketch, scale, planes), c1 * m)
-        recall, mass = {}, {}
-        for c in CS:
-            if c <= c1:
-                recall[c], mass[c] = score(best_of(s, c * m, among=first))
         read = D * planes / 8 + min(1.0, c1 * m / n) * D * (4 - planes) / 8
-        out[f"int4 sketch: {planes} high bit planes rank {c1} x B, all 4 re-rank"] = (read, recall, mass)
+        out[f"int4 sketch: {planes} high bit planes rank {c1} x B, all 4 re-rank"] = (
+            read, *_staged(sketch_plane_scores(qg, sketch, scale, planes), s, c1, m, score))
     std, rot = rotated_std(keys, mu), rotation(D, seed)
     qt = rotated_query(qg, std, rot)
     for bits in BITS:
         codes, step = rotated_codes(keys, mu, std, rot, bits)
         name = f"rotated int{bits}, whitened, step per key" if bits > 1 else "rotated 1 bit (sign), whitened"
-        out[name] = (D * bits / 8 + 2, *_at_cs(rotated_scores(qt, codes, step, bits), m, score))
+        full = rotated_scores(qt, codes, step, bits)
+        out[name] = (D * bits / 8 + 2, *_at_cs(full, m, score))
         if bits == 4:
-            four = codes, step
+            four = codes, step, full
     for planes, c1 in STAGED:
-        recall, mass = {}, {}
-        for c in CS:
-            if c <= c1:
-                recall[c], mass[c] = score(staged_candidates(qt, *four, 4, planes, c1 * m, c * m))
         read = D * planes / 8 + 2 + min(1.0, c1 * m / n) * D * (4 - planes) / 8
-        out[f"rotated int4: {planes} high bit planes rank {c1} x B, all 4 re-rank"] = (read, recall, mass)
+        out[f"rotated int4: {planes} high bit planes rank {c1} x B, all 4 re-rank"] = (
+            read, *_staged(rotated_scores(qt, *four[:2], 4, planes), four[2], c1, m, score))
     return out
+
+
+def _staged(coarse: torch.Tensor, full: torch.Tensor, c1: int, m: int, score):
+    """recall@c and mass@c of a staged ranking (``staged_candidates``) for each c ≤ c1."""
+    recall, mass = {}, {}
+    for c in CS:
+        if c <= c1:
+            recall[c], mass[c] = score(staged_candidates(coarse, full, c1 * m, c * m))
+    return recall, mass
 
 
 def _at_cs(scores: torch.Tensor, m: int, score) -> tuple[dict[int, float], dict[int, float]]:

@@ -84,8 +84,9 @@ def test_a_staged_ranking_that_keeps_every_key_first_is_the_full_ranking():
     codes, step = rotated_codes(k, mu, std, rot, 4)
     qt = rotated_query(q, std, rot)
     full = best_of(rotated_scores(qt, codes, step, 4), 30)
-    assert torch.equal(staged_candidates(qt, codes, step, 4, 2, k.shape[2], 30), full)
-    narrow = staged_candidates(qt, codes, step, 4, 2, 60, 30)
+    coarse, scores = rotated_scores(qt, codes, step, 4, 2), rotated_scores(qt, codes, step, 4)
+    assert torch.equal(staged_candidates(coarse, scores, k.shape[2], 30), full)
+    narrow = staged_candidates(coarse, scores, 60, 30)
     assert int(narrow.sum(-1).min()) == 30 and bool((narrow & ~full).any())  # stage 1 can lose keys
 
 
