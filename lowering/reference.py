@@ -137,11 +137,12 @@ def sketch_candidates(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 
 
 # ---------------------------------------------------------------- the rotated code (issue 36: a study so far)
-# A key's centred coordinates, whitened by their standard deviation over the build keys, turned by one
-# seeded random rotation, then coded in b bits each with a step of the key's own (a mid-rise uniform
-# quantiser): a quantised random projection, the p-stable LSH family (at b = 1, SimHash / RaBitQ's code).
-# Code c in [0, 2^b) stands for (c + 1/2 - 2^(b-1)) steps; its high h bits alone, for the middle of their
-# interval: the same code at h bits and 2^(b-h) times the step — what a scan of the high bit planes sees.
+# A key's centred coordinates, each measured in a unit of its own dimension (``rotated_unit``: the standard
+# deviation over the build keys, or the query-aware unit), turned by one seeded random rotation, then coded
+# in b bits each with a step of the key's own (a mid-rise uniform quantiser): a quantised random
+# projection, the p-stable LSH family (at b = 1, SimHash / RaBitQ's code).  Code c in [0, 2^b) stands for
+# (c + 1/2 - 2^(b-1)) steps; its high h bits alone, for the middle of their interval: the same code at h
+# bits and 2^(b-h) times the step — what a scan of the high bit planes sees.
 
 # The step that minimises a unit Gaussian's mean squared error for a uniform mid-rise quantiser of 2^b
 # levels (Max 1960; the rotated, whitened coordinates are close to Gaussian): step = this x the key's RMS.
@@ -163,11 +164,30 @@ def rotated_std(keys: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return torch.where(sd > 0, sd, torch.ones_like(sd))
 
 
-def rotated_codes(k: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, rot: torch.Tensor,
+def rotated_unit(std: torch.Tensor, q_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """The unit each centred key dimension is measured in before the rotation, [B, Hkv, D] fp32.
+
+    Without query statistics: the keys' standard deviation (``rotated_std``: whitening).  With q_sq, the
+    mean q_d² of the queries that will read the code ([B, Hkv, D], e.g. the prefill's queries of the kv
+    head's group): u_d = sqrt(std_d / rms(q_d)).  Why: the rotation spreads the quantiser's error evenly over
+    the coordinates, with a step ∝ RMS((k − μ) / u), so a score's error has variance ∝ Σ_d q_d² u_d² ·
+    Σ_d std_d² / u_d², which (Cauchy–Schwarz) is smallest, (Σ_d rms(q_d) · std_d)², at this u.  Whitening
+    is that optimum only where rms(q_d) ∝ 1 / std_d.  A dimension no query reads (rms 0) is taken at 10⁻⁶ of
+    the kv head's largest rms."""
+    if q_sq is None:
+        return std
+    rms = q_sq.float().sqrt()
+    floor = rms.amax(-1, keepdim=True) * 1e-6
+    rms = torch.where(floor > 0, rms.maximum(floor), torch.ones_like(rms))  # no query at all: whitening's shape
+    return (std / rms).sqrt()
+
+
+def rotated_codes(k: torch.Tensor, mu: torch.Tensor, unit: torch.Tensor, rot: torch.Tensor,
                   bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [B, Hkv, n, D] in [0, 2^bits), step [B, Hkv, n] fp32) of keys k [B, Hkv, n, D]: the
-    coordinates x = ((k − μ) / std) · rot coded with the key's step = GAUSS_STEP[bits] · RMS(x)."""
-    x = ((k.float() - mu[:, :, None]) / std[:, :, None]) @ rot
+    coordinates x = ((k − μ) / unit) · rot (``rotated_unit``) coded with the key's step = GAUSS_STEP[bits]
+    · RMS(x)."""
+    x = ((k.float() - mu[:, :, None]) / unit[:, :, None]) @ rot
     rms = x.pow(2).mean(-1).sqrt()
     step = torch.where(rms > 0, rms * GAUSS_STEP[bits], torch.ones_like(rms))
     half = 1 << (bits - 1)
@@ -175,10 +195,10 @@ def rotated_codes(k: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, rot: tor
     return codes.to(torch.uint8), step
 
 
-def rotated_query(q: torch.Tensor, std: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """The query in the code's coordinates: (q · std) · rot, so that q·(k − μ) = q̃ · x.  q [B, Hkv, G, Tq, D]
-    → same shape, fp32."""
-    return (q.float() * std[:, :, None, None]) @ rot
+def rotated_query(q: torch.Tensor, unit: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """The query in the code's coordinates: (q · unit) · rot, so that q·(k − μ) = q̃ · x.  q [B, Hkv, G, Tq,
+    D] → same shape, fp32."""
+    return (q.float() * unit[:, :, None, None]) @ rot
 
 
 def _planes_value(u: torch.Tensor, bits: int, planes: int) -> torch.Tensor:

@@ -45,8 +45,8 @@ from kvpass.eval.text import python_source_text
 from kvpass.models import load_model
 
 
-def capture(model_name: str, context: int, queries: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    """site → (q [1, H, queries, D], k and v [1, Hkv, context + queries, D]) of a dense pass."""
+def capture(model_name: str, context: int, queries: int) -> dict[str, retrieval.Site]:
+    """site → its queries [1, H, queries, D], keys and values [1, Hkv, context + queries, D] of a dense pass."""
     model, tok = load_model(model_name)
     ids = tok(python_source_text(), return_tensors="pt", add_special_tokens=False)["input_ids"]
     return retrieval.capture(model, ids[:, :context + queries], context, queries, values=True)
@@ -146,7 +146,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=Options().budget)
     a = ap.parse_args()
     stats: dict[str, list[float]] = collections.defaultdict(list, {EXACT: []})
-    for q, k, v in capture(a.model, a.context, a.queries).values():
+    for site in capture(a.model, a.context, a.queries).values():
+        q, k, v = site.q, site.k, site.v
         measure(q, k, a.context, a.budget, stats)
         measure_values(q, k, v, a.context, a.budget, stats)
     print(f"{a.model}, {a.context} tokens, {a.queries} queries, int4 top {a.budget:.1%}; mean (worst layer)")

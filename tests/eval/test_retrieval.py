@@ -10,6 +10,7 @@ from kvpass.lowering.reference import (
     rotated_query,
     rotated_scores,
     rotated_std,
+    rotated_unit,
     rotation,
     staged_candidates,
 )
@@ -90,29 +91,63 @@ def test_a_staged_ranking_that_keeps_every_key_first_is_the_full_ranking():
     assert int(narrow.sum(-1).min()) == 30 and bool((narrow & ~full).any())  # stage 1 can lose keys
 
 
+def _site(n=4096, D=64, seed=0):
+    k, q = _keys(n + 64, D, seed)
+    return retrieval.Site(q.reshape(1, 6, 2, D), k, q.reshape(1, 6, 2, D).pow(2).mean(2))
+
+
 def test_more_bits_and_more_candidates_find_more_of_the_exact_top():
-    k, q = _keys(4096, 64)
-    rows = retrieval.site_study(q.reshape(1, 6, 2, 64), k, 4096 + 64, 0.015, retrieval.Options())
+    rows = retrieval.site_study(_site(), 4096 + 64, 0.015, retrieval.Options())
     rot = {bits: rows[f"rotated int{bits}, whitened, step per key" if bits > 1 else "rotated 1 bit (sign), whitened"]
            for bits in retrieval.BITS}
     for bits in retrieval.BITS:
         recall = [rot[bits][1][c] for c in retrieval.CS]
-        assert recall == sorted(recall) and all(0 <= r <= 1 for r in recall)
+        assert recall == sorted(recall) and all(0 <= r <= 1 for r in recall) and 0 <= rot[bits][3] <= 1
     assert rot[4][1][2] > rot[2][1][2] > rot[1][1][2]
+    assert rot[4][3] > rot[2][3] > rot[1][3]  # the top 1% in B too
     assert rot[4][1][8] >= 0.99 and rot[4][0] == 64 * 4 / 8 + 2
+
+
+def test_the_query_aware_unit_minimises_the_score_error():
+    """Keys whose spread differs by dimension, read by queries whose size per dimension is unrelated to it
+    (whitening is optimal only when it is inverse to the keys', no unit when it is proportional): the
+    query-aware unit's codes estimate q·(k − μ) with less error than either, as its derivation says (about
+    a third of it here); no queries at all gives whitening's shape."""
+    gen = torch.Generator().manual_seed(3)
+    D = 32
+    spread = torch.logspace(-1, 0.5, D)
+    k = torch.randn(1, 1, 4096, D, generator=gen) * spread
+    q = torch.randn(1, 1, 1, 256, D, generator=gen) * spread[torch.randperm(D, generator=gen)]
+    mu = k.mean(2)
+    std, rot = rotated_std(k, mu), rotation(D, 0)
+    q_sq = q.pow(2).mean((2, 3))
+    true = q @ (k - mu[:, :, None]).transpose(-1, -2)[:, :, None]
+
+    def error(unit):
+        codes, step = rotated_codes(k, mu, unit, rot, 3)
+        return float((rotated_scores(rotated_query(q, unit, rot), codes, step, 3) - true).pow(2).mean())
+
+    aware, white, plain = error(rotated_unit(std, q_sq)), error(std), error(torch.ones_like(std))
+    assert aware < 0.5 * min(white, plain)
+    assert torch.equal(rotated_unit(std), std) and torch.equal(rotated_unit(std, torch.zeros_like(q_sq)), std.sqrt())
 
 
 def test_the_study_runs_on_a_model_and_prints_a_row_per_code():
     model = tiny_model("llama", num_hidden_layers=2)
     ids = torch.randint(3, 256, (1, 700), generator=torch.Generator().manual_seed(0))
     sites = retrieval.capture(model, ids, 680, 20)
-    assert len(sites) == 2 and next(iter(sites.values()))[0].shape[2] == 20
+    site = next(iter(sites.values()))
+    kv, D = model.config.num_key_value_heads, site.q.shape[-1]
+    assert len(sites) == 2 and site.q.shape[2] == 20 and site.k.shape[1] == kv and site.k.shape[2] == 700
+    assert site.q_sq.shape == (1, model.config.num_attention_heads, D) and site.v is None
     rows = retrieval.study(sites, 680, 0.05)
     table = retrieval.format_rows(rows)
-    assert len(rows) == 1 + len(retrieval.BITS) + 2 * len(retrieval.STAGED) and table.count("\n") == len(rows) + 1
+    n_rows = 1 + len(retrieval.STAGED) + len(retrieval.BITS) + len(retrieval.QUERY_AWARE_BITS) + 2 * len(retrieval.STAGED)
+    assert len(rows) == n_rows and table.count("\n") == len(rows) + 1
     for r in rows:
-        assert all(0 <= v <= 1 for v in [*r.recall.values(), *r.mass.values()])
+        assert all(0 <= v <= 1 for v in [*r.recall.values(), *r.mass.values(), r.top1pct])
         assert r.worst_layer[2] <= r.recall[2] + 1e-9 and r.worst_site[2] in sites
+        assert r.top1pct_worst <= r.top1pct + 1e-9 and r.top1pct_worst_site in sites
         assert r.recall[max(r.recall)] >= r.recall[1]
 
 
@@ -127,4 +162,4 @@ def test_kvpass_eval_retrieval_on_the_cli(tmp_path, queries, capsys):
     printed = capsys.readouterr().out
     assert "rotated int4" in printed and "| code |" in printed
     data = json.loads(out.read_text())
-    assert data["context"] == 512 and len(data["rows"]) == 9
+    assert data["context"] == 512 and len(data["rows"]) == 13
