@@ -13,8 +13,8 @@ noisy; absolute times are not comparable across runs).  ``extra_info`` carries t
 fraction of keys read, and the kernel's effective bandwidth (bytes it must touch / time) against
 this machine's copy bandwidth, and the time per row read against torch's ``index_select`` of as many
 rows of the same size (a roofline for scattered reads on this machine).  For the defaults it adds their
-floor: the distinct K/V rows they must read (``rows_read``) gathered by ``index_select`` plus their key
-sketch read at the machine's copy bandwidth — no arithmetic, no ranking — and that floor's ratio to dense
+floor: the distinct K/V rows they read (counted by the kernel: ``KVStore.last_step_reads``) gathered by
+``index_select`` plus the key sketch the kernel scanned, read at the machine's copy bandwidth — no arithmetic, no ranking — and that floor's ratio to dense
 (``defaults_floor_speedup_vs_best_dense``): a speed-up above it needs rows read faster than torch gathers them.
 
     pytest benchmarks/test_decode_attention.py --benchmark-only              # 8k, 32k, 128k
@@ -30,10 +30,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kvpass.cpu_ops import simd_level
-from kvpass.lowering.reference import estimator_scores
 
 from kvpass import KVStore
-from kvpass.eval.frontier import host_sketch
 
 LAYOUTS = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64), "qwen2.5-coder-0.5b": (14, 2, 64)}  # q heads, kv heads, D
 CONTEXTS = {"8k": 8192, "32k": 32768, "128k": 131072}
@@ -92,23 +90,6 @@ def variant(k: torch.Tensor, v: torch.Tensor, **options) -> KVStore:
     store = KVStore(HKV, D, dtype=torch.bfloat16, batch=1, **options)
     store.append(k.bfloat16(), v.bfloat16())
     return store
-
-
-def rows_read(store: KVStore, q: torch.Tensor) -> tuple[int, int]:
-    """(distinct host K/V rows, candidates) of one step of ``store``'s estimator (a sketch store) for q
-    [1, H, 1, D]: the keys it attends by the plain-torch definition (``estimator_scores``: the head of best
-    sketch scores and the tail sample), each (kv head, key) counted once however many of the kv head's
-    query rows chose it, and the candidates summed over query rows.  The distinct rows are the fewest any
-    kernel computing the same estimate must read."""
-    keys, sketch = host_sketch(store)  # [1, Hkv, n, D]
-    HKV, n, D = keys.shape[1], keys.shape[2], keys.shape[3]
-    est = store.options.estimator
-    budget = store.resolve_budget(None)
-    stride, offset = store.tail_sample(est, budget, n)
-    qg = q.float().reshape(1, HKV, -1, 1, D)
-    s, candidates = estimator_scores(qg, keys, D ** -0.5, est, budget=budget, sketch=sketch, stride=stride,
-                                     offset=offset)
-    return int(torch.isfinite(s).any(2).sum()), int(candidates.sum())
 
 
 # beside the defaults: the sketch's int8 codes instead of int4, and the top 2% of the sketch without a tail
@@ -193,15 +174,15 @@ def run_layer(benchmark, layout: str, context: str, copy_bandwidth: float) -> No
     # sketch (every offloaded key's codes) read at this machine's copy bandwidth (read + write bytes per
     # second: generous for a read) — no arithmetic, no ranking; a speed-up above its ratio needs rows read
     # faster than torch gathers them
-    distinct, chosen = rows_read(defaults, q)
     defaults.attend(q, estimator=defaults.options.estimator)
-    assert chosen == int(defaults.last_scored.sum()), "rows_read's keys are not the kernel's"
-    assert chosen / (H // HKV) <= distinct <= chosen
+    reads = defaults.last_step_reads  # counted by the kernel: the sketch it scanned, the distinct rows it read
+    distinct, chosen = reads["k_rows"], int(defaults.last_scored.sum())
+    assert reads["v_rows"] == distinct and chosen / (H // HKV) <= distinct <= chosen
     ids_d = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(2))[:distinct].sort().values
     t_gather_d = best_of(lambda: flat.index_select(0, ids_d), 5)
     dense_bytes = 2 * k.nbytes  # fp32 K and V, what the baselines read
-    sketch_bytes = defaults.tokens_offloaded * HKV * D * defaults.index.sketch_bits // 8
-    rows_bytes = distinct * 2 * D * itemsize
+    sketch_bytes = reads["code_bytes"]  # every key's code, and the threshold's sample of 64 tiles per kv head
+    rows_bytes = reads["row_bytes"]
     t_floor = t_gather_d + sketch_bytes / copy_bandwidth
     benchmark.extra_info.update({
         "layout": f"{H} q / {HKV} kv heads, d={D}",

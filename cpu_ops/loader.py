@@ -158,7 +158,8 @@ def _register_fakes() -> None:
           softcap=0.0, stride=0, stride_offset=None, block_starts=None, sketch_starts=None):
         B, H, Tq, _ = q.shape
         return (torch.empty_like(q), q.new_empty(B, H, Tq), q.new_empty(B, H, Tq, dtype=torch.int32),
-                q.new_empty(B, H, Tq, dtype=torch.int32), q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32))
+                q.new_empty(B, H, Tq, dtype=torch.int32), q.new_empty(B, H, Tq, proj.shape[2] // lsh_k, dtype=torch.int32),
+                q.new_empty(B, mu.shape[1], 3, dtype=torch.int64))
 
     @fake("kvpass_cpu::log_retrieval_probability")
     def _(cos_theta, lsh_k, lsh_l, threshold):
@@ -197,7 +198,7 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
                   row_lo: torch.Tensor | None = None, row_budget: torch.Tensor | None = None,
                   softcap: float = 0.0, stride: int = 0, stride_offset: torch.Tensor | None = None,
                   block_starts: torch.Tensor | None = None, sketch_starts: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused hash → retrieve → score → softmax → V over the host keys for one query block
     (see lsh_attention.cpp).
 
@@ -222,7 +223,9 @@ def lsh_attention(q: torch.Tensor, proj: torch.Tensor, mu: torch.Tensor, k_block
     block i holds keys [start_i, start_i+1) from its token 0.  Absent: block i starts at i · block_size.
     ``sketch_starts``: the same for the sketch blocks, in multiples of 64 keys.
     Returns out [B, H, Tq, D] fp32, lse [B, H, Tq] fp32, n_read [B, H, Tq] int32 (host keys scored), n_kept
-    [B, H, Tq] int32 (of them, in the estimate) and the query codes [B, H, Tq, L] int32 it used."""
+    [B, H, Tq] int32 (of them, in the estimate), the query codes [B, H, Tq, L] int32 it used, and what it
+    read, int64 [B, Hkv, 3] per kv head: the sketch's bytes scanned (every pass), the distinct host keys
+    whose K row and whose V row it read (a key that several query rows read counted once)."""
     load()
     return torch.ops.kvpass_cpu.lsh_attention(q, proj, mu, k_blocks, v_blocks, block_size, n_keys, seg_ids,
                                               seg_starts, seg_meta, tail_codes, tail_base, tail_len, lsh_k,

@@ -37,9 +37,15 @@ def explain(fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Repor
 def runtime_stats() -> dict[str, float]:
     """Bytes and tokens held by live kvpass stores (all sequences, all sites; what forks share counted once),
     and how many sequences are live (a sequence's stores go when its cache is dropped, released, or its slot is prefilled anew).  ``keys_read_fraction``:
-    keys the CPU scored at the last decode step, over the offloaded keys, averaged over the stores."""
+    keys the CPU scored at the last decode step, over the offloaded keys, averaged over the stores.
+    ``step_code_bytes`` / ``step_row_bytes``: what the CPU kernel read at each store's last host attention
+    (the sketch scanned; the distinct K and V rows), summed over the stores, as the kernel counted it;
+    ``step_bytes_fraction``: the two over what dense attention reads of the same host keys."""
     stores = REGISTRY.stores()
     read = [s.last_keys_read / s.tokens_offloaded for s in stores if s.tokens_offloaded]
+    step = [s.last_step_reads for s in stores if s.batch]
+    step_code, step_rows = sum(r["code_bytes"] for r in step), sum(r["row_bytes"] for r in step)
+    step_dense = sum(r["dense_bytes"] for r in step if r["k_rows"] or r["code_bytes"])
     seen, projection = set(), 0
     for s in stores:  # one projection per site, shared by its sequences
         if s.batch and s.site not in seen:
@@ -72,6 +78,9 @@ def runtime_stats() -> dict[str, float]:
         "index_bytes": sum(index.values()),
         "projection_bytes": projection,
         "keys_read_fraction": sum(read) / len(read) if read else 0.0,
+        "step_code_bytes": step_code,
+        "step_row_bytes": step_rows,
+        "step_bytes_fraction": (step_code + step_rows) / step_dense if step_dense else 0.0,
     }
 
 

@@ -205,6 +205,9 @@ class KVStore:
         self.last_scored: torch.Tensor | None = None  # [B, H, Tq] int: host keys scored per query row, last call
         self.last_kept: torch.Tensor | None = None    # [B, H, Tq] int: of them, in the estimate (topk/oracle: ≤ B)
         self.last_query_codes: torch.Tensor | None = None  # [B, H, Tq, L] the kernel's, at the last call
+        # [B, Hkv, 3] int64, the kernel's count of what the last call read per kv head: code bytes scanned,
+        # distinct K rows, distinct V rows (``last_step_reads``)
+        self.last_reads: torch.Tensor | None = None
         self.batch = 0
         self.reset()
         if batch is not None:
@@ -227,7 +230,7 @@ class KVStore:
         """Forget every token (a new sequence); keeps the configuration."""
         self.length = 0
         self.last_positions = torch.empty(0, dtype=torch.long, device=self.device)
-        self.masked_steps, self.last_scored, self.last_kept = 0, None, None
+        self.masked_steps, self.last_scored, self.last_kept, self.last_reads = 0, None, None, None
         if self.batch:
             self._allocate(self.batch)
 
@@ -298,7 +301,7 @@ class KVStore:
             take_rows(t, dst, src)
         self.host.take_rows(dst, src)
         self.index.take_rows(dst, src)
-        self.last_scored = self.last_kept = self.last_query_codes = None
+        self.last_scored = self.last_kept = self.last_query_codes = self.last_reads = None
         self.reorders += 1
 
     def fork(self) -> KVStore:
@@ -314,7 +317,7 @@ class KVStore:
             child._centred_for = self._centred_for.clone()
         child.handle = child.serial = child.buffer = child._pinned = None
         child.model_buffer_bytes = 0
-        child.last_scored = child.last_kept = child.last_query_codes = None
+        child.last_scored = child.last_kept = child.last_query_codes = child.last_reads = None
         child.masked_steps = child.reorders = child.crops = 0
         return child
 
@@ -377,6 +380,20 @@ class KVStore:
     def last_keys_read(self) -> float:
         """Mean host keys scored per query row at the last host attention (0 before any)."""
         return 0.0 if self.last_scored is None else float(self.last_scored.float().mean())
+
+    @property
+    def last_step_reads(self) -> dict[str, int]:
+        """What the CPU kernel read at the last host attention, counted by the kernel over every batch row and
+        kv head: ``code_bytes`` (the sketch scanned, every pass), ``k_rows`` / ``v_rows`` (distinct host keys
+        whose K / V row some query row read), ``row_bytes`` (those rows' bytes), and ``dense_bytes`` (every
+        host key's K and V: what dense attention over them reads).  All 0 before any."""
+        n = self.host.length if self.batch else 0
+        if self.last_reads is None:
+            return dict.fromkeys(("code_bytes", "k_rows", "v_rows", "row_bytes", "dense_bytes"), 0)
+        code, k_rows, v_rows = (int(x) for x in self.last_reads.sum((0, 1)))
+        row = self.head_dim * self.dtype.itemsize
+        return {"code_bytes": code, "k_rows": k_rows, "v_rows": v_rows, "row_bytes": (k_rows + v_rows) * row,
+                "dense_bytes": 2 * self.batch * self.num_kv_heads * n * row}
 
     def resolve_budget(self, budget: float | None, n: int | None = None) -> int:
         """Keys kept by topk/oracle: an int is a count, a float in (0, 1] a fraction of the host keys (of n
@@ -464,7 +481,9 @@ class KVStore:
                 block_size, n, idx.seg_ids, idx.seg_starts, meta, idx.tail, idx.tail_base,
                 idx.tail_len, lsh_k=idx.lsh_k, threshold=idx.threshold, estimator=estimator, budget=budget_n,
                 scale=scale, threads=kernel_threads(self.cpu_threads, self.device), softcap=softcap, **kw))
-        out, lse, self.last_scored, self.last_kept, self.last_query_codes = (torch.cat(x, 2) for x in zip(*parts))
+        outs = list(zip(*parts))
+        out, lse, self.last_scored, self.last_kept, self.last_query_codes = (torch.cat(x, 2) for x in outs[:5])
+        self.last_reads = sum(outs[5])  # a long block's query chunks: each chunk's reads, summed
         return out.to(q.device), lse.to(q.device)
 
     def attend(self, q: torch.Tensor, *, estimator: str | None = None, budget: float | None = None,
@@ -553,6 +572,7 @@ class KVStore:
             "projection_bytes": self.index.projection_bytes if self.batch else 0,
             "keys_read_last": self.last_keys_read,
             "keys_read_fraction_last": self.last_keys_read / n if n else 0.0,
+            **{f"{k}_last": v for k, v in self.last_step_reads.items()},
         }
 
     @property

@@ -401,7 +401,13 @@ struct Problem {
   float* lse;       // [B, H, Tq]
   int32_t* n_read;  // [B, H, Tq]: host keys scored
   int32_t* n_kept;  // [B, H, Tq]: of them, in the estimate (head + tail)
+  // What the call read, per (batch row, kv head) (out, [B, Hkv, kReads]): the code bytes the sketch scans
+  // read (every pass, the threshold's sample included), and the distinct host keys whose K row, and whose V
+  // row, some query row of the kv head read — a row read by several query rows counted once (row: mark; reads_count)
+  int64_t* reads = nullptr;
 };
+
+enum Read { kCodeBytes = 0, kKRows = 1, kVRows = 2, kReads = 3 };
 
 struct Scratch {
   std::vector<uint8_t> count;  // per key, collisions of the current row, saturating (cleared via `touched`)
@@ -421,6 +427,10 @@ struct Scratch {
   std::vector<int64_t> lcnt;
   std::vector<float> tau, samp;
   std::vector<uint8_t> listed;  // per row of the unit: its list holds the budget (else its scores are in skg)
+  // the keys whose K / V rows this thread read, a bit per key: [units][2][words] (units: every (batch row,
+  // kv head), or the one group unit being attended; row: mark; reads_count)
+  std::vector<uint64_t> seen_rows;
+  int64_t seen_unit0 = 0;  // the (batch row, kv head) of unit 0 of seen_rows
   const float* sk_row = nullptr;  // sketch: the current row's scores (n_keys), or
   int32_t* list_pos = nullptr;    // its list of the keys at or above its threshold (list_n >= 0)
   const float* list_sc = nullptr;
@@ -451,6 +461,9 @@ KVPASS_INLINE int64_t budget_of(const Problem& P, int64_t b) { return P.row_budg
 KVPASS_INLINE int64_t candidates_of(const Problem& P, int64_t b) {
   return P.row_budget ? std::max<int64_t>(P.row_budget[b], 1) : P.candidates;
 }
+
+// 64-bit words of one bitmap of the keys read (row: mark)
+KVPASS_INLINE int64_t reads_words(const Problem& P) { return (P.n_keys + 63) / 64; }
 
 // Row (b, h, t): candidates, scores, softmax, V.  Templated on the KV dtype; inlined into the
 // per-dtype entry points below, which are the functions compiled per SIMD level.
@@ -607,6 +620,12 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     return static_cast<const T*>(P.vb[key / P.block_size]) + b * P.vb_s0 + hk * P.vb_s1 +
            (key % P.block_size) * P.vb_s2;
   };
+  // K and V rows read, into the thread's bitmaps (reads_count turns them into distinct counts)
+  uint64_t* const seen_k = s.seen_rows.data() + (bh - s.seen_unit0) * 2 * reads_words(P);
+  uint64_t* const seen_v = seen_k + reads_words(P);
+  auto mark = [&](uint64_t* seen, int64_t key) KVPASS_LAMBDA_INLINE {
+    seen[key >> 6] |= uint64_t(1) << (key & 63);
+  };
   // The score of one candidate: q·k scaled, and for "sample" its importance weight 1 / P(retrieved)
   auto score = [&](const T* k) KVPASS_LAMBDA_INLINE {
     float qk = 0.f;
@@ -652,6 +671,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
         prefetch(v_row(keys[j + kAhead]));
       }
       const int64_t key = keys[j];
+      mark(seen_k, key), mark(seen_v, key);
       sm.add(score(k_row(key)) + log_w, v_row(key));
     }
   };
@@ -693,6 +713,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t j = 0; j < m; ++j) {
       if (j + kAhead < m) prefetch(k_row(s.cand[j + kAhead]));
       s.score[j] = score(k_row(s.cand[j]));
+      mark(seen_k, s.cand[j]);
     }
     const int64_t keep = std::max<int64_t>(budget_of(P, b), 0);
     s.order.resize(m);
@@ -708,6 +729,7 @@ KVPASS_INLINE void row(const Problem& P, int64_t b, int64_t h, int64_t t, Scratc
     for (int64_t jj = 0; jj < keep; ++jj) {
       if (jj + kAhead < keep) prefetch(v_row(s.cand[s.order[jj + kAhead]]));
       const int32_t j = s.order[jj];
+      mark(seen_v, s.cand[j]);
       sm.add(s.score[j], v_row(s.cand[j]));
     }
     kept = keep;
@@ -1024,6 +1046,9 @@ int sketch_simd() { return 0; }
 // Sketch scores of tiles [t0, t1) of (b, hk) for the unit's G·Tq rows, into the sink.
 void sketch_scan(const Problem& P, int64_t b, int64_t hk, int64_t t0, int64_t t1, const ScanSink& o) {
   const int32_t* qw = P.sk_qw.data() + sketch_qw_offset(P, b, hk);
+  // a tile is 16 keys x sk_words words of 4 bytes; chunks of one unit may be scanned by several threads
+  __atomic_fetch_add(P.reads + (b * P.Hkv + hk) * kReads + kCodeBytes, (t1 - t0) * 64 * P.sk_words,
+                     __ATOMIC_RELAXED);
 #if defined(__x86_64__) && defined(__GNUC__)
   if (P.sk_simd == 2) {
     if (P.sk_bits == 4) return sketch_scan_vnni<true>(P, b, hk, t0, t1, qw, o);
@@ -1118,12 +1143,27 @@ KVPASS_CLONES void row_f16(const Problem& P, int64_t b, int64_t h, int64_t t, Sc
   row<c10::Half>(P, b, h, t, s);
 }
 
+// The distinct K and V rows of `n_units` units from u0 on, into P.reads, from their bitmaps ([unit][2][words]:
+// K then V, a bit per key, set by row's `mark`).  One thread per unit: plain stores.
+void reads_count(const Problem& P, const uint64_t* seen, int64_t u0, int64_t n_units) {
+  const int64_t words = reads_words(P);
+  for (int64_t u = 0; u < n_units; ++u)
+    for (int kind = 0; kind < 2; ++kind) {
+      const uint64_t* m = seen + (u * 2 + kind) * words;
+      int64_t n = 0;
+      for (int64_t w = 0; w < words; ++w) n += __builtin_popcountll(m[w]);
+      P.reads[(u0 + u) * kReads + kKRows + kind] = n;
+    }
+}
+
 // The SIMD-cloned functions are the per-row ones: an OpenMP region's outlined body would not inherit
 // a clone's target, so the parallel loop stays outside them.
 void run_rows(const Problem& P, at::ScalarType dtype) {
   auto* fn = dtype == at::kFloat ? &row_f32 : dtype == at::kBFloat16 ? &row_bf16 : &row_f16;
   const int64_t rows = P.B * P.H * P.Tq, tiles = (P.n_keys + 15) / 16;
   const bool sketch = !P.skb.empty();
+  const int64_t units = P.B * P.Hkv, words = reads_words(P);
+  std::vector<const uint64_t*> seen_of(std::max(P.threads, 1));  // each thread's bitmaps (rows over threads)
 #pragma omp parallel num_threads(P.threads)
   {
     Scratch s;
@@ -1141,9 +1181,12 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
     s.tail_count.resize(std::max<int64_t>(P.tail_len, 1));
     if (sketch && P.sk_group) {  // one unit per (batch row, kv head): scan, then its rows
       const int64_t unit_rows = P.G * P.Tq;
+      s.seen_rows.resize(2 * words);
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < P.B; ++b)
         for (int64_t hk = 0; hk < P.Hkv; ++hk) {
+          s.seen_unit0 = b * P.Hkv + hk;  // the unit's rows are all this thread's: its counts are final below
+          std::fill(s.seen_rows.begin(), s.seen_rows.end(), 0);
           scan_unit(P, b, hk, s);
           for (int64_t i = 0; i < unit_rows; ++i) {
             if (s.listed[i]) {
@@ -1154,8 +1197,12 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
             }
             fn(P, b, hk * P.G + i / P.Tq, i % P.Tq, s);
           }
+          reads_count(P, s.seen_rows.data(), s.seen_unit0, 1);
         }
     } else {
+      s.seen_rows.assign(2 * words * units, 0);  // any thread may attend any row: every unit's bitmaps
+      s.seen_unit0 = 0;
+      seen_of[omp_get_thread_num()] = s.seen_rows.data();
       if (sketch) {  // sketch scores of every key for every row, in chunks of 128 tiles (2048 keys)
         constexpr int64_t kTiles = 128;
         const int64_t n_chunks = (tiles + kTiles - 1) / kTiles;
@@ -1179,6 +1226,18 @@ void run_rows(const Problem& P, at::ScalarType dtype) {
         const int64_t t = i % P.Tq, h = (i / P.Tq) % P.H, b = i / (P.Tq * P.H);
         if (sketch) s.sk_row = P.sk_score + i * P.n_keys;
         fn(P, b, h, t, s);
+      }  // (the implicit barrier: every thread's bitmaps are complete)
+      // a key read by rows of several threads counts once: OR the team's bitmaps, each thread a range of units
+      const int team = omp_get_num_threads();
+      std::vector<uint64_t> merged(2 * words);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < units; ++u) {
+        std::fill(merged.begin(), merged.end(), 0);
+        for (int th = 0; th < team; ++th) {
+          const uint64_t* m = seen_of[th] + u * 2 * words;
+          for (int64_t w = 0; w < 2 * words; ++w) merged[w] |= m[w];
+        }
+        reads_count(P, merged.data(), u, 1);
       }
     }
   }
@@ -1231,7 +1290,7 @@ std::vector<const void*> page_table(at::TensorList blocks, const std::vector<int
   return ptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_attention(
     const at::Tensor& q, const at::Tensor& proj, const at::Tensor& mu, at::TensorList k_blocks,
     at::TensorList v_blocks, int64_t block_size, int64_t n_keys, at::TensorList seg_ids,
     at::TensorList seg_starts, const at::Tensor& seg_meta, const at::Tensor& tail_codes, int64_t tail_base,
@@ -1265,13 +1324,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
   auto n_read = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
   auto n_kept = at::zeros({B, H, Tq}, q.options().dtype(at::kInt));
   auto q_codes = at::zeros({B, H, Tq, L}, q.options().dtype(at::kInt));
+  auto reads = at::zeros({B, Hkv, kReads}, q.options().dtype(at::kLong));
   const bool fuse_static = static_k.has_value();
   TORCH_CHECK(fuse_static == static_v.has_value() && fuse_static == static_allowed.has_value(), fn,
               "static_k, static_v and static_allowed come together");
   if (n_keys == 0 && !fuse_static) {
     out.zero_();
     lse.fill_(kNegInf);
-    return {out, lse, n_read, n_kept, q_codes};
+    return {out, lse, n_read, n_kept, q_codes, reads};
   }
   const auto dtype = fuse_static ? static_k->scalar_type() : k_blocks[0].scalar_type();
   for (size_t i = 0; i < k_blocks.size(); ++i) {
@@ -1426,8 +1486,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lsh_atten
   }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, fn, "KV dtype ", dtype,
               " is not supported (float32, bfloat16, float16)");
+  P.reads = reads.data_ptr<int64_t>();
   run_rows(P, dtype);
-  return {out, lse, n_read, n_kept, q_codes};
+  return {out, lse, n_read, n_kept, q_codes, reads};
 }
 
 // SimHash codes from projections y [..., K·L] (float32): code_l = Σ_j [y[lK + j] > 0] << j, int32 [..., L].
@@ -1487,7 +1548,7 @@ TORCH_LIBRARY_FRAGMENT(kvpass_cpu, m) {
         "Tensor? static_v=None, Tensor? static_allowed=None, Tensor[]? sketch_blocks=None, Tensor? sketch_query=None, "
         "int sketch_bits=8, int threads=0, Tensor? row_lo=None, Tensor? row_budget=None, float softcap=0.0, "
         "int stride=0, Tensor? stride_offset=None, Tensor? block_starts=None, Tensor? sketch_starts=None) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("log_retrieval_probability(Tensor cos_theta, int lsh_k, int lsh_l, int threshold) -> Tensor");
   m.def("sign_codes(Tensor y, int lsh_k) -> Tensor");
   m.def("simd_level() -> int", &kvpass_cpu::simd_level);

@@ -56,6 +56,9 @@ class Point:
     recall: float | None = None  # retrieval: fraction of the top-1% offloaded keys (by exact score) retrieved
     mass: float | None = None    # retrieval: fraction of the offloaded keys' attention weight retrieved
     distinct: float | None = None  # retrieval: distinct keys a GQA group's query heads chose, per key chosen
+    # the bytes the CPU kernel read (codes scanned + distinct K/V rows, its own counters) over the bytes of the
+    # offloaded keys' K and V (what dense attention reads of them), over all sites and steps
+    bytes_read: float | None = None
     per_layer: list[float] = field(default_factory=list)  # keys attended per layer
 
     @property
@@ -111,6 +114,7 @@ class Decoder:
         self.candidate_mismatch = 0  # query rows whose torch-side candidate count differs from the kernel's
         self._counts: dict[str, list[list[torch.Tensor]]] = {}  # site → [attended, scored, offloaded] per call
         self.distinct = self.candidates = 0  # measured steps: distinct keys a GQA group chose, keys chosen
+        self.bytes_read = self.bytes_dense = 0  # the kernel's reads (KVStore.last_step_reads), summed
 
     def _counted(self, i: int) -> dict[str, torch.Tensor]:
         return {s: torch.cat(c[i]) for s, c in self._counts.items() if c[i]}
@@ -162,6 +166,10 @@ class Decoder:
                 kept, scored = float(store.last_kept.float().mean()), float(store.last_scored.float().mean())
             att[t], sco[t] = (n_static + kept) / n_ctx, (n_static + scored) / n_ctx
             off[t] = scored / n_host if n_host else 0.0
+            if n_host and est != "none":
+                reads = store.last_step_reads
+                self.bytes_read += reads["code_bytes"] + reads["row_bytes"]
+                self.bytes_dense += reads["dense_bytes"]
             if self.recall_every and t % self.recall_every == 0 and est in ("sample", "topk") and store.index.built:
                 self._retrieval(store, q[:, :, t:t + 1], scale)
         for c, x in zip(counts, (att, sco, off)):
@@ -278,8 +286,9 @@ def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefi
         recall = sum(dec.recall) / len(dec.recall) if dec and dec.recall else None
         mass = sum(dec.mass) / len(dec.mass) if dec and dec.mass else None
         rows = dec.distinct / dec.candidates if dec and dec.candidates else None
+        read = dec.bytes_read / dec.bytes_dense if dec and dec.bytes_dense else None
         points.append(Point(name, options, nll, kl, att, sco, off, tokens, top1=top1, recall=recall, mass=mass,
-                            distinct=rows, per_layer=layers))
+                            distinct=rows, per_layer=layers, bytes_read=read))
         if progress:
             progress(1)
     return points
@@ -313,15 +322,16 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
 def format_points(points: list[Point]) -> str:
     dense = next((p for p in points if p.options is None), None)
     head = (f"{'config':22s} | keys attended | keys scored | KL(dense‖·) | perplexity | vs dense |  top-1 "
-            f"|     recall@1% |  mass | distinct")
+            f"|     recall@1% |  mass | distinct | bytes read")
     lines = [head, "-" * len(head)]
     for p in points:
         rel = f"{p.ppl / dense.ppl - 1:+8.2%}" if dense else "-"
         rec = f"{p.recall:13.1%}" if p.recall is not None else f"{'-':>13s}"
         mass = f"{p.mass:5.1%}" if p.mass is not None else "    -"
         rows = f"{p.distinct:8.2f}" if p.distinct is not None else "       -"
+        read = f"{p.bytes_read:10.2%}" if p.bytes_read is not None else f"{'-':>10s}"
         lines.append(f"{p.config:22s} | {p.attended:13.2%} | {p.scored:11.2%} | {p.kl:11.4f} | {p.ppl:10.3f} | "
-                     f"{rel} | {p.top1:6.1%} | {rec} | {mass} | {rows}")
+                     f"{rel} | {p.top1:6.1%} | {rec} | {mass} | {rows} | {read}")
     return "\n".join(lines)
 
 
@@ -330,7 +340,7 @@ def to_json(points: list[Point], meta: dict) -> dict:
         {"config": p.config, "options": p.options, "kl": p.kl, "nll": p.nll, "perplexity": p.ppl,
          "keys_attended": p.attended, "keys_scored": p.scored, "offloaded_keys_scored": p.offloaded_read,
          "top1_agreement": p.top1, "retriever_recall_top1pct": p.recall, "retriever_attention_mass": p.mass,
-         "gqa_distinct_per_key": p.distinct,
+         "gqa_distinct_per_key": p.distinct, "host_bytes_read_vs_dense": p.bytes_read,
          "keys_attended_per_layer": p.per_layer, "tokens": p.tokens} for p in points]}
 
 

@@ -21,7 +21,10 @@ from kvpass.cpu_ops import (
 )
 from kvpass.lowering.attention import softcapped_attention
 from kvpass.lowering.reference import (
+    estimator_scores,
     hash_codes,
+    logp_table,
+    lsh_candidates,
     pack_bits,
     reference_attention,
     simhash,
@@ -442,3 +445,56 @@ def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget,
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-5)
     assert store.last_scored.tolist() == ref_read.tolist()
+
+
+@settings(max_examples=fuzz_examples(30), deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 3, 4]), Tq=st.integers(1, 2),
+       n=st.integers(30, 400), how=st.sampled_from(["sketch", "sketch+tail", "lsh sample", "lsh topk+tail", "exact"]),
+       threads=st.integers(1, 3), seed=st.integers(0, 5))
+def test_the_kernel_counts_the_bytes_it_reads(B, Hkv, G, Tq, n, how, threads, seed):
+    """What a step reads, counted by the kernel per (batch row, kv head): the sketch's bytes (once per tile
+    of 16 keys below the sampled-threshold size), and the distinct keys whose K row and whose V row some
+    query row of the kv head read — the torch definition's union over the group's rows of the keys each
+    estimator scores (K) and attends (V); the sketch, LSH sampling and exact read both rows of the same
+    keys, topk over LSH candidates scores them all and reads V for the kept.  Whichever way the rows are
+    spread over the threads (one unit a thread, or rows of one kv head on several)."""
+    retriever, estimator = how.split("+")[0].split(" ")[0], how.split("+")[0].split(" ")[-1]
+    retriever = "sketch" if how == "exact" else retriever
+    estimator = "topk" if retriever == "sketch" and estimator == "sketch" else estimator
+    stride = 7 if "tail" in how else 0
+    store = KVStore(Hkv, 16, batch=B, sink_size=2, window_size=3, estimator="topk", retriever=retriever,
+                    tail_stride=stride, host_block_size=64, lsh_k=4, lsh_l=12, lsh_threshold=2, seed=seed)
+    store.index.min_keys = 20
+    store.cpu_threads = threads
+    gen = torch.Generator().manual_seed(seed)
+    store.append(torch.randn(B, Hkv, n, 16, generator=gen) * 2 + 0.5, torch.randn(B, Hkv, n, 16, generator=gen))
+    q = torch.randn(B, Hkv * G, Tq, 16, generator=gen)
+    budget = 9
+    store.attend_host(q, estimator=estimator, budget=budget)
+    reads = store.last_reads
+    ks, _ = store.host.views()
+    k, idx, m = torch.cat(ks, 2), store.index, store.host.length
+    qg = q.reshape(B, Hkv, G, Tq, 16)
+    kw = {"mu": idx.mu, "budget": store.resolve_budget(budget), "threshold": idx.threshold}
+    r, offset = store.tail_sample(estimator, kw["budget"], m)
+    if r:
+        kw.update(stride=r, offset=offset)
+    if retriever == "sketch" and estimator == "topk":
+        kw["sketch"] = (sketch_codes(k, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+    elif retriever == "lsh":
+        codes = (store.last_query_codes.reshape(B, Hkv, G, Tq, -1), idx.codes(k))
+        kw.update(q_codes=codes[0], k_codes=codes[1], logp=logp_table(idx.lsh_k, idx.lsh_l, idx.threshold))
+    s, _ = estimator_scores(qg, k, 0.25, "oracle" if estimator == "exact" else estimator,
+                            **({} if estimator == "exact" else kw))
+    v_keys = s > float("-inf")
+    k_keys = v_keys
+    if how == "lsh topk+tail":  # every candidate scored, the kept ones' V read
+        k_keys = v_keys | lsh_candidates(*codes, idx.threshold)
+    union = (lambda keys: keys.any(2).any(2).sum(-1))  # [B, Hkv]: over the group's rows and positions
+    assert reads[..., 1].tolist() == union(k_keys).tolist()
+    assert reads[..., 2].tolist() == union(v_keys).tolist()
+    words = 16 * idx.sketch_bits // 32
+    scanned = -(-m // 16) * 64 * words if estimator == "topk" and retriever == "sketch" else 0
+    assert reads[..., 0].tolist() == [[scanned] * Hkv] * B
+    got = store.last_step_reads
+    assert got["row_bytes"] == int(reads[..., 1:].sum()) * 16 * 4 and got["dense_bytes"] == 2 * B * Hkv * m * 16 * 4

@@ -146,3 +146,18 @@ def test_distinct_keys_a_gqa_group_chose(setup):
     assert pts[1].distinct is None  # the oracle retrieves nothing: no recall measured
     _, dec = fr.teacher_forced(model, ids, PREFIX, TOKENS, {"window_size": 16, "budget": 40}, cache, recall_every=3)
     assert dec.candidate_mismatch == 0 and dec.candidates == 2 * 4 * 2 * 2 * 40  # layers x steps x kv x q heads
+
+
+def test_the_bytes_read_are_the_kernels_count(setup):
+    """``bytes_read``: what the kernel read (its own counters: the int4 sketch of every offloaded key, D/2
+    bytes, and the distinct K/V rows) over the offloaded keys' K and V (2·D fp32 each): exact reads every row
+    and no code, exactly 1; the oracle every K row and the V rows of the keys it keeps, a little over 1/2;
+    the sketch its 1/16 and the rows of its head and tail."""
+    model, ids, cache = setup
+    configs = {"sketch": {"window_size": 16, "budget": 40}, "exact": {"estimator": "exact"},
+               "oracle": {"estimator": "oracle"}, "none": {"estimator": "none"}}
+    sketch, exact, oracle, none = pts = fr.frontier(model, ids, configs, prefix=PREFIX, tokens=TOKENS, cache=cache)
+    assert exact.bytes_read == 1.0 and none.bytes_read is None
+    assert 0.5 < oracle.bytes_read < 0.55
+    assert 1 / 16 < sketch.bytes_read < 1 / 16 + 2 * 40 / 350 + 0.02
+    assert "bytes read" in fr.format_points(pts)

@@ -37,6 +37,8 @@ def test_exact_estimator_is_transparent(cache, batch):
     assert (logits_k - ref_logits).abs().max() <= 1e-4
     stats = kvpass.runtime_stats()
     assert stats["tokens_offloaded"] == 2 * (150 + 23 - 20) * batch // batch  # per layer: all but 4+16
+    # exact mode reads every offloaded key's K and V row and no code (the kernel's count)
+    assert stats["step_bytes_fraction"] == 1.0 and stats["step_code_bytes"] == 0
     # a second sequence through the same compiled model starts fresh stores
     ids_k2, _ = run()
     assert torch.equal(ids_k2, ref_ids)
@@ -103,6 +105,10 @@ def test_device_kv_is_bounded_and_host_holds_each_token_once(prompt_len):
     assert stats["device_kv_bytes"] == cfg.num_hidden_layers * (S + W) * per_token  # not a function of context
     assert stats["tokens_offloaded"] == cfg.num_hidden_layers * (tokens - S - W)
     assert stats["host_kv_bytes"] == stats["tokens_offloaded"] * per_token
+    # the last step read every offloaded key's int4 sketch (D/2 bytes a kv head: 1/16 of its fp32 K and V) and
+    # a few rows — fewer than the keys when the context is long enough to leave most of them out
+    assert stats["step_code_bytes"] >= stats["tokens_offloaded"] * cfg.num_key_value_heads * head_dim // 2
+    assert 1 / 16 <= stats["step_bytes_fraction"] < (0.5 if prompt_len > 1000 else 1.2)
     # placeholders are poisoned: reading the cache outside kvpass gives NaN, never plausible numbers
     assert torch.isnan(cache.layers[0].keys).all()
 
