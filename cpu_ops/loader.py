@@ -133,7 +133,7 @@ def build_lock(build_dir: Path):
 
 
 def _id_bytes(n: int) -> int:
-    """Bytes of a segment's bit-packed ids for n tokens (lsh_attention.cpp: packed_bytes(n, id_width(n)))."""
+    """Bytes of a segment's bit-packed ids for n tokens (csrc/lsh_index.h: packed_bytes(n, id_width(n)))."""
     return (n * max(1, (n - 1).bit_length()) + 7) // 8 + 4
 
 

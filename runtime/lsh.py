@@ -7,7 +7,7 @@ Keys are centred by μ, the mean of the first ``min_keys``+ offloaded keys, froz
 built (a moving μ would silently invalidate every stored code).  Until then no index exists and the
 estimators read every offloaded key (there are fewer than ``min_keys``).
 
-Layout: sealed segments (C++ bucket tables, ids bit-packed, see ``cpu_ops/csrc/lsh_attention.cpp``)
+Layout: sealed segments (C++ bucket tables, ids bit-packed, see ``cpu_ops/csrc/lsh_index.h``)
 cover keys [0, tail_base); the newest keys [tail_base, tail_base + tail_len) keep their codes in a
 small tail (scanned by the kernel) until ``seal_size`` of them are sealed into a segment.  The prompt's
 keys are sealed in bulk, up to 32768 per segment (15-bit ids).
