@@ -45,7 +45,7 @@ def runtime_stats() -> dict[str, float]:
     read = [s.last_keys_read / s.tokens_offloaded for s in stores if s.tokens_offloaded]
     step = [s.last_step_reads for s in stores if s.batch]
     step_code, step_rows = sum(r["code_bytes"] for r in step), sum(r["row_bytes"] for r in step)
-    step_dense = sum(r["dense_bytes"] for r in step if r["k_rows"] or r["code_bytes"])
+    step_dense = sum(r["dense_bytes"] for r in step)  # 0 for a store the kernel has not read yet
     seen, projection = set(), 0
     for s in stores:  # one projection per site, shared by its sequences
         if s.batch and s.site not in seen:

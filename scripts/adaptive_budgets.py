@@ -25,7 +25,14 @@ import argparse
 import collections
 
 import torch
-from kvpass.lowering.reference import sketch_codes, sketch_project, sketch_scale, sketch_scores, tail_sample
+from kvpass.lowering.reference import (
+    sketch_codes,
+    sketch_levels,
+    sketch_project,
+    sketch_scale,
+    sketch_scores,
+    tail_sample,
+)
 from kvpass.runtime.config import Options
 
 from kvpass.eval import retrieval
@@ -59,11 +66,13 @@ def site_errors(site: retrieval.Site, context: int, opts: Options, seed: int) ->
     num_static, den_static = sums(s_static, static_v)
     num, den = sums(s_host, vals)
     exact = (num_static + num) / (den_static + den)
-    # the sketch's estimate of q·(k − μ): its integer score times the query's rounding step (sketch_query)
+    # the sketch's estimate of q·(k − μ): its integer score times the query's rounding step (sketch_query:
+    # max |q'_d| over its 8-bit levels)
     mu = keys.mean(2)
     step = sketch_scale(keys, mu, 4)
     qs = sketch_project(qg, step)
-    est = sketch_scores(qg, sketch_codes(keys, mu, step, 4), step) * (qs.abs().amax(-1, keepdim=True) / 127) * scale
+    est = sketch_scores(qg, sketch_codes(keys, mu, step, 4), step) * (qs.abs().amax(-1, keepdim=True) / sketch_levels(8))
+    est = est * scale
     rank = torch.empty_like(est, dtype=torch.long)
     order = est.sort(dim=-1, descending=True, stable=True).indices
     rank.scatter_(-1, order, torch.arange(n).expand_as(order))

@@ -125,11 +125,11 @@ def site_study(site: Site, context: int, budget: float, options: Options,
     weight = (exact * D ** -0.5).softmax(-1)
 
     def measure(nbytes: float, rank: Ranking, cs=CS):
-        recall, mass = {}, {}
+        recall, mass, keeps = {}, {}, {}
         for c in cs:
-            keep = rank(c)
+            keep = keeps[c] = rank(c)
             recall[c], mass[c] = float((keep & top).sum(-1).float().mean() / m), float((weight * keep).sum(-1).mean())
-        return nbytes, recall, mass, float((rank(1) & top1).sum(-1).float().mean() / m1)
+        return nbytes, recall, mass, float((keeps[1] & top1).sum(-1).float().mean() / m1)  # the best B: c = 1
 
     def ranked(scores):
         return lambda c: best_of(scores, min(c * m, n))
