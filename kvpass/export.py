@@ -71,8 +71,8 @@ def store_state(store) -> dict[str, torch.Tensor]:
     (the step reads every host key then, and builds them when the min_keys-th token is offloaded)."""
     S, W = store.sink_size, store.window_size
     if store.index.sketch:
-        raise ExportError("kvpass: the exported decode step carries the LSH index; this store keeps the key "
-                          "sketch (estimator 'topk'), which cannot be exported yet")
+        raise ExportError(f"kvpass: the exported decode step carries the LSH index; this store keeps the key "
+                          f"sketch (retriever {store.options.index!r}, estimator 'topk'), which cannot be exported yet")
     if store.tokens_offloaded != max(0, store.length - S - W):
         raise ExportError(f"kvpass: the exported decode step needs a full window; this store's window holds "
                           f"{store.length - S - store.tokens_offloaded} of {W} tokens (a cropped sequence)")

@@ -41,7 +41,8 @@ def _new_store(site: str, k: torch.Tensor, config: str) -> KVStore:
 
 @torch.library.custom_op("kvpass::append_kv", mutates_args=())
 def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              positions: torch.Tensor | None, past_len: int, site: str, config: str) -> torch.Tensor:
+              positions: torch.Tensor | None, past_len: int, site: str, config: str,
+              queries: torch.Tensor | None = None) -> torch.Tensor:
     """Append new K/V of one attention site to its kvpass store; return the store's new handle.
 
     k, v: [B, Hkv, T, D].  Two cache kinds:
@@ -50,6 +51,8 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
         filled outside kvpass (adopted into a new store).  past_len = their length.
       - static buffer (positions: [T] int64 absolute positions; StaticCache, gpt-fast): past_k is the
         model's buffer, which names the store; positions[0] == 0 starts a new sequence.
+    queries: the new tokens' queries [B, H, T, D] at a prefill whose attention stays the model's, for an
+    index fitted to them (retriever "rotated": ``KVStore.observe_queries``), or None.
     Returns the handle [B, Hkv, 1, D] (NaN) that the attention ops and placeholders refer to.
     """
     if positions is None:
@@ -97,6 +100,8 @@ def append_kv(past_k: torch.Tensor, past_v: torch.Tensor, k: torch.Tensor, v: to
             raise RuntimeError(f"kvpass: site {site}: writing position {p0} but the store holds "
                                f"{store.length} tokens; rewriting earlier positions is not supported")
         store.append(k, v)
+    if queries is not None:
+        store.observe_queries(queries)
     handle = REGISTRY.new_handle(store)  # (registers a new store)
     REGISTRY.note_device_kv(k.nbytes + v.nbytes)
     return handle
@@ -151,7 +156,7 @@ def _follow_crop(store: KVStore, past_len: int) -> None:
 
 
 @append_kv.register_fake
-def _(past_k, past_v, k, v, positions, past_len, site, config):
+def _(past_k, past_v, k, v, positions, past_len, site, config, queries=None):
     return k.new_empty(k.shape[0], k.shape[1], 1, k.shape[3])
 
 
@@ -316,12 +321,12 @@ def past_length(past: torch.Tensor) -> int:
     return past.shape[-2] if past.dim() == 4 else 0
 
 
-def append_growing(past_k, past_v, k, v, site: str, config: str) -> torch.Tensor:
-    return torch.ops.kvpass.append_kv(past_k, past_v, k, v, None, past_length(past_k), site, config)
+def append_growing(past_k, past_v, k, v, site: str, config: str, queries=None) -> torch.Tensor:
+    return torch.ops.kvpass.append_kv(past_k, past_v, k, v, None, past_length(past_k), site, config, queries)
 
 
-def append_static(buf_k, buf_v, k, v, positions, site: str, config: str) -> torch.Tensor:
-    return torch.ops.kvpass.append_kv(buf_k, buf_v, k, v, positions, 0, site, config)
+def append_static(buf_k, buf_v, k, v, positions, site: str, config: str, queries=None) -> torch.Tensor:
+    return torch.ops.kvpass.append_kv(buf_k, buf_v, k, v, positions, 0, site, config, queries)
 
 
 def placeholder(handle: torch.Tensor, past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

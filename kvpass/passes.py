@@ -27,16 +27,19 @@ def rewrite(gm: fx.GraphModule, sites: list[Site], opts: Options) -> None:
         if not site.offload:
             continue
         k, v, name = site.k, site.v, site.report.name
+        # a prefill hands a rotated index its queries, to fit its code to (the model's SDPA attends them)
+        queries = site.q if site.report.phase == "prefill" and opts.index == "rotated" else None
         with g.inserting_before(site.sdpa):
             if k.kind == "growing":
-                handle = g.call_function(ops.append_growing, (k.past, v.past, k.new, v.new, name, cfg))
+                handle = g.call_function(ops.append_growing, (k.past, v.past, k.new, v.new, name, cfg, queries))
                 for upd in (k, v):
                     ph = g.call_function(ops.placeholder, (handle, upd.past, upd.new))
                     chain = site.chains[0] if upd is k else site.chains[1]
                     upd.node.replace_all_uses_with(ph, delete_user_cb=lambda u, c=chain, s=site.sdpa: u not in c
                                                    and u is not s)
             else:
-                handle = g.call_function(ops.append_static, (k.past, v.past, k.new, v.new, k.positions, name, cfg))
+                handle = g.call_function(ops.append_static, (k.past, v.past, k.new, v.new, k.positions, name, cfg,
+                                                             queries))
             if site.report.phase == "decode":
                 out = g.call_function(ops.split_attention,
                                       (site.q, handle, site.mask, site.scale, opts.estimator, threads, name,

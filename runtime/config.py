@@ -79,15 +79,17 @@ def _threshold_error(t, opts) -> str | None:
     return f"lsh_threshold must be an int in [1, min(lsh_l={opts.lsh_l}, 255)], got {t!r}"
 
 
-RETRIEVERS = ("auto", "lsh", "sketch")
+RETRIEVERS = ("auto", "lsh", "sketch", "rotated")
 
 
 def _retriever_error(r, opts) -> str | None:
     if r not in RETRIEVERS:
         return f"retriever must be one of {list(RETRIEVERS)}, got {r!r}"
-    if r == "sketch" and opts.estimator == "sample":
-        return ("retriever='sketch' goes with estimator='topk' (or 'oracle'/'exact'/'none'): 'sample' weights "
+    if r in ("sketch", "rotated") and opts.estimator == "sample":
+        return (f"retriever={r!r} goes with estimator='topk' (or 'oracle'/'exact'/'none'): 'sample' weights "
                 "each key by its LSH retrieval probability, which only the 'lsh' retriever has")
+    if r == "rotated" and opts.sketch_bits != 4:
+        return f"retriever='rotated' is an int4 code; sketch_bits={opts.sketch_bits} is the 'sketch' retriever's"
     return None
 
 
@@ -124,11 +126,15 @@ class Options:
                             "query rows), so the head is counted exactly and the rest estimated without bias. "
                             "`0`: the head alone.", lo=0, runtime=True)
     retriever: str = knob("auto", "The index of the offloaded keys. `'sketch'`: an int4 (or int8) code of every "
-                          "centred offloaded key, scanned each step; `topk` attends the `budget` best. `'lsh'`: "
-                          "SimHash bucket tables (`lsh_k` bits x `lsh_l` tables), `sample`'s retrieval; `topk` "
-                          "takes the best of its candidates. `'auto'`: the sketch for `topk`, LSH for `sample`.",
+                          "centred offloaded key, scanned each step; `topk` attends the `budget` best. "
+                          "`'rotated'`: the same int4 scan over a code of each key turned by a seeded random "
+                          "rotation, each dimension first measured in a unit fitted to the prompt's queries "
+                          "(the keys are coded at the first decode step); finds more of the heavy keys for the "
+                          "same bytes. `'lsh'`: SimHash bucket tables (`lsh_k` "
+                          "bits x `lsh_l` tables), `sample`'s retrieval; `topk` takes the best of its "
+                          "candidates. `'auto'`: the sketch for `topk`, LSH for `sample`.",
                           kind="custom", check=_retriever_error, runtime=True, choices=RETRIEVERS,
-                          span="'sketch' not with estimator 'sample'")
+                          span="'sketch'/'rotated' not with estimator 'sample'; 'rotated' with sketch_bits 4")
     # int4 by measurement: on Qwen2.5-Coder-0.5B at 16k/32k, KL 0.0115/0.0061 vs int8's 0.0108/0.0058 at the
     # same keys, for half the bytes scanned (docs/quality.md)
     sketch_bits: int = knob(4, "The sketch's code width per key dimension: `4` (int4, two codes a byte) or `8` "
@@ -176,7 +182,7 @@ class Options:
 
     @property
     def index(self) -> str:
-        """The index a store keeps, "sketch" or "lsh" (``retriever``, with "auto" resolved)."""
+        """The index a store keeps, "sketch", "rotated" or "lsh" (``retriever``, with "auto" resolved)."""
         if self.retriever != "auto":
             return self.retriever
         return "sketch" if self.estimator == "topk" else "lsh"

@@ -21,7 +21,18 @@ import zlib
 
 import torch
 from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
-from kvpass.lowering.reference import MIN_KEYS, simhash, sketch_codes, sketch_scale
+from kvpass.lowering.reference import (
+    MIN_KEYS,
+    rotated_sketch_codes,
+    rotated_sketch_scale,
+    rotated_std,
+    rotated_unit,
+    simhash,
+    site_rotation,
+    sketch_codes,
+    sketch_rows,
+    sketch_scale,
+)
 from kvpass.runtime.blocks import Blocks, host_empty
 from kvpass.runtime.config import Options
 
@@ -74,7 +85,14 @@ class LSHIndex:
         # retriever "sketch": no bucket tables; a sketch of every key (k − μ) / scale instead (int8, or int4:
         # ``sketch_bits``), in blocks of SKETCH_BLOCK keys (the kernel scans it).  Nothing is hashed: the kernel's SimHash
         # arguments shrink to one table (a [Hkv, D, K] projection it never reads, not 150)
-        self.sketch = options.index == "sketch"
+        self.sketch = options.index in ("sketch", "rotated")
+        # retriever "rotated": the sketch of the keys' rotated coordinates (lowering/reference.py:
+        # rotated_sketch_codes), in the unit fitted to the queries' mean q² (``q_sq``): the keys are coded at the
+        # first step that attends after the index is built (``code``), when queries are there to fit it to
+        self.rotated = options.index == "rotated"
+        self.unit: torch.Tensor | None = None  # [B, Hkv, D] fp32, rotated: once coded
+        self.q_sq: torch.Tensor | None = None  # [B, Hkv, D] fp32, the queries' mean q_d² (to fit / it was fitted to)
+        self.q_rows = 0  # query rows per kv head observed in q_sq before coding (``observe``)
         lsh_k, lsh_l = options.lsh_k, 1 if self.sketch else options.lsh_l
         self.lsh_k, self.lsh_l, self.seed = lsh_k, lsh_l, options.seed
         self.threshold = 1 if self.sketch else options.lsh_threshold
@@ -105,6 +123,67 @@ class LSHIndex:
     def built(self) -> bool:
         return self.mu is not None
 
+    @property
+    def coded(self) -> bool:
+        """Every indexed key has its code (a rotated index is built before its first queries come: until
+        ``code``, its keys are only counted)."""
+        return self.built and (not self.rotated or self.unit is not None)
+
+    def rot(self) -> torch.Tensor:
+        """The rotated sketch's rotation of this site, [D, D] fp32 (shared by every sequence through it)."""
+        return site_rotation(self.seed, self.site, self.head_dim)
+
+    def query_moments(self, q: torch.Tensor) -> torch.Tensor:
+        """The mean q_d² of queries q [B, H, Tq, D] over each kv head's query rows → [B, Hkv, D] fp32 (what
+        ``code`` fits the unit to)."""
+        B, H, Tq, D = q.shape
+        return q.detach().float().cpu().reshape(B, self.num_kv_heads, H // self.num_kv_heads * Tq, D).pow(2).mean(2)
+
+    def observe(self, q: torch.Tensor) -> None:
+        """Queries q [B, H, T, D] a rotated index not coded yet will be fitted to (a prefill's, which the
+        model attends itself): their q_d² joins the running mean ``q_sq``."""
+        if q.shape[2]:
+            self.observe_moments(self.query_moments(q), q.shape[1] // self.num_kv_heads * q.shape[2])
+
+    def observe_moments(self, q_sq: torch.Tensor, rows: int) -> None:
+        """``observe`` given the queries' mean q_d² [B, Hkv, D] over ``rows`` query rows per kv head."""
+        if not self.rotated or self.unit is not None or not rows:
+            return
+        q_sq = q_sq.float().cpu()
+        self.q_sq = q_sq if self.q_sq is None else (self.q_sq * self.q_rows + q_sq * rows) / (self.q_rows + rows)
+        self.q_rows += rows
+
+    def code(self, q_sq: torch.Tensor, keys: torch.Tensor, row_lo: torch.Tensor | None = None) -> None:
+        """Code a rotated index's keys, every host key [B, Hkv, n, D], in the unit fitted to the queries'
+        mean q_d² [B, Hkv, D] (``query_moments``): the unit, the step and the codes are frozen from here on.
+        row_lo [B]: row b's keys start there (a left-padded batch), or None."""
+        self.q_sq = q_sq.float().cpu()
+        B = keys.shape[0]
+        self._fit(keys.float().cpu(), torch.zeros(B, dtype=torch.long) if row_lo is None else row_lo.cpu())
+        self.sketch_store = self._new_sketch()
+        self._index(keys)
+
+    def _fit(self, kf: torch.Tensor, row_lo: torch.Tensor) -> None:
+        """A rotated index's unit and step from host keys kf [B, Hkv, n, D] fp32, row b's from row_lo[b] on."""
+        rot, units, scales = self.rot(), [], []
+        for b in range(kf.shape[0]):
+            kb, mu = kf[b:b + 1, :, int(row_lo[b]):], self.mu[b:b + 1]
+            units.append(rotated_unit(rotated_std(kb, mu), self.q_sq[b:b + 1]))
+            scales.append(rotated_sketch_scale(kb, mu, units[-1], rot))
+        self.unit, self.sketch_scale = torch.cat(units), torch.cat(scales)
+
+    def reference_sketch(self, keys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The torch definition of what the kernel scans for host keys [B, Hkv, n, D]: (codes, scale) of the
+        sketch, (codes, scale, unit, rot) of the rotated one (``estimator_scores``' ``sketch``)."""
+        if self.rotated:
+            return rotated_sketch_codes(keys, self.mu, self.unit, self.rot(), self.sketch_scale), \
+                self.sketch_scale, self.unit, self.rot()
+        return sketch_codes(keys, self.mu, self.sketch_scale, self.sketch_bits), self.sketch_scale
+
+    def query_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """The query rows the sketch scan takes (``sketch_rows``): q [B, Hkv, G, Tq, D] → same shape fp32."""
+        return sketch_rows(q, self.sketch_scale, *((self.unit, self.rot()) if self.rotated else ()))
+
     def proj(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return projection(self.seed, self.site, self.num_kv_heads, self.head_dim, self.lsh_k, self.lsh_l,
                           str(device))
@@ -131,16 +210,19 @@ class LSHIndex:
         elif self.n_keys >= self.min_keys:
             keys = k if k.shape[2] == self.n_keys else host_keys()
             self.mu = keys.float().mean(2).cpu()  # [B, Hkv, D]
+            if self.rotated:
+                return  # coded at the first step that attends (``code``)
             if self.sketch:
                 self.sketch_scale = sketch_scale(keys.cpu(), self.mu, self.sketch_bits)
         else:
             return
-        self._index(keys)
+        if self.coded:
+            self._index(keys)
 
     def _index(self, keys: torch.Tensor) -> None:
         """Index keys [B, Hkv, n, D] (the next n offloaded ones) under the built μ: their sketch or codes."""
         if self.sketch:
-            self._add_sketch(sketch_codes(keys.cpu(), self.mu, self.sketch_scale, self.sketch_bits))
+            self._add_sketch(self.reference_sketch(keys.cpu())[0])
         else:
             self._add_codes(self.codes(keys).cpu())
 
@@ -182,7 +264,7 @@ class LSHIndex:
         (rounded down to 64 keys; the rest is copied into a block of the fork's own) and bucket segments;
         the small per-row parts (μ, scales, the unsealed tail) are copied."""
         child = copy.copy(self)
-        for name in ("mu", "sketch_scale"):
+        for name in ("mu", "sketch_scale", "unit", "q_sq"):
             if getattr(self, name) is not None:
                 setattr(child, name, getattr(self, name).clone())
         child.tail = self.tail.clone()
@@ -200,9 +282,9 @@ class LSHIndex:
         """(meta, tensors) of the index (``KVStore.state``): the sketch in regular blocks, one tensor
         [n_blocks, B, Hkv, tiles, words, 16, 4]; the bucket segments one tensor each."""
         meta = {"n_keys": self.n_keys, "tail_base": self.tail_base, "tail_len": self.tail_len,
-                "seg_meta": [list(m) for m in self.seg_meta]}
+                "q_rows": self.q_rows, "seg_meta": [list(m) for m in self.seg_meta]}
         tensors = {"tail": self.tail[..., :self.tail_len].contiguous()}
-        for name in ("mu", "sketch_scale"):
+        for name in ("mu", "sketch_scale", "unit", "q_sq"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         for i, (ids, st) in enumerate(zip(self.seg_ids, self.seg_starts)):
@@ -227,6 +309,7 @@ class LSHIndex:
         idx.n_keys, idx.tail_base, idx.tail_len = meta["n_keys"], meta["tail_base"], meta["tail_len"]
         idx.seg_meta = [tuple(m) for m in meta["seg_meta"]]
         idx.mu, idx.sketch_scale = tensors.get("mu"), tensors.get("sketch_scale")
+        idx.unit, idx.q_sq, idx.q_rows = tensors.get("unit"), tensors.get("q_sq"), meta.get("q_rows", 0)
         idx.tail = tensors["tail"].clone()  # written in place as keys come: never the file's
         idx.seg_ids = [tensors[f"seg_ids.{i}"] for i in range(len(idx.seg_meta))]
         idx.seg_starts = [tensors[f"seg_starts.{i}"] for i in range(len(idx.seg_meta))]
@@ -242,7 +325,8 @@ class LSHIndex:
     def held_bytes(self) -> dict[int, int]:
         """Bytes the index holds, per tensor by its address (``runtime_stats`` counts what forks share
         once): bucket tables, tail codes, μ and scales whole; of a sketch block, the tiles of its keys."""
-        held = {t.data_ptr(): t.nbytes for t in [self.mu, self.sketch_scale, self.tail, *self.seg_ids, *self.seg_starts]
+        held = {t.data_ptr(): t.nbytes for t in [self.mu, self.sketch_scale, self.unit, self.q_sq, self.tail,
+                                                 *self.seg_ids, *self.seg_starts]
                 if t is not None and t.nbytes}
         for i, blk in enumerate(self.sketch_blocks):
             tiles = -(-self.sketch_store.count(i, self.n_keys) // 16)
@@ -307,7 +391,9 @@ class LSHIndex:
         lo = row_lo.cpu().clamp(0, max(n - 1, 0))
         kf = keys.float().cpu()
         self.mu = torch.cat([kf[b:b + 1, :, int(lo[b]):].mean(2) for b in range(B)])  # as ``add`` builds it
-        if self.sketch:
+        if self.rotated and self.unit is not None:  # refitted to the same queries
+            self._fit(kf, lo)
+        elif self.sketch and not self.rotated:
             self.sketch_scale = torch.cat([sketch_scale(kf[b:b + 1, :, int(lo[b]):], self.mu[b:b + 1], self.sketch_bits)
                                            for b in range(B)])
         self.seg_ids, self.seg_starts, self.seg_meta = [], [], []
@@ -315,7 +401,8 @@ class LSHIndex:
         self.tail = self.tail[..., :0]
         self.tail_base = self.tail_len = 0
         self.n_keys = n
-        self._index(keys)
+        if self.coded:
+            self._index(keys)
 
     def take_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Batch rows dst become copies of rows src: every per-row tensor of the index (see
@@ -326,7 +413,8 @@ class LSHIndex:
         if self.segments_shared:
             self.seg_ids, self.seg_starts = [t.clone() for t in self.seg_ids], [t.clone() for t in self.seg_starts]
             self.segments_shared = False
-        for t in [self.mu, self.sketch_scale, self.tail, *self.sketch_blocks, *self.seg_ids, *self.seg_starts]:
+        for t in [self.mu, self.sketch_scale, self.unit, self.q_sq, self.tail, *self.sketch_blocks, *self.seg_ids,
+                  *self.seg_starts]:
             take_rows(t, dst, src)
 
     def truncate(self, n: int) -> None:

@@ -15,7 +15,7 @@ import math
 import torch
 from kvpass.cpu_ops import lsh_attention
 from kvpass.lowering import merge_partials, static_attention
-from kvpass.lowering.reference import ESTIMATORS, ring_slot, sketch_project, stride_offsets
+from kvpass.lowering.reference import ESTIMATORS, ring_slot, stride_offsets
 from kvpass.runtime.blocks import Blocks, host_empty
 from kvpass.runtime.config import Options, parse_options
 from kvpass.runtime.lsh import LSHIndex, take_rows
@@ -247,6 +247,11 @@ class KVStore:
         self.host.append(k, v)
         self.index.add(k, lambda: torch.cat(self.host.views()[0], 2))
 
+    def observe_queries(self, q: torch.Tensor) -> None:
+        """The queries [B, H, T, D] of tokens just appended whose attention the model computed itself (a
+        prefill): a rotated index fits its code to them (``LSHIndex.observe``); other indexes ignore them."""
+        self.index.observe(q)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append T tokens at positions [length, length+T).  k, v: [B, Hkv, T, D]."""
         if not self.batch:
@@ -459,6 +464,9 @@ class KVStore:
         meta = torch.tensor(idx.seg_meta, dtype=torch.long).reshape(-1, 2)
         rows = max(1, qh.shape[2])
         sketch = estimator == "topk" and idx.sketch
+        if sketch and not idx.coded:  # a rotated index: its unit fitted to the prefill's queries (else these)
+            idx.code(idx.q_sq if idx.q_rows else idx.query_moments(qh), torch.cat(self.host.views()[0], 2),
+                     static.get("row_lo"))
         if sketch:
             static["sketch_blocks"] = idx.sketch_blocks
             # the kernel keeps a sketch score per query row and key: bounded (192 MiB) by query chunks
@@ -471,10 +479,10 @@ class KVStore:
             kw = dict(static)
             if with_static:
                 kw["static_allowed"] = static["static_allowed"][..., t0:t0 + rows, :]
-            if sketch:  # the query rows scaled as the sketch's codes are
+            if sketch:  # the query rows as the sketch's codes are scaled (and rotated)
                 qc = qh[:, :, t0:t0 + rows]
                 B, H, Tq, D = qc.shape
-                qs = sketch_project(qc.reshape(B, self.num_kv_heads, H // self.num_kv_heads, Tq, D), idx.sketch_scale)
+                qs = idx.query_rows(qc.reshape(B, self.num_kv_heads, H // self.num_kv_heads, Tq, D))
                 kw.update(sketch_query=qs.reshape(B, H, Tq, D), sketch_bits=idx.sketch_bits)
             parts.append(lsh_attention(
                 qh[:, :, t0:t0 + rows].contiguous(), idx.proj("cpu"), mu, self.host.k_blocks, self.host.v_blocks,

@@ -149,7 +149,7 @@ def run_tasks(model, tok, samples: list[Sample], configs: dict[str, dict | None]
                 first = _greedy_steps(model, cache, s.ids[:, n - q:], 1, None, keep=True)
                 start, feed = n, torch.tensor([first])
             for name, opts in configs.items():
-                dec = None if opts is None else decoder(model, opts, start)
+                dec = None if opts is None else decoder(model, opts, start, cache=cache)
                 tokens = first + _greedy_steps(model, cache, feed, s.new_tokens - len(first), dec)
                 score = s.score(tok.decode(tokens, skip_special_tokens=True))
                 r = results.setdefault((name, setup, s.task), TaskResult(name, s.task, setup))

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from kvpass.lowering.reference import (
+    best_of,
     estimator_scores,
     lsh_candidates,
-    sketch_candidates,
-    sketch_codes,
+    sketch_scores,
 )
 from kvpass.runtime import KVStore
 from kvpass.runtime.config import Options, parse_options
@@ -60,6 +60,7 @@ class Point:
     # offloaded keys' K and V (what dense attention reads of them), over all sites and steps
     bytes_read: float | None = None
     per_layer: list[float] = field(default_factory=list)  # keys attended per layer
+    recall_per_layer: dict[str, float] = field(default_factory=dict)  # site -> its mean recall (as ``recall``)
 
     @property
     def ppl(self) -> float:
@@ -105,11 +106,14 @@ class Decoder:
     the call's own (a sliding-window layer's bounded cache), a batch, or a layer the options keep dense runs
     the model's own attention."""
 
-    def __init__(self, opts: Options, kv_heads: int, start: int, recall_every: int = 0):
+    def __init__(self, opts: Options, kv_heads: int, start: int, recall_every: int = 0,
+                 q_sq: dict[str, torch.Tensor] | None = None):
         self.opts, self.kv_heads, self.start = opts, kv_heads, start
+        self.q_sq = q_sq or {}  # site -> the prefill's mean q² [1, H, D] (``prefill_q_sq``)
         self.recall_every = recall_every
         self.stores: dict[str, KVStore] = {}
         self.recall: list[float] = []  # one per (site, measured step), mean over query heads
+        self.recall_by_site: dict[str, list[float]] = {}  # the same, by site
         self.mass: list[float] = []
         self.candidate_mismatch = 0  # query rows whose torch-side candidate count differs from the kernel's
         self._counts: dict[str, list[list[torch.Tensor]]] = {}  # site → [attended, scored, offloaded] per call
@@ -152,6 +156,10 @@ class Decoder:
                                                 device=k.device, site=site)
             if before:
                 store.append(kk[:, :, :before], vv[:, :, :before])
+                if site in self.q_sq:  # the prefill's queries, as the compiled model's prefill hands them
+                    q_sq = self.q_sq[site]  # over: a rotated index is fitted to them at its first step
+                    store.index.observe_moments(q_sq.reshape(1, self.kv_heads, -1, q_sq.shape[-1]).mean(2),
+                                                q_sq.shape[1] // self.kv_heads * before)
         est, static = self.opts.estimator, self.opts.sink_size + self.opts.window_size
         outs, att, sco, off = [], torch.zeros(T), torch.zeros(T), torch.zeros(T)
         for t in range(T):
@@ -172,6 +180,7 @@ class Decoder:
                 self.bytes_dense += reads["dense_bytes"]
             if self.recall_every and t % self.recall_every == 0 and est in ("sample", "topk") and store.index.built:
                 self._retrieval(store, q[:, :, t:t + 1], scale)
+                self.recall_by_site.setdefault(site, []).append(self.recall[-1])
         for c, x in zip(counts, (att, sco, off)):
             c.append(x)
         return torch.cat(outs, 2)
@@ -189,7 +198,7 @@ class Decoder:
         q_codes = k_codes = None
         budget = store.resolve_budget(None)
         if sketch is not None:
-            cand = sketch_candidates(qg, *sketch, min(n, budget))
+            cand = best_of(sketch_scores(qg, *sketch), min(n, budget))
         else:  # the kernel's query codes
             q_codes, k_codes = store.last_query_codes.reshape(B, self.kv_heads, G, 1, -1), idx.codes(keys)
             cand = lsh_candidates(q_codes, k_codes, idx.threshold)
@@ -209,36 +218,52 @@ class Decoder:
         self.mass.append(float((s.softmax(-1) * cand).sum(-1).mean()))
 
 
-def host_sketch(store: KVStore) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """A store's host keys, fp32 [B, Hkv, n, D], and their key sketch (codes, scale) by the reference
-    definition (``sketch_codes`` with the index's μ and scale), or None for an LSH store: what the
-    plain-torch checks of the kernel's choice start from."""
+def host_sketch(store: KVStore) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """A store's host keys, fp32 [B, Hkv, n, D], and their sketch by the reference definition
+    (``LSHIndex.reference_sketch``: (codes, scale), or (codes, scale, unit, rot) for the rotated one), or None
+    for an LSH store: what the plain-torch checks of the kernel's choice start from."""
     idx = store.index
     keys = torch.cat(store.host.views()[0], 2).float()
     if not idx.sketch:
         return keys, None
-    return keys, (sketch_codes(keys, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+    return keys, idx.reference_sketch(keys)
 
 
-def decoder(model, options: dict | Options, start: int, recall_every: int = 0) -> Decoder:
-    """A ``Decoder`` for ``model`` under kvpass ``options``, its cache holding ``start`` tokens."""
+def decoder(model, options: dict | Options, start: int, recall_every: int = 0, cache=None) -> Decoder:
+    """A ``Decoder`` for ``model`` under kvpass ``options``, its cache holding ``start`` tokens (``cache``,
+    when made by ``dense_prefix``: its prefill's queries fit a rotated index, as a compiled prefill's do)."""
     cfg = model.config
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return Decoder(parse_options(options), kv_heads, start, recall_every)
+    return Decoder(parse_options(options), kv_heads, start, recall_every, prefill_q_sq(cache))
 
 
 def dense_prefix(model, ids: torch.Tensor, prefix: int, chunk: int = 2048, cache=None):
     """The dense KV cache of ``ids[:, :prefix]``, prefilled in chunks (a bounded peak, the same cache);
-    ``cache``: one that holds the first tokens of ``ids`` already, extended."""
+    ``cache``: one that holds the first tokens of ``ids`` already, extended.  The prefill's queries' q²,
+    summed per site, query head and dimension, go with the cache (``prefill_q_sq``)."""
     from transformers import DynamicCache
 
     from kvpass.hf import cache_kwarg
 
     cache = DynamicCache(config=model.config) if cache is None else cache
-    with torch.no_grad():
+    moments = cache.__dict__.setdefault("kvpass_q_sq", {})  # site -> [Σ q² [B, H, D], queries]
+
+    def record(site, orig, q, k, v, *args, **kwargs):
+        acc = moments.setdefault(site, [0.0, 0])
+        acc[0], acc[1] = acc[0] + q.detach().float().pow(2).sum(2), acc[1] + q.shape[2]
+        return orig(q, k, v, *args, **kwargs)
+
+    with torch.no_grad(), attention_hook(model, record):
         for t0 in range(cache.get_seq_length(), prefix, chunk):
             model(input_ids=ids[:, t0:min(prefix, t0 + chunk)], use_cache=True, **{cache_kwarg(): cache})
     return cache
+
+
+def prefill_q_sq(cache) -> dict[str, torch.Tensor]:
+    """site -> the mean q² [B, H, D] of the queries of ``dense_prefix``'s prefill (empty for another cache;
+    a cache cropped and extended again keeps the cropped tokens' queries in it, as a store forked from a
+    longer prefill keeps the index fitted then)."""
+    return {site: total / count for site, (total, count) in getattr(cache, "kvpass_q_sq", {}).items() if count}
 
 
 def teacher_forced(model, ids: torch.Tensor, prefix: int, tokens: int, options: dict | Options | None,
@@ -249,7 +274,7 @@ def teacher_forced(model, ids: torch.Tensor, prefix: int, tokens: int, options: 
     ``recall_every`` steps, the retriever's recall)."""
     from kvpass.hf import cache_kwarg, crop_to
 
-    dec = None if options is None else decoder(model, options, prefix, recall_every)
+    dec = None if options is None else decoder(model, options, prefix, recall_every, cache)
     ctx = contextlib.nullcontext() if dec is None else attention_hook(model, dec)
     try:
         with ctx, torch.no_grad():
@@ -287,8 +312,9 @@ def frontier(model, ids: torch.Tensor, configs: dict[str, dict | None], *, prefi
         mass = sum(dec.mass) / len(dec.mass) if dec and dec.mass else None
         rows = dec.distinct / dec.candidates if dec and dec.candidates else None
         read = dec.bytes_read / dec.bytes_dense if dec and dec.bytes_dense else None
+        by_layer = {site: sum(r) / len(r) for site, r in dec.recall_by_site.items()} if dec else {}
         points.append(Point(name, options, nll, kl, att, sco, off, tokens, top1=top1, recall=recall, mass=mass,
-                            distinct=rows, per_layer=layers, bytes_read=read))
+                            distinct=rows, per_layer=layers, bytes_read=read, recall_per_layer=by_layer))
         if progress:
             progress(1)
     return points
@@ -341,7 +367,8 @@ def to_json(points: list[Point], meta: dict) -> dict:
          "keys_attended": p.attended, "keys_scored": p.scored, "offloaded_keys_scored": p.offloaded_read,
          "top1_agreement": p.top1, "retriever_recall_top1pct": p.recall, "retriever_attention_mass": p.mass,
          "gqa_distinct_per_key": p.distinct, "host_bytes_read_vs_dense": p.bytes_read,
-         "keys_attended_per_layer": p.per_layer, "tokens": p.tokens} for p in points]}
+         "keys_attended_per_layer": p.per_layer, "retriever_recall_top1pct_per_layer": p.recall_per_layer,
+         "tokens": p.tokens} for p in points]}
 
 
 def _family(p: Point) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvpass.eval.frontier import attention_hook, dense_prefix
+from kvpass.eval.frontier import attention_hook, dense_prefix, prefill_q_sq
 from kvpass.lowering.reference import (
     best_of,
     rotated_codes,
@@ -77,16 +77,8 @@ def capture(model, ids: torch.Tensor, context: int, queries: int, values: bool =
     from kvpass.hf import cache_kwarg
 
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
-    q_sq: dict[str, list] = {}
-
-    def moments(site, orig, q, k, v, *args, **kwargs):
-        acc = q_sq.setdefault(site, [0.0, 0])
-        acc[0] = acc[0] + q.float().pow(2).sum(2)
-        acc[1] += q.shape[2]
-        return orig(q, k, v, *args, **kwargs)
-
-    with attention_hook(model, moments):
-        cache = dense_prefix(model, ids, context)
+    cache = dense_prefix(model, ids, context)
+    q_sq = prefill_q_sq(cache)
     out = {}
 
     def unique(k, heads):  # the keys of each kv head once (a model may hand SDPA its repeat_kv'd keys)
@@ -94,8 +86,7 @@ def capture(model, ids: torch.Tensor, context: int, queries: int, values: bool =
 
     def spy(site, orig, q, k, v, *args, **kwargs):
         H = q.shape[1]
-        total, count = q_sq[site]
-        out[site] = Site(q[:, :, -queries:].float().clone(), unique(k, H).float().clone(), total / count,
+        out[site] = Site(q[:, :, -queries:].float().clone(), unique(k, H).float().clone(), q_sq[site],
                          unique(v, H).float().clone() if values else None)
         return orig(q, k, v, *args, **kwargs)
 

@@ -274,14 +274,16 @@ def attend_topk(store: KVStore, q: torch.Tensor, budget, scan: str, softcap: flo
        D=st.sampled_from([6, 8, 20, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        chunks=st.lists(st.integers(1, 90), min_size=1, max_size=5), budget=st.integers(1, 40),
        seed=st.integers(0, 5), scan=st.sampled_from(["native", "avx2", "portable"]),
-       bits=st.sampled_from([8, 4]), softcap=st.sampled_from([0.0, 2.0]))
+       bits=st.sampled_from([8, 4, "rotated"]), softcap=st.sampled_from([0.0, 2.0]))
 def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, chunks, budget, seed, scan, bits,
                                                        softcap):
-    """topk over the sketch's `budget` best keys, int8 or int4 codes.  The sketch scores are integers (the
-    quantised query dotted with the codes), exact in any order, so the kernel — its VNNI path where the CPU
-    has one, its AVX2 path and the portable loop — and torch pick the same candidates (ties by key order in both), for
-    any query."""
-    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
+    """topk over the sketch's `budget` best keys, int8 or int4 codes, or the rotated sketch's (int4 codes of
+    the rotated keys, coded at the first step).  The sketch scores are integers (the quantised query dotted
+    with the codes), exact in any order, so the kernel — its VNNI path where the CPU has one, its AVX2 path and
+    the portable loop — and torch pick the same candidates (ties by key order in both), for any query."""
+    retriever = "rotated" if bits == "rotated" else "sketch"
+    bits = 4 if bits == "rotated" else bits
+    store = KVStore(Hkv, D, batch=B, sink_size=2, window_size=3, estimator="topk", retriever=retriever, tail_stride=0,
                     dtype=dtype, host_block_size=64, sketch_bits=bits)
     store.index.min_keys = 20
     gen = torch.Generator().manual_seed(seed)
@@ -294,7 +296,9 @@ def test_sketch_retriever_matches_the_torch_definition(B, Hkv, G, Tq, D, dtype, 
     ks, vs = store.host.views()
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
     out, lse = attend_topk(store, q, budget, scan, softcap)
-    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale) if idx.built else None
+    sketch = idx.reference_sketch(k) if idx.built else None
+    if retriever == "sketch" and idx.built:  # the store's codes are the definition's
+        assert torch.equal(sketch[0], sketch_codes(k, idx.mu, idx.sketch_scale, bits))
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk" if idx.built else "exact",
                                                      mu=idx.mu, budget=store.resolve_budget(budget), sketch=sketch,
                                                      softcap=softcap)
@@ -423,23 +427,24 @@ def test_a_long_query_block_is_split_into_chunks_with_the_same_result(monkeypatc
 @settings(max_examples=fuzz_examples(12), deadline=None)
 @given(G=st.sampled_from([1, 4, 7]), Tq=st.integers(1, 2), D=st.sampled_from([8, 64]), bits=st.sampled_from([8, 4]),
        budget=st.sampled_from([1, 37, 400, 2000]), extra=st.integers(0, 700), seed=st.integers(0, 3),
-       scan=st.sampled_from(["native", "avx2", "portable"]))
-def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget, extra, seed, scan):
+       scan=st.sampled_from(["native", "avx2", "portable"]), rotated=st.booleans())
+def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget, extra, seed, scan, rotated):
     """From 16,384 offloaded keys on, a kv head scanned by one thread lists only the keys whose sketch score
     reaches a sampled threshold, with their scores, and picks the budget best from the list: the same keys
     as the definition (any budget, both code widths, GQA groups of 1-7 rows, a partial last tile)."""
     threads = torch.get_num_threads()
     Hkv = min(threads, 8) if threads > 1 else 2  # a kv head per thread: the units are scanned one by one
     n = 16384 + extra
-    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=3, estimator="topk", retriever="sketch", tail_stride=0,
-                    sketch_bits=bits)
+    bits = 4 if rotated else bits
+    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=3, estimator="topk", tail_stride=0,
+                    retriever="rotated" if rotated else "sketch", sketch_bits=bits)
     gen = torch.Generator().manual_seed(seed)
     store.append(torch.randn(1, Hkv, n + 5, D, generator=gen) * 3 + 0.5, torch.randn(1, Hkv, n + 5, D, generator=gen))
     q = torch.randn(1, Hkv * G, Tq, D, generator=gen) * 2
     idx = store.index
     k, v = torch.cat(store.host.views()[0], 2), torch.cat(store.host.views()[1], 2)
     out, lse = attend_topk(store, q, budget, scan)
-    sketch = (sketch_codes(k, idx.mu, idx.sketch_scale, bits), idx.sketch_scale)
+    sketch = idx.reference_sketch(k)
     ref_out, ref_lse, ref_read = reference_attention(q, k, v, 1 / math.sqrt(D), "topk", mu=idx.mu, budget=budget,
                                                      sketch=sketch)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
@@ -449,7 +454,8 @@ def test_sketch_listed_scan_matches_the_torch_definition(G, Tq, D, bits, budget,
 
 @settings(max_examples=fuzz_examples(30), deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 3), G=st.sampled_from([1, 3, 4]), Tq=st.integers(1, 2),
-       n=st.integers(30, 400), how=st.sampled_from(["sketch", "sketch+tail", "lsh sample", "lsh topk+tail", "exact"]),
+       n=st.integers(30, 400), how=st.sampled_from(["sketch", "sketch+tail", "rotated+tail", "lsh sample",
+                                                   "lsh topk+tail", "exact"]),
        threads=st.integers(1, 3), seed=st.integers(0, 5))
 def test_the_kernel_counts_the_bytes_it_reads(B, Hkv, G, Tq, n, how, threads, seed):
     """What a step reads, counted by the kernel per (batch row, kv head): the sketch's bytes (once per tile
@@ -460,7 +466,7 @@ def test_the_kernel_counts_the_bytes_it_reads(B, Hkv, G, Tq, n, how, threads, se
     spread over the threads (one unit a thread, or rows of one kv head on several)."""
     retriever, estimator = how.split("+")[0].split(" ")[0], how.split("+")[0].split(" ")[-1]
     retriever = "sketch" if how == "exact" else retriever
-    estimator = "topk" if retriever == "sketch" and estimator == "sketch" else estimator
+    estimator = "topk" if retriever in ("sketch", "rotated") and estimator == retriever else estimator
     stride = 7 if "tail" in how else 0
     store = KVStore(Hkv, 16, batch=B, sink_size=2, window_size=3, estimator="topk", retriever=retriever,
                     tail_stride=stride, host_block_size=64, lsh_k=4, lsh_l=12, lsh_threshold=2, seed=seed)
@@ -479,8 +485,8 @@ def test_the_kernel_counts_the_bytes_it_reads(B, Hkv, G, Tq, n, how, threads, se
     r, offset = store.tail_sample(estimator, kw["budget"], m)
     if r:
         kw.update(stride=r, offset=offset)
-    if retriever == "sketch" and estimator == "topk":
-        kw["sketch"] = (sketch_codes(k, idx.mu, idx.sketch_scale, idx.sketch_bits), idx.sketch_scale)
+    if retriever in ("sketch", "rotated") and estimator == "topk":
+        kw["sketch"] = idx.reference_sketch(k)
     elif retriever == "lsh":
         codes = (store.last_query_codes.reshape(B, Hkv, G, Tq, -1), idx.codes(k))
         kw.update(q_codes=codes[0], k_codes=codes[1], logp=logp_table(idx.lsh_k, idx.lsh_l, idx.threshold))
@@ -494,7 +500,7 @@ def test_the_kernel_counts_the_bytes_it_reads(B, Hkv, G, Tq, n, how, threads, se
     assert reads[..., 1].tolist() == union(k_keys).tolist()
     assert reads[..., 2].tolist() == union(v_keys).tolist()
     words = 16 * idx.sketch_bits // 32
-    scanned = -(-m // 16) * 64 * words if estimator == "topk" and retriever == "sketch" else 0
+    scanned = -(-m // 16) * 64 * words if estimator == "topk" and retriever != "lsh" else 0
     assert reads[..., 0].tolist() == [[scanned] * Hkv] * B
     got = store.last_step_reads
     assert got["row_bytes"] == int(reads[..., 1:].sum()) * 16 * 4 and got["dense_bytes"] == 2 * B * Hkv * m * 16 * 4

@@ -46,9 +46,10 @@ def compiled_decode(model, ids, options):
 @pytest.mark.parametrize("options", [
     {"estimator": "sample", "window_size": 16, "lsh_k": 4, "lsh_l": 20},
     {"estimator": "topk", "window_size": 16, "lsh_k": 4, "lsh_l": 20, "budget": 24},
+    {"estimator": "topk", "retriever": "rotated", "window_size": 16, "budget": 24},
     {"estimator": "none", "window_size": 16},
     {"estimator": "exact", "window_size": 8, "dense_layers": [1]},
-], ids=lambda o: o["estimator"])
+], ids=lambda o: o.get("retriever", o["estimator"]))
 def test_teacher_forced_block_equals_compiled_decode(setup, options):
     model, ids, cache = setup
     want = compiled_decode(model, ids, options)
@@ -161,3 +162,21 @@ def test_the_bytes_read_are_the_kernels_count(setup):
     assert 0.5 < oracle.bytes_read < 0.55
     assert 1 / 16 < sketch.bytes_read < 1 / 16 + 2 * 40 / 350 + 0.02
     assert "bytes read" in fr.format_points(pts)
+
+
+def test_the_rotated_retriever_is_fitted_to_the_prefill_and_checked_per_layer(setup):
+    """retriever "rotated" in the frontier's decoder: each store is coded from the dense prefill's queries
+    (as a compiled prefill hands them over), the kernel's candidates are the torch definition's at every
+    measured step, and the recall is reported per layer, its mean the overall one."""
+    model, ids, cache = setup
+    opts = {"retriever": "rotated", "window_size": 16, "budget": 40}
+    _, dec = fr.teacher_forced(model, ids, PREFIX, TOKENS, opts, cache, recall_every=3)
+    assert dec.candidate_mismatch == 0 and len(dec.recall) == 2 * 4
+    want = fr.prefill_q_sq(cache)
+    for site, store in dec.stores.items():
+        assert store.index.coded
+        kv = store.num_kv_heads
+        torch.testing.assert_close(store.index.q_sq, want[site].reshape(1, kv, -1, want[site].shape[-1]).mean(2))
+    pt = fr.frontier(model, ids, {"rotated": opts}, prefix=PREFIX, tokens=TOKENS, cache=cache, recall_every=3)[0]
+    assert set(pt.recall_per_layer) == set(dec.stores)
+    assert pt.recall == pytest.approx(sum(pt.recall_per_layer.values()) / len(pt.recall_per_layer))

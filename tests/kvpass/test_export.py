@@ -158,7 +158,8 @@ def test_export_refuses_what_it_cannot_reproduce(tmp_path):
     store.crop(150)
     with pytest.raises(ex.ExportError, match="cropped"):
         ex.store_state(store)
-    store = kvpass.KVStore(2, 16, sink_size=4, window_size=64)  # the defaults: the key sketch
-    store.append(torch.randn(1, 2, 500, 16), torch.randn(1, 2, 500, 16))
-    with pytest.raises(ex.ExportError, match="sketch"):
-        ex.store_state(store)
+    for retriever in ("sketch", "rotated"):  # the defaults: the key sketch; the rotated sketch
+        store = kvpass.KVStore(2, 16, sink_size=4, window_size=64, retriever=retriever)
+        store.append(torch.randn(1, 2, 500, 16), torch.randn(1, 2, 500, 16))
+        with pytest.raises(ex.ExportError, match=f"key sketch \\(retriever '{retriever}'"):
+            ex.store_state(store)

@@ -45,8 +45,8 @@ def test_copies_of_a_prefilled_cache_answer_as_dense_in_exact_mode(family):
     assert [a.tolist() for a in _answers(model, prefix)] == [a.tolist() for a in dense]
 
 
-@pytest.mark.parametrize("options", [{}, {"retriever": "lsh", "estimator": "sample", "lsh_k": 4, "lsh_l": 20}],
-                         ids=["defaults", "magicpig"])
+@pytest.mark.parametrize("options", [{}, {"retriever": "lsh", "estimator": "sample", "lsh_k": 4, "lsh_l": 20},
+                                     {"retriever": "rotated"}], ids=["defaults", "magicpig", "rotated"])
 def test_a_fork_answers_as_a_fresh_prefill_of_the_same_prefix(options):
     """Sampling modes: a fork decodes what a new sequence that prefilled the same prefix, then asked, would."""
     model = compile_kvpass(tiny_model("llama"), window_size=16, sink_size=4, host_block_size=128, **options)
@@ -139,3 +139,25 @@ def test_a_copied_static_cache_is_adopted_and_answers_as_dense():
     compile_kvpass(model, window_size=16, sink_size=4, estimator="exact")
     kvpass.reset()
     assert [a.tolist() for a in answers()] == [a.tolist() for a in dense]
+
+
+def test_a_rotated_index_is_fitted_to_the_prompts_queries():
+    """retriever "rotated" through torch.compile: the prefill (attended by the model's own SDPA) hands each
+    store the prompt's queries, and the first decode step codes the keys in the unit fitted to their mean
+    q² — the same moments a dense prefill of the same prompt shows (``prefill_q_sq``)."""
+    from kvpass.eval.frontier import dense_prefix, prefill_q_sq
+
+    want = prefill_q_sq(dense_prefix(tiny_model("llama"), PREFIX, PREFIX.shape[1]))  # site -> [1, H, D]
+    model = compile_kvpass(tiny_model("llama"), window_size=16, sink_size=4, host_block_size=128,
+                           retriever="rotated")
+    kvpass.reset()
+    cache = _prefill(model, PREFIX)
+    stores = [REGISTRY.by_handle(layer.keys) for layer in cache.layers]
+    kv, H = stores[0].num_kv_heads, model.config.num_attention_heads
+    for store in stores:
+        assert store.index.built and not store.index.coded and store.index.q_rows == H // kv * PREFIX.shape[1]
+    _ask(model, cache, QUESTIONS[0], new=2)
+    for store in stores:
+        idx = store.index
+        assert idx.coded
+        torch.testing.assert_close(idx.q_sq, want[store.site].reshape(1, kv, H // kv, -1).mean(2), rtol=1e-4, atol=1e-6)

@@ -1,8 +1,10 @@
-"""The SimHash index's memory: at most 2 bytes per token per table (the reference layout: 4)."""
+"""The indexes of the offloaded keys: the SimHash index's memory (at most 2 bytes per token per table), the key
+sketch, the rotated sketch's fit."""
 
 import pytest
 import torch
 
+import kvpass
 from kvpass import KVStore
 
 
@@ -72,3 +74,69 @@ def test_the_key_sketch_holds_one_code_per_key_dimension_and_no_hashing_state(bi
     assert torch.isfinite(store.attend(q)).all()
     head, n_host = store.resolve_budget(None), store.tokens_offloaded  # the budget, and the default tail sample
     assert bool((store.last_kept > head).all()) and bool((store.last_kept <= head + -(-n_host // 100)).all())
+
+
+def test_the_rotated_index_is_coded_at_its_first_step_fitted_to_its_queries():
+    """retriever "rotated": built with the keys (μ), coded at the first top-k step in the unit fitted to that
+    step's queries (their mean q² per kv head), one step per kv head; later keys are coded with the frozen
+    unit and step; a fork and a saved state carry the fit and answer alike."""
+    from kvpass.lowering.reference import (
+        ROTATED_STEP,
+        rotated_coords,
+        rotated_std,
+        rotated_unit,
+        site_rotation,
+    )
+    from kvpass.runtime.lsh import sketch_tiles
+
+    Hkv, G, D = 2, 3, 16
+    gen = torch.Generator().manual_seed(0)
+    store = KVStore(Hkv, D, batch=1, sink_size=2, window_size=8, retriever="rotated", site="layers.0")
+    k = torch.randn(1, Hkv, 600, D, generator=gen) * torch.linspace(0.1, 4, D)  # dimensions of unequal spread
+    store.append(k, torch.randn(1, Hkv, 600, D, generator=gen))
+    idx = store.index
+    assert idx.built and not idx.coded and not idx.sketch_blocks
+    q = torch.randn(1, Hkv * G, 1, D, generator=gen)
+    store.attend_host(q, estimator="exact")  # reads every key: nothing to code for
+    assert not idx.coded
+    q = torch.randn(1, Hkv * G, 4, D, generator=gen) * torch.linspace(3, 0.2, D)
+    store.attend_host(q, estimator="topk")
+    assert idx.coded
+
+    def host():
+        return torch.cat(store.host.views()[0], 2)
+
+    q_sq = q.reshape(1, Hkv, G * 4, D).pow(2).mean(2)
+    torch.testing.assert_close(idx.q_sq, q_sq)
+    unit = rotated_unit(rotated_std(host(), idx.mu), q_sq)
+    torch.testing.assert_close(idx.unit, unit)
+    rms = rotated_coords(host(), idx.mu, unit, site_rotation(0, "layers.0", D)).pow(2).mean((2, 3)).sqrt()
+    torch.testing.assert_close(idx.sketch_scale, (ROTATED_STEP * rms)[..., None].expand(1, Hkv, D))
+
+    def stored():  # the tiles of every host key, undone into [B, Hkv, n, words, 4]
+        n = store.tokens_offloaded
+        return torch.cat([b.transpose(3, 4).reshape(1, Hkv, -1, *b.shape[3:4], 4) for b in idx.sketch_blocks], 2)[:, :, :n]
+
+    codes = idx.reference_sketch(host())[0]
+    assert codes.min() >= -8 and codes.max() <= 7 and int(codes.min()) == -8  # the int4 code's 16 levels
+    assert torch.equal(stored(), sketch_tiles(codes, 4))
+    frozen = idx.unit.clone(), idx.sketch_scale.clone()
+    for _ in range(3):  # later keys: coded with the frozen fit
+        new = torch.randn(1, Hkv, 50, D, generator=gen) * 5
+        store.append(new, new)
+        store.attend_host(torch.randn(1, Hkv * G, 1, D, generator=gen), estimator="topk")
+    assert torch.equal(idx.unit, frozen[0]) and torch.equal(idx.sketch_scale, frozen[1])
+    assert torch.equal(stored(), sketch_tiles(idx.reference_sketch(host())[0], 4))
+    q = torch.randn(1, Hkv * G, 1, D, generator=gen)
+    want = store.attend(q)
+    torch.testing.assert_close(store.fork().attend(q), want, rtol=0, atol=0)
+    meta, tensors = store.state()
+    torch.testing.assert_close(KVStore.from_state(meta, tensors).attend(q), want, rtol=0, atol=0)
+
+
+def test_the_rotated_retriever_is_int4_top_k_only():
+    with pytest.raises(ValueError, match="retriever='rotated' goes with estimator='topk'"):
+        KVStore(2, 8, retriever="rotated", estimator="sample")
+    with pytest.raises(ValueError, match="retriever='rotated' is an int4 code"):
+        KVStore(2, 8, retriever="rotated", sketch_bits=8)
+    assert kvpass.Options(retriever="rotated").index == "rotated"

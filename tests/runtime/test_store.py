@@ -152,7 +152,8 @@ def test_a_padded_rows_index_is_centred_on_its_own_keys(retriever, estimator):
     ("none", "sketch", 1500, 2, 2),
     ("topk", "sketch", 1500, 2, 2),    # one thread per (row, kv head), every score stored
     ("topk", "sketch", 20000, 2, 2),   # the listed scan (a sampled threshold)
-    ("topk", "sketch", 1500, 1, 3)])   # 3 units on 2 threads: the scan split in key chunks
+    ("topk", "sketch", 1500, 1, 3),    # 3 units on 2 threads: the scan split in key chunks
+    ("topk", "rotated", 1500, 2, 2)])  # fitted and coded with each row's own keys
 def test_left_padding_is_never_attended(estimator, retriever, n, B, Hkv):
     """The last row's first 300 positions are padding whose keys point along the query (they would take
     all the attention) and whose values are 1000: with row_pad no estimator attends or counts them —
