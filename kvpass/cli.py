@@ -14,6 +14,7 @@ import torch
 from kvpass.hf import cache_kwarg
 from kvpass.lowering.reference import ESTIMATORS
 from kvpass.runtime.config import PRESETS, Options, parse_options
+from kvpass.weights import WEIGHTS
 
 
 class _StepClock:
@@ -170,7 +171,7 @@ def cmd_generate(args) -> int:
     options, opts = _cli_options(args)
     args.estimator = opts.estimator
     torch.set_num_threads(args.threads)
-    model, tok, model_name = _load(args.model, "generate")
+    model, tok, model_name = _load(args.model, "generate", args.weights)
     prompt = long_document_prompt(tok, args.prompt_tokens, args.question)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     cfg = model.config
@@ -399,17 +400,18 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
-def _load(name: str | None, job: str):
+def _load(name: str | None, job: str, weights: str = "fp32"):
     """(model, tokenizer, name): a named model (``kvpass models list``), a local Hugging Face model folder,
-    or the embedded SmolLM2.  A named model that is not installed: one line saying how, exit 2."""
+    or the embedded SmolLM2, its weights as ``weights`` says (``kvpass.weights``).  A named model that is
+    not installed: one line saying how, exit 2."""
     from kvpass import models
 
     name = name or models.DEFAULT
     if name in models.MODELS:
         models.path(name)  # ModelNotInstalled before anything slow
-    print(f"kvpass {job}: loading {name} ...", flush=True)
+    print(f"kvpass {job}: loading {name}{'' if weights == 'fp32' else f' ({weights} weights)'} ...", flush=True)
     t0 = time.perf_counter()
-    model, tok = models.load_model(name)
+    model, tok = models.load_model(name, weights=weights)
     print(f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     return model, tok, "SmolLM2-135M-Instruct" if name == models.DEFAULT else name.rstrip("/").split("/")[-1]
 
@@ -488,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--question", default="Summarise the text above in two sentences.")
     _add_option_args(g)
     g.add_argument("--no-compare", action="store_true", help="skip the dense reference run")
+    g.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="the model's linear layers: fp32 (as loaded), bf16, or int8 / int4 packed for torch's CPU "
+                        "matmuls (both runs, dense and kvpass, use them)")
     g.set_defaults(func=cmd_generate)
     a = sub.add_parser("ask", help="prefill a long document once (or load it), then answer each question from a "
                                    "fork of it")

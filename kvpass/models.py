@@ -201,14 +201,20 @@ def load_default_model(dtype=None):
     return model, tok
 
 
-def load_model(name: str = DEFAULT, *, dtype=None):
+def load_model(name: str = DEFAULT, *, dtype=None, weights: str = "fp32"):
     """(model, tokenizer) of a named model (``NAMES``) or a local Hugging Face folder, on the CPU, offline,
-    eval mode, SDPA attention.  dtype: default float32."""
+    eval mode, SDPA attention.  dtype: default float32.  weights: "fp32" (as loaded), "bf16", "int8" or
+    "int4" — the linear layers packed for torch's CPU matmuls (``kvpass.weights.quantize_weights``)."""
     import torch
 
+    from kvpass.weights import WEIGHTS, quantize_weights
+
+    if weights not in WEIGHTS:  # before anything slow
+        raise ValueError(f"kvpass: weights must be one of {list(WEIGHTS)}, got {weights!r}")
     dtype = dtype or torch.float32
     if name == DEFAULT:
-        return load_default_model(dtype)
+        model, tok = load_default_model(dtype)
+        return quantize_weights(model, weights), tok
     folder = Path(name) if name not in MODELS else path(name)
     if not folder.is_dir():
         raise ValueError(f"kvpass: {name!r} is neither a known model {list(NAMES)} nor a local folder")
@@ -216,4 +222,4 @@ def load_model(name: str = DEFAULT, *, dtype=None):
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
                                                  attn_implementation="sdpa").eval()
-    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return quantize_weights(model, weights), AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

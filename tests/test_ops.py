@@ -27,10 +27,10 @@ def _store(n=400, **knobs):
     return store
 
 
-def _append_kv():
+def _append_kv():  # a prefill handing a rotated index its queries
     k = torch.randn(B, HKV, 5, D)
     return (torch.empty(0), torch.empty(0), k, torch.randn_like(k), None, 0, "opcheck",
-            Options(sink_size=S, window_size=W).to_op_string())
+            Options(sink_size=S, window_size=W, retriever="rotated").to_op_string(), torch.randn(B, H, 5, D))
 
 
 def _split_attention():
