@@ -274,6 +274,11 @@ def cmd_frontier(args) -> int:
     small = (args.model or DEFAULT) == DEFAULT  # SmolLM2: an 8k context
     prefixes = args.prefix or ([2048] if quick else [2048, 6144] if small else [8192, 16384])
     configs = fr.sweep(quick)
+    if args.only:  # dense (the reference) and the named configurations
+        unknown = sorted(set(args.only) - set(configs))
+        if unknown:
+            raise ValueError(f"kvpass: no configuration {unknown} in the frontier's sweep; it has {list(configs)}")
+        configs = {name: o for name, o in configs.items() if o is None or name in args.only}
     model, tok, model_name = _load(args.model, "eval --frontier")
     ids = tok(python_source_text(), return_tensors="pt")["input_ids"]
     if ids.shape[1] < max(prefixes) + tokens + 1:
@@ -545,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--prefix", type=int, nargs="+", default=None,
                     help="real text: tokens prefilled before scoring (default 2048; --frontier: 2048 6144 on "
                          "SmolLM2, 8192 16384 on other models; several values: one frontier run each, eval takes the first)")
+    ev.add_argument("--only", nargs="+", metavar="CONFIG",
+                    help="--frontier: only these configurations of the sweep (and dense), e.g. 'sketch 1.5%% + 1/100' "
+                         "'rotated 1.5%% + 1/100'")
     ev.add_argument("--recall-every", type=int, default=32,
                     help="--frontier: measure the retriever's recall every N steps (0: never)")
     ev.add_argument("--text-tokens", type=int, default=256, help="real text: decode steps scored (0: tasks only)")

@@ -326,7 +326,8 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
     """The configurations of ``kvpass eval --frontier``: dense, static-only at two windows, the MagicPIG
     preset, and each estimator across its own knob — sample over the SimHash bits K (fewer bits, more
     keys), topk (LSH candidates or the sketch retriever's) and oracle over the budget (a fraction of the
-    offloaded keys), and the sketch's head with a tail sample (``tail_stride``) at a few (budget, stride)."""
+    offloaded keys), and the sketch's head with a tail sample (``tail_stride``) at a few (budget, stride),
+    the rotated sketch's at two."""
     out: dict[str, dict | None] = {"dense": None, "static-only": {"estimator": "none"},
                                    "static-only W=1024": {"estimator": "none", "window_size": 1024},
                                    "magicpig": {"preset": "magicpig"}}
@@ -342,6 +343,8 @@ def sweep(quick: bool = False) -> dict[str, dict | None]:
     heads = ((0.015, 100),) if quick else ((0.01, 100), (0.015, 100), (0.01, 64), (0.015, 128), (0.02, 100))
     for b, r in heads:
         out[f"sketch {b:.1%} + 1/{r}"] = {"estimator": "topk", "retriever": "sketch", "budget": b, "tail_stride": r}
+    for b, r in heads[:2]:  # the rotated sketch's head and tail (the defaults' budget and a smaller one)
+        out[f"rotated {b:.1%} + 1/{r}"] = {"estimator": "topk", "retriever": "rotated", "budget": b, "tail_stride": r}
     return out
 
 

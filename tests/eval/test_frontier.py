@@ -180,3 +180,25 @@ def test_the_rotated_retriever_is_fitted_to_the_prefill_and_checked_per_layer(se
     pt = fr.frontier(model, ids, {"rotated": opts}, prefix=PREFIX, tokens=TOKENS, cache=cache, recall_every=3)[0]
     assert set(pt.recall_per_layer) == set(dec.stores)
     assert pt.recall == pytest.approx(sum(pt.recall_per_layer.values()) / len(pt.recall_per_layer))
+
+
+def test_eval_frontier_only_runs_the_named_configurations(tmp_path, monkeypatch, capsys):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kvpass import cli
+    from kvpass.models import DEFAULT_GGUF, default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir()), gguf_file=DEFAULT_GGUF)
+    model = tiny_model("llama", vocab_size=tok.vocab_size + 64)
+    monkeypatch.setattr(cli, "_load", lambda name, job: (model, tok, "tiny"))
+    out_json = tmp_path / "f.json"
+    assert cli.main(["eval", "--frontier", "--prefix", "400", "--text-tokens", "3", "--only", "rotated 1.5% + 1/100",
+                     "--json", str(out_json), "--plot", ""]) == 0
+    points = json.loads(out_json.read_text())["runs"]["400"]
+    assert [p["config"] for p in points] == ["dense", "rotated 1.5% + 1/100"]
+    assert points[1]["options"]["retriever"] == "rotated"
+    with pytest.raises(SystemExit):  # one line, exit 2
+        cli.main(["eval", "--frontier", "--prefix", "400", "--text-tokens", "3", "--only", "rotated 9%", "--plot", ""])
+    assert "no configuration ['rotated 9%'] in the frontier's sweep" in capsys.readouterr().err
