@@ -30,7 +30,8 @@ def test_cli_preset_is_validated_with_the_options_given_beside_it(monkeypatch, c
 
     seen = {}
 
-    def stop(name, job):  # the options are parsed before any model loads
+    def stop(name, job, weights="fp32"):  # the options are parsed before any model loads
+        seen["weights"] = weights
         raise SystemExit(0)
 
     monkeypatch.setattr(cli, "_load", stop)
@@ -46,7 +47,10 @@ def test_cli_preset_is_validated_with_the_options_given_beside_it(monkeypatch, c
     seen.clear()
     with pytest.raises(SystemExit):
         cli.main(["generate", "--tail-stride", "64", "--budget", "0.01"])
-    assert seen["opts"].tail_stride == 64 and seen["opts"].budget == 0.01
+    assert seen["opts"].tail_stride == 64 and seen["opts"].budget == 0.01 and seen["weights"] == "fp32"
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--weights", "int4"])
+    assert seen["weights"] == "int4"
     with pytest.raises(SystemExit) as exit_:
         cli.main(["generate", "--tail-stride", "-1"])
     assert exit_.value.code == 2 and "tail_stride must be an int >= 0" in capsys.readouterr().err
