@@ -207,10 +207,9 @@ def load_model(name: str = DEFAULT, *, dtype=None, weights: str = "fp32"):
     "int4" — the linear layers packed for torch's CPU matmuls (``kvpass.weights.quantize_weights``)."""
     import torch
 
-    from kvpass.weights import WEIGHTS, quantize_weights
+    from kvpass.weights import check_weights, quantize_weights
 
-    if weights not in WEIGHTS:  # before anything slow
-        raise ValueError(f"kvpass: weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    check_weights(weights)  # before anything slow
     dtype = dtype or torch.float32
     if name == DEFAULT:
         model, tok = load_default_model(dtype)

@@ -96,6 +96,12 @@ class Int4Linear(PackedLinear):
         return self.matmul(torch.eye(self.in_features, dtype=torch.bfloat16)).float().T.contiguous()
 
 
+def check_weights(weights: str) -> None:
+    """A ValueError naming the choices unless ``weights`` is one of ``WEIGHTS``."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"kvpass: weights must be one of {list(WEIGHTS)}, got {weights!r}")
+
+
 def int4_group(in_features: int, out_features: int) -> int | None:
     """The int4 group size of a layer (the first of ``INT4_GROUPS`` that divides its inputs), or None where
     torch's int4 packing cannot take it: no group divides the inputs, or the outputs are not a multiple of 16."""
@@ -108,8 +114,7 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
     """``model`` (on the CPU) with its weights as ``weights`` says (one of ``WEIGHTS``; module doc), in place;
     returns it.  int8 / int4 replace every ``nn.Linear``; a layer int4 cannot pack (an input size no group
     of ``INT4_GROUPS`` divides, outputs not a multiple of 16) stays as it is, said in the log."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"kvpass: weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    check_weights(weights)
     if weights == "fp32":
         return model
     devices = {p.device.type for p in model.parameters()}

@@ -227,11 +227,17 @@ def rotated_query(q: torch.Tensor, unit: torch.Tensor, rot: torch.Tensor) -> tor
 ROTATED_STEP = 0.37
 
 
+def site_seed(seed: int, site: str) -> int:
+    """The generator seed of one attention site's random matrices (the SimHash projection, the rotated
+    sketch's rotation): from the options' seed and the site's name, the same in every process."""
+    return (seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63)
+
+
 @functools.lru_cache(maxsize=64)
 def site_rotation(seed: int, site: str, dim: int) -> torch.Tensor:
-    """The rotated sketch's rotation of one site, [D, D] fp32: ``rotation`` seeded by (seed, site), shared by
+    """The rotated sketch's rotation of one site, [D, D] fp32: ``rotation`` seeded by ``site_seed``, shared by
     its kv heads and every sequence through it (as the SimHash projection)."""
-    return rotation(dim, (seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63))
+    return rotation(dim, site_seed(seed, site))
 
 
 def rotated_sketch_scale(keys: torch.Tensor, mu: torch.Tensor, unit: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import zlib
 
 import torch
 from kvpass.cpu_ops import lsh_build_segment, lsh_merge_segments
@@ -29,6 +28,7 @@ from kvpass.lowering.reference import (
     rotated_unit,
     simhash,
     site_rotation,
+    site_seed,
     sketch_codes,
     sketch_rows,
     sketch_scale,
@@ -50,7 +50,7 @@ def projection(seed: int, site: str, num_kv_heads: int, head_dim: int, lsh_k: in
     Every kv head gets the same R (each head's estimate uses only its own keys and queries, so sharing
     changes no head's distribution): a head hashes alike whichever heads share its site — under tensor
     parallelism a rank holds a slice of the heads, and its results do not depend on the rank count."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.encode())) % (2**63))
+    gen = torch.Generator().manual_seed(site_seed(seed, site))
     r = torch.randn(head_dim, lsh_k * lsh_l, generator=gen)
     return r.expand(num_kv_heads, -1, -1).contiguous().to(device, torch.bfloat16)
 
